@@ -1,0 +1,13 @@
+defmodule Convoy.Application do
+  @moduledoc false
+  use Application
+
+  @impl true
+  def start(_type, _args) do
+    children = [
+      {Registry, keys: :unique, name: Convoy.Registry}
+    ]
+
+    Supervisor.start_link(children, strategy: :one_for_one, name: Convoy.Supervisor)
+  end
+end

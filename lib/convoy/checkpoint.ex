@@ -1,0 +1,32 @@
+defmodule Convoy.Checkpoint do
+  @moduledoc """
+  Where a queue stores how far each shard has been consumed.
+
+  Once every handler has processed a batch, the shard's dispatcher stores the
+  batch's last sequence number; a shard read to its end stores `:shard_end`.
+  On start a shard resumes right after its checkpoint.
+
+  Implementations must accept calls from several processes at once (one per
+  shard). Two ship with Convoy: `Convoy.Checkpoint.Memory` (the default, kept
+  for the queue's lifetime) and `Convoy.Checkpoint.File` (durable).
+
+  ## Example
+
+      {Convoy.Queue,
+       stream: "events",
+       poll_interval: 1_000,
+       checkpoint: {Convoy.Checkpoint.File, dir: "/var/lib/my_app/checkpoints"}}
+  """
+
+  @typedoc "A sequence number, or `:shard_end` for a shard read to its end."
+  @type position :: String.t() | :shard_end
+
+  @doc "Prepares the store; `options` include `:stream_id` and the queue's checkpoint options."
+  @callback init(options :: keyword) :: {:ok, state :: term}
+
+  @doc "The checkpoint of a shard, or `:error` when it has none."
+  @callback fetch(state :: term, stream_id :: term, shard_id :: String.t()) :: {:ok, position} | :error
+
+  @doc "Stores the checkpoint of a shard."
+  @callback store(state :: term, stream_id :: term, shard_id :: String.t(), position) :: :ok
+end

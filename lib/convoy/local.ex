@@ -1,0 +1,273 @@
+defmodule Convoy.Local do
+  @moduledoc """
+  An embedded Kinesis for development, tests and the demo: the
+  `convoy_local` binary of this repository, which serves the `ferrokinesis`
+  emulator on 127.0.0.1 only. No AWS account is needed.
+
+  The emulator runs as a port owned by this process; it stops when this
+  process stops (it also exits by itself if the VM dies).
+
+  ## Example
+
+      {:ok, local} = Convoy.Local.start_link()
+      endpoint = Convoy.Local.endpoint(local)
+      :ok = Convoy.Local.create_stream(endpoint, "events", 4)
+
+      {Convoy.Queue, stream: "events", kinesis: Convoy.Local.kinesis_options(endpoint)}
+  """
+  use GenServer
+
+  alias Convoy.Native
+
+  @root Path.expand("../..", __DIR__)
+
+  @doc """
+  Starts the emulator and waits until it answers.
+
+  ## Options
+
+    * `:port` - the port on 127.0.0.1; `0` (the default) picks a free one.
+    * `:enforce_limits` - enforce the per-shard write limits (1 MiB/s and
+      1,000 records/s per shard), to exercise throttling. Default `false`.
+    * `:iterator_ttl_seconds` - how long shard iterators live. Default `300`.
+    * `:name` - a name to register the process under.
+
+  ## Example
+
+      {:ok, local} = Convoy.Local.start_link(port: 4567)
+  """
+  @spec start_link(keyword) :: GenServer.on_start()
+  def start_link(options \\ []) do
+    {name, options} = Keyword.pop(options, :name)
+    options = Keyword.validate!(options, port: 0, enforce_limits: false, iterator_ttl_seconds: 300)
+    GenServer.start_link(__MODULE__, options, if(name, do: [name: name], else: []))
+  end
+
+  @doc """
+  The emulator's endpoint URL, such as `"http://127.0.0.1:45123"`.
+
+  ## Example
+
+      "http://127.0.0.1:" <> _port = Convoy.Local.endpoint(local)
+  """
+  @spec endpoint(GenServer.server()) :: String.t()
+  def endpoint(server), do: GenServer.call(server, :endpoint)
+
+  @doc """
+  Stops the emulator.
+
+  ## Example
+
+      :ok = Convoy.Local.stop(local)
+  """
+  @spec stop(GenServer.server()) :: :ok
+  def stop(server), do: GenServer.stop(server)
+
+  @doc """
+  The `kinesis:` options that point a queue at `endpoint` with placeholder
+  credentials (emulators accept any).
+
+  ## Example
+
+      {Convoy.Queue, stream: "events", kinesis: Convoy.Local.kinesis_options("http://127.0.0.1:4567")}
+  """
+  @spec kinesis_options(String.t()) :: keyword
+  def kinesis_options(endpoint) do
+    [endpoint_url: endpoint, region: "us-east-1", access_key_id: "local", secret_access_key: "local"]
+  end
+
+  @doc """
+  Creates a stream with `shards` shards on the emulator at `endpoint` and
+  waits until it is active. An existing stream is left as it is.
+
+  ## Example
+
+      :ok = Convoy.Local.create_stream("http://127.0.0.1:4567", "events", 4)
+  """
+  @spec create_stream(String.t(), String.t(), pos_integer) :: :ok | {:error, term}
+  def create_stream(endpoint, stream, shards \\ 1) do
+    with {:ok, client} <- client(endpoint),
+         {:ok, :ok} <- Native.call(&Native.create_stream(client, stream, shards, &1, &2)) do
+      :ok
+    end
+  end
+
+  @doc """
+  Deletes a stream.
+
+  ## Example
+
+      :ok = Convoy.Local.delete_stream("http://127.0.0.1:4567", "events")
+  """
+  @spec delete_stream(String.t(), String.t()) :: :ok | {:error, term}
+  def delete_stream(endpoint, stream) do
+    with {:ok, client} <- client(endpoint),
+         {:ok, :ok} <- Native.call(&Native.delete_stream(client, stream, &1, &2)) do
+      :ok
+    end
+  end
+
+  @doc """
+  Lists a stream's shards (all pages), each a map with `:shard_id`,
+  `:parent_shard_id`, `:adjacent_parent_shard_id`, `:starting_hash_key`,
+  `:ending_hash_key` and `:ending_sequence_number` (`nil` while open).
+
+  ## Example
+
+      {:ok, [%{shard_id: "shardId-000000000000"} | _]} = Convoy.Local.list_shards(endpoint, "events")
+  """
+  @spec list_shards(String.t(), String.t()) :: {:ok, [map]} | {:error, term}
+  def list_shards(endpoint, stream) do
+    with {:ok, client} <- client(endpoint) do
+      Native.call(&Native.list_shards_nif(client, stream, &1, &2))
+    end
+  end
+
+  @doc """
+  Splits a shard at `new_starting_hash_key` (a decimal string) and waits for
+  the stream to be active again.
+
+  ## Example
+
+      :ok = Convoy.Local.split_shard(endpoint, "events", "shardId-000000000000", "170141183460469231731687303715884105728")
+  """
+  @spec split_shard(String.t(), String.t(), String.t(), String.t()) :: :ok | {:error, term}
+  def split_shard(endpoint, stream, shard_id, new_starting_hash_key) do
+    with {:ok, client} <- client(endpoint),
+         {:ok, :ok} <-
+           Native.call(&Native.split_shard(client, stream, shard_id, new_starting_hash_key, &1, &2)) do
+      :ok
+    end
+  end
+
+  defp client(endpoint) do
+    config = Convoy.KinesisConfig.resolve(kinesis_options(endpoint))
+    Native.call(&Native.client_new(Convoy.KinesisConfig.to_native(config), &1, &2))
+  end
+
+  @doc """
+  The path of the `convoy_local` binary, built with cargo when missing.
+  `CONVOY_LOCAL_BIN` overrides it.
+
+  ## Example
+
+      path = Convoy.Local.binary!()
+  """
+  @spec binary!() :: Path.t()
+  def binary! do
+    case System.get_env("CONVOY_LOCAL_BIN") do
+      nil ->
+        path = Path.join(@root, "target/release/convoy_local")
+
+        unless File.exists?(path) do
+          args = ["build", "--release", "-p", "convoy_local", "--manifest-path", Path.join(@root, "Cargo.toml")]
+          {_, 0} = System.cmd("cargo", args, into: IO.stream(:stdio, :line), stderr_to_stdout: true)
+        end
+
+        path
+
+      path ->
+        path
+    end
+  end
+
+  # ---------------------------------------------------------------------------
+
+  @impl true
+  def init(options) do
+    Process.flag(:trap_exit, true)
+
+    args =
+      ["serve", "--port", Integer.to_string(options[:port])] ++
+        if(options[:enforce_limits], do: ["--enforce-limits"], else: []) ++
+        ["--iterator-ttl-seconds", Integer.to_string(options[:iterator_ttl_seconds])]
+
+    port =
+      Port.open({:spawn_executable, binary!()}, [
+        :binary,
+        :exit_status,
+        :stderr_to_stdout,
+        line: 4096,
+        args: args
+      ])
+
+    case await_listening(port, "") do
+      {:ok, endpoint} ->
+        :ok = await_answer(endpoint, 50)
+        {:ok, %{port: port, endpoint: endpoint}}
+
+      {:error, reason} ->
+        {:stop, reason}
+    end
+  end
+
+  defp await_listening(port, seen) do
+    receive do
+      {^port, {:data, {:eol, "convoy_local listening on " <> endpoint}}} ->
+        {:ok, endpoint}
+
+      {^port, {:data, {_, line}}} ->
+        await_listening(port, seen <> line <> "\n")
+
+      {^port, {:exit_status, status}} ->
+        {:error, {:convoy_local_exited, status, seen}}
+    after
+      30_000 -> {:error, {:convoy_local_timeout, seen}}
+    end
+  end
+
+  # The server binds before it prints; still, check that it serves HTTP.
+  defp await_answer(endpoint, tries) do
+    %URI{host: host, port: port} = URI.parse(endpoint)
+
+    with {:ok, socket} <- :gen_tcp.connect(String.to_charlist(host), port, [:binary, active: false], 1_000),
+         :ok <- :gen_tcp.send(socket, "GET /_health/live HTTP/1.1\r\nhost: #{host}\r\nconnection: close\r\n\r\n"),
+         {:ok, "HTTP/1.1 200" <> _} <- :gen_tcp.recv(socket, 0, 2_000) do
+      :gen_tcp.close(socket)
+      :ok
+    else
+      _ when tries > 0 ->
+        Process.sleep(100)
+        await_answer(endpoint, tries - 1)
+
+      other ->
+        raise "convoy_local at #{endpoint} does not answer: #{inspect(other)}"
+    end
+  end
+
+  @impl true
+  def handle_call(:endpoint, _from, state), do: {:reply, state.endpoint, state}
+
+  @impl true
+  def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
+    {:stop, {:convoy_local_exited, status}, state}
+  end
+
+  def handle_info({port, {:data, _}}, %{port: port} = state), do: {:noreply, state}
+  def handle_info(_other, state), do: {:noreply, state}
+
+  @impl true
+  def terminate(_reason, %{port: port}) do
+    # Closing stdin makes convoy_local shut down.
+    if Port.info(port) do
+      {:os_pid, os_pid} = Port.info(port, :os_pid)
+      Port.close(port)
+      await_exit(os_pid, 50)
+    end
+
+    :ok
+  end
+
+  defp await_exit(os_pid, 0), do: System.cmd("kill", ["-9", Integer.to_string(os_pid)], stderr_to_stdout: true)
+
+  defp await_exit(os_pid, tries) do
+    case System.cmd("kill", ["-0", Integer.to_string(os_pid)], stderr_to_stdout: true) do
+      {_, 0} ->
+        Process.sleep(50)
+        await_exit(os_pid, tries - 1)
+
+      _ ->
+        :ok
+    end
+  end
+end

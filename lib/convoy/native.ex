@@ -1,0 +1,77 @@
+defmodule Convoy.Native do
+  @moduledoc false
+  # NIF stubs. The library is loaded when this module loads; if that fails,
+  # every stub raises an error that says why instead of `:undef`.
+
+  @on_load :load_nif
+
+  def load_nif do
+    path = :filename.join(:code.priv_dir(:convoy), ~c"native/convoy_nif")
+
+    case :erlang.load_nif(path, 0) do
+      :ok ->
+        :ok
+
+      {:error, {:reload, _}} ->
+        :ok
+
+      {:error, reason} ->
+        :persistent_term.put({__MODULE__, :load_error}, reason)
+        # Keep the module loaded so callers get a clear error from the stubs.
+        :ok
+    end
+  end
+
+  @doc false
+  def loaded?, do: :persistent_term.get({__MODULE__, :load_error}, nil) == nil
+
+  defp not_loaded do
+    reason = :persistent_term.get({__MODULE__, :load_error}, :unknown)
+
+    raise RuntimeError,
+          "Convoy's native library (priv/native/convoy_nif.so) is not loaded: " <>
+            "#{inspect(reason)}. Run `mix compile` with Rust (cargo) installed."
+  end
+
+  # client
+  def client_new(_config, _pid, _id), do: not_loaded()
+
+  # producer
+  def producer_start(_client, _options), do: not_loaded()
+  def producer_put(_producer, _key, _data, _explicit_hash_key, _reply), do: not_loaded()
+  def producer_put_term(_producer, _key, _data, _explicit_hash_key, _reply), do: not_loaded()
+  def producer_flush(_producer, _reply), do: not_loaded()
+  def producer_close(_producer, _timeout_ms, _pid, _id), do: not_loaded()
+  def producer_stats(_producer), do: not_loaded()
+
+  # consumer
+  def poller_start(_client, _options, _position, _dispatcher), do: not_loaded()
+  def poller_ack(_poller), do: not_loaded()
+  def poller_stop(_poller), do: not_loaded()
+  def fetch_records(_client, _stream, _positions, _limit, _pid, _id), do: not_loaded()
+
+  # administration
+  def list_shards_nif(_client, _stream, _pid, _id), do: not_loaded()
+  def create_stream(_client, _stream, _shards, _pid, _id), do: not_loaded()
+  def delete_stream(_client, _stream, _pid, _id), do: not_loaded()
+  def split_shard(_client, _stream, _shard_id, _hash_key, _pid, _id), do: not_loaded()
+
+  # fault injection for Convoy's own tests
+  def debug_nif_panic, do: not_loaded()
+  def debug_task_panic(_pid), do: not_loaded()
+  def debug_echo_from_task(_pid, _payload), do: not_loaded()
+
+  @doc false
+  # Runs an asynchronous NIF that replies `{:convoy_reply, id, result}` and
+  # waits for the reply. A late reply after a timeout is discarded on the next call.
+  def call(fun, timeout \\ 30_000) do
+    id = System.unique_integer([:positive])
+    :ok = fun.(self(), id)
+
+    receive do
+      {:convoy_reply, ^id, result} -> result
+    after
+      timeout -> {:error, :timeout}
+    end
+  end
+end

@@ -1,0 +1,410 @@
+defmodule Convoy.Queue do
+  @moduledoc """
+  One stream, opened for producing and consuming.
+
+  A queue is a child of your supervision tree. Any process may `put/3`
+  records into it; handlers attached with `attach_handler/4` receive the
+  records read from it.
+
+      children = [
+        {Convoy.Queue, stream: "device_service_dev"}
+      ]
+
+      Supervisor.start_link(children, strategy: :one_for_one)
+
+      :ok = Convoy.Queue.put("device_service_dev", "device-42", %{temperature: 21.5})
+
+  Every call names the queue by its `stream_id`, which defaults to the stream
+  name. To open one stream twice, give each queue its own `stream_id`.
+
+  The work is done by the queue's `service` (`Convoy.Services.Kinesis` by
+  default); see `Convoy.Service` to write another.
+
+  ## Telemetry
+
+  Emitted when the `:telemetry` application is loaded:
+
+    * `[:convoy, :put, :failed]` - records that finally failed after all
+      retries. Measurements: `%{count: n}`. Metadata: `%{stream_id, reason}`.
+    * `[:convoy, :handler, :exception]` - a handler raised, threw or exited.
+      Measurements: `%{count: 1}`. Metadata: `%{stream_id, shard_id, handler_id, kind, reason}`.
+    * `[:convoy, :batch, :stop]` - a shard's batch went through every handler.
+      Measurements: `%{count: records, duration: native_time, millis_behind_latest: ms}`.
+      Metadata: `%{stream_id, shard_id}`.
+    * `[:convoy, :poller, :error]` - a shard poller met an error (it retries
+      transient ones). Measurements: `%{count: 1}`. Metadata: `%{stream_id, shard_id, reason}`.
+  """
+
+  alias Convoy.Queue.Options
+
+  @typedoc "The identifier of a started queue: its `stream_id` option."
+  @type stream_id :: term
+
+  @typedoc """
+  A handler: a 2-arity function called as `handler.(record, config)` for each
+  record, or a pid that receives batches (see `attach_handler/5`).
+  """
+  @type handler :: (Convoy.Record.t(), term -> any) | pid
+
+  @typedoc "Why a call failed."
+  @type reason ::
+          :unknown_stream
+          | :closed
+          | :overloaded
+          | :timeout
+          | {:invalid_partition_key, String.t()}
+          | {:invalid_explicit_hash_key, String.t()}
+          | {:invalid_data, String.t()}
+          | {:record_too_large, non_neg_integer, non_neg_integer}
+          | {:aws, String.t(), String.t()}
+          | term
+
+  @doc """
+  A child spec for a supervision tree. Options are validated here, so a bad
+  option raises `ArgumentError` when the tree is built.
+
+  ## Example
+
+      Supervisor.start_link([{Convoy.Queue, stream: "events"}], strategy: :one_for_one)
+  """
+  @spec child_spec(keyword) :: Supervisor.child_spec()
+  def child_spec(options) do
+    options = Options.validate!(options)
+
+    %{
+      id: {__MODULE__, options[:stream_id]},
+      start: {__MODULE__, :start_link, [options]},
+      type: :worker,
+      shutdown: options[:shutdown] + 1_000
+    }
+  end
+
+  @doc """
+  Starts a queue.
+
+  ## Options
+
+    * `:stream` - required. The stream name (a string or an atom).
+    * `:stream_id` - the identifier every call uses. Defaults to `:stream`.
+      Needed to open one stream twice.
+    * `:service` - a module implementing `Convoy.Service`. Defaults to
+      `Convoy.Services.Kinesis`.
+    * `:batch_timeout` - ms a record may wait in the buffer before its batch
+      is sent; a full request (500 records or 5 MiB) goes at once. `0`
+      disables batching. Defaults to `5000`.
+    * `:poll_interval` - ms between polls that found no new records. `nil`
+      (the default) disables polling: records are read only with `get/2`.
+      Polling starts when a handler is attached and stops when the last one
+      is detached.
+    * `:iterator_type` - where a shard starts when it has no checkpoint:
+      `:latest` (the default), `:trim_horizon`, `{:at_sequence_number, s}`,
+      `{:after_sequence_number, s}` or `{:at_timestamp, %DateTime{}}`.
+      `:latest` means "records that arrive after the queue started": it is
+      pinned to the start time, so detaching and re-attaching leaves no gap.
+    * `:kinesis` - connection settings, see `Convoy.KinesisConfig`.
+    * `:checkpoint` - where consumed positions are stored: a module
+      implementing `Convoy.Checkpoint`, or `{module, options}`. Defaults to
+      `Convoy.Checkpoint.Memory`; `{Convoy.Checkpoint.File, dir: "..."}`
+      survives restarts.
+    * `:max_in_flight` - PutRecords requests in flight at once (1..256).
+      Records of one partition key always share a request pipeline, so their
+      order holds. Defaults to `8`.
+    * `:max_buffered_records` - records accepted but not yet acknowledged,
+      at most. Past it `put` returns `{:error, :overloaded}`. Defaults to `100_000`.
+    * `:max_buffered_bytes` - the same bound in bytes. Defaults to 64 MiB.
+    * `:max_record_bytes` - largest record (data plus partition key).
+      Defaults to 1 MiB, the Kinesis limit; raise it for streams whose limit
+      was raised (up to 10 MiB).
+    * `:max_retries` - retries of a rejected record before it fails.
+      Defaults to `10`.
+    * `:retry_deadline` - ms after its first attempt when a record stops
+      being retried. Defaults to `60_000`.
+    * `:retry_backoff` - ms before the first retry; it doubles each time, with
+      jitter. Defaults to `100`.
+    * `:max_backoff` - the longest wait between retries, in ms. Defaults to `5_000`.
+    * `:on_failure` - told about records that finally failed: a 1-arity
+      function called with `%{partition_key: k, data: d, reason: r}`, or a
+      pid or registered name sent `{:convoy_put_failed, stream_id, [failure]}`.
+      Failures are logged and counted whether or not this is set.
+    * `:shutdown` - ms the queue has, when it stops, to send what it buffered.
+      Records still unsent then take the failure path. Defaults to `30_000`.
+    * `:poll_limit` - most records one GetRecords call returns (1..10000).
+      Defaults to `10_000`.
+    * `:shard_refresh_interval` - ms between ListShards calls that discover
+      new shards. Defaults to `60_000`.
+
+  ## Example
+
+      {:ok, _pid} = Convoy.Queue.start_link(stream: "events", batch_timeout: 100)
+  """
+  @spec start_link(keyword) :: GenServer.on_start()
+  def start_link(options) do
+    options = Options.validate!(options)
+    %{start: {module, function, args}} = options[:service].child_spec(options)
+    apply(module, function, args)
+  end
+
+  @doc """
+  Puts a record. Returns `:ok` once the record is buffered; it is sent within
+  `batch_timeout` ms.
+
+  `data` is sent as it is when it is a binary; any other term is encoded as
+  JSON (maps, lists, numbers, strings, booleans, `nil`). `partition_key` is a
+  string of 1..256 characters.
+
+  ## Options
+
+    * `:explicit_hash_key` - a decimal string in 0..2^128-1 that picks the
+      shard instead of the key's hash.
+    * `:await` - a timeout in ms (or `:infinity`): wait until Kinesis has
+      acknowledged the record and return `{:ok, %{shard_id: id,
+      sequence_number: seq}}`. On `{:error, :timeout}` the record may still
+      arrive later.
+
+  ## Errors
+
+    * `{:error, :unknown_stream}` - no queue was started with this `stream_id`
+    * `{:error, :closed}` - the queue is stopping or stopped
+    * `{:error, :overloaded}` - the buffer is full (see `:max_buffered_records`)
+    * `{:error, {:invalid_partition_key, detail}}`
+    * `{:error, {:invalid_explicit_hash_key, detail}}`
+    * `{:error, {:invalid_data, detail}}` - a term with no JSON form (pids,
+      references, functions, tuples)
+    * `{:error, {:record_too_large, size, max}}`
+
+  ## Example
+
+      :ok = Convoy.Queue.put("events", "user-1", ~s({"clicked":true}))
+      {:ok, %{shard_id: _, sequence_number: _}} =
+        Convoy.Queue.put("events", "user-1", %{clicked: true}, await: 5_000)
+  """
+  @spec put(stream_id, String.t(), term, keyword) :: :ok | {:ok, map} | {:error, reason}
+  def put(stream_id, partition_key, data, opts \\ []) do
+    case lookup(stream_id) do
+      {:ok, service, handle} -> service.put(handle, partition_key, data, opts)
+      error -> error
+    end
+  end
+
+  @doc """
+  Sends everything buffered now instead of waiting for `batch_timeout`.
+
+  With `await: timeout`, returns once every record buffered before the call
+  has an outcome (acknowledged or failed), or `{:error, :timeout}`.
+
+  ## Example
+
+      :ok = Convoy.Queue.flush("events", await: 10_000)
+  """
+  @spec flush(stream_id, keyword) :: :ok | {:error, reason}
+  def flush(stream_id, opts \\ []) do
+    case lookup(stream_id) do
+      {:ok, service, handle} -> service.flush(handle, opts)
+      error -> error
+    end
+  end
+
+  @doc """
+  Reads up to `limit` records across the stream's shards and advances the
+  queue's positions, so the next call continues where this one stopped.
+  Returns `{:error, :polling}` while handlers are attached and polling.
+
+  ## Example
+
+      records = Convoy.Queue.get("events", 100)
+  """
+  @spec get(stream_id, pos_integer) :: [Convoy.Record.t()] | {:error, reason}
+  def get(stream_id, limit \\ 10)
+
+  def get(stream_id, limit) when is_integer(limit) and limit > 0 and limit <= 10_000 do
+    case lookup(stream_id) do
+      {:ok, service, handle} -> service.get(handle, limit)
+      error -> error
+    end
+  end
+
+  def get(_stream_id, limit), do: {:error, {:invalid_limit, limit}}
+
+  @doc """
+  Attaches a handler. Same as `attach_handler/5` with no options.
+
+  ## Example
+
+      Convoy.Queue.attach_handler("events", :printer, fn record, _config -> IO.inspect(record) end, nil)
+  """
+  @spec attach_handler(stream_id, term, handler, term) :: :ok | {:error, reason}
+  def attach_handler(stream_id, handler_id, handler, config),
+    do: attach_handler(stream_id, handler_id, handler, config, [])
+
+  @doc """
+  Attaches a handler under `handler_id`. Polling starts with the first
+  handler (when the queue has a `poll_interval`).
+
+  A function handler is called as `handler.(record, config)` for every record,
+  in shard order. A pid handler is sent, for each batch of a shard,
+
+      {:convoy_batch, %Convoy.Batch{stream_id: id, shard_id: shard, records: records}}
+
+  and must answer `Convoy.Queue.ack(batch)` when done; the shard reads on only
+  after every handler has finished its batch.
+
+  ## Options
+
+    * `:partition_keys` - only records with these keys: a string, a list of
+      strings, or a 1-arity predicate on the key.
+    * `:on_error` - what happens when a function handler raises, throws or
+      exits: `:detach` (the default, as the original Convoy did) logs the
+      error with its stacktrace and detaches the handler; `:retry` calls it
+      again with backoff, up to 5 attempts, then detaches; `{:retry, n}`
+      allows `n` attempts.
+    * `:ack_timeout` - ms a pid handler has to ack a batch before it is
+      detached. Defaults to `:infinity`.
+
+  Returns `{:error, :already_exists}` when the id is taken.
+
+  ## Example
+
+      :ok =
+        Convoy.Queue.attach_handler("events", :audit, &MyApp.Audit.handle/2, %{},
+          partition_keys: ["user-1", "user-2"],
+          on_error: :retry
+        )
+  """
+  @spec attach_handler(stream_id, term, handler, term, keyword) :: :ok | {:error, reason}
+  def attach_handler(stream_id, handler_id, handler, config, opts) do
+    with {:ok, service, handle} <- lookup(stream_id),
+         {:ok, opts} <- handler_options(handler, opts) do
+      service.attach_handler(handle, handler_id, handler, config, opts)
+    end
+  end
+
+  defp handler_options(handler, opts) do
+    cond do
+      not (is_function(handler, 2) or is_pid(handler)) ->
+        {:error, {:invalid_handler, handler}}
+
+      not (is_list(opts) and Keyword.keyword?(opts)) ->
+        {:error, {:invalid_options, opts}}
+
+      true ->
+        case Keyword.validate(opts, partition_keys: nil, on_error: :detach, ack_timeout: :infinity) do
+          {:ok, opts} -> check_handler_options(opts)
+          {:error, unknown} -> {:error, {:unknown_options, unknown}}
+        end
+    end
+  end
+
+  defp check_handler_options(opts) do
+    keys = opts[:partition_keys]
+    on_error = opts[:on_error]
+    ack_timeout = opts[:ack_timeout]
+
+    cond do
+      not (is_nil(keys) or is_binary(keys) or is_function(keys, 1) or
+               (is_list(keys) and Enum.all?(keys, &is_binary/1))) ->
+        {:error, {:invalid_partition_keys, keys}}
+
+      not (on_error in [:detach, :retry] or match?({:retry, n} when is_integer(n) and n > 0, on_error)) ->
+        {:error, {:invalid_on_error, on_error}}
+
+      not (ack_timeout == :infinity or (is_integer(ack_timeout) and ack_timeout > 0)) ->
+        {:error, {:invalid_ack_timeout, ack_timeout}}
+
+      true ->
+        {:ok, opts}
+    end
+  end
+
+  @doc """
+  Detaches a handler. Polling stops when the last one goes; positions are
+  kept, so attaching again resumes where reading stopped.
+
+  ## Example
+
+      :ok = Convoy.Queue.detach_handler("events", :printer)
+  """
+  @spec detach_handler(stream_id, term) :: :ok | {:error, :not_found | reason}
+  def detach_handler(stream_id, handler_id) do
+    case lookup(stream_id) do
+      {:ok, service, handle} -> service.detach_handler(handle, handler_id)
+      error -> error
+    end
+  end
+
+  @doc "The original name of `attach_handler/4`."
+  @spec attach(stream_id, term, handler, term) :: :ok | {:error, reason}
+  def attach(stream_id, handler_id, handler, config),
+    do: attach_handler(stream_id, handler_id, handler, config)
+
+  @doc "The original name of `detach_handler/2`."
+  @spec detach(stream_id, term) :: :ok | {:error, :not_found | reason}
+  def detach(stream_id, handler_id), do: detach_handler(stream_id, handler_id)
+
+  @doc """
+  Acknowledges a batch delivered to a pid handler.
+
+  ## Example
+
+      receive do
+        {:convoy_batch, batch} ->
+          Enum.each(batch.records, &process/1)
+          Convoy.Queue.ack(batch)
+      end
+  """
+  @spec ack(Convoy.Batch.t()) :: :ok
+  def ack(%Convoy.Batch{dispatcher: dispatcher, ref: ref}) do
+    send(dispatcher, {:convoy_ack, ref})
+    :ok
+  end
+
+  @doc """
+  Counters of the queue, read cheaply from Rust: `buffered` (records waiting
+  for a request), `buffered_bytes`, `in_flight`, `sent`, `retried`,
+  `throttled`, `failed`.
+
+  ## Example
+
+      %{sent: sent, failed: 0} = Convoy.Queue.stats("events")
+  """
+  @spec stats(stream_id) :: map | {:error, reason}
+  def stats(stream_id) do
+    case lookup(stream_id) do
+      {:ok, service, handle} -> service.stats(handle)
+      error -> error
+    end
+  end
+
+  @doc """
+  Registers the handle of a started service under `stream_id`. Services call
+  this once they are ready; `put/4` and the other calls find the handle
+  without a process hop.
+
+  ## Example
+
+      Convoy.Queue.register(options[:stream_id], __MODULE__, handle)
+  """
+  @spec register(stream_id, module, Convoy.Service.handle()) :: :ok
+  def register(stream_id, service, handle) do
+    :persistent_term.put({__MODULE__, stream_id}, {service, handle})
+  end
+
+  @doc """
+  Marks `stream_id` as stopped: calls then return `{:error, :closed}`.
+
+  ## Example
+
+      Convoy.Queue.unregister(options[:stream_id])
+  """
+  @spec unregister(stream_id) :: :ok
+  def unregister(stream_id) do
+    :persistent_term.put({__MODULE__, stream_id}, :stopped)
+  end
+
+  defp lookup(stream_id) do
+    case :persistent_term.get({__MODULE__, stream_id}, nil) do
+      {service, handle} -> {:ok, service, handle}
+      :stopped -> {:error, :closed}
+      nil -> {:error, :unknown_stream}
+    end
+  end
+end

@@ -1,0 +1,54 @@
+defmodule Convoy.Record do
+  @moduledoc """
+  A record read from a stream, as handlers and `Convoy.Queue.get/2` see it.
+
+    * `data` - the record's bytes, exactly as they were put
+    * `partition_key` - the key the producer gave
+    * `sequence_number` - the record's position in its shard (a decimal string)
+    * `shard_id` - the shard it was read from
+    * `approximate_arrival_timestamp` - when Kinesis accepted it, a UTC `DateTime`
+    * `stream_id` - the `stream_id` of the queue that read it
+
+  ## Example
+
+      %Convoy.Record{data: data, partition_key: "device-42"} = record
+  """
+
+  @enforce_keys [:data, :partition_key, :sequence_number, :shard_id]
+  defstruct [
+    :data,
+    :partition_key,
+    :sequence_number,
+    :shard_id,
+    :approximate_arrival_timestamp,
+    :stream_id
+  ]
+
+  @type t :: %__MODULE__{
+          data: binary,
+          partition_key: String.t(),
+          sequence_number: String.t(),
+          shard_id: String.t(),
+          approximate_arrival_timestamp: DateTime.t() | nil,
+          stream_id: term
+        }
+
+  @doc false
+  # Builds records from the tuples the NIF sends: {data, key, sequence, arrival_ms}.
+  @spec from_native([{binary, String.t(), String.t(), integer}], String.t(), term) :: [t]
+  def from_native(raw, shard_id, stream_id) do
+    Enum.map(raw, fn {data, key, sequence, arrival_ms} ->
+      %__MODULE__{
+        data: data,
+        partition_key: key,
+        sequence_number: sequence,
+        shard_id: shard_id,
+        approximate_arrival_timestamp: timestamp(arrival_ms),
+        stream_id: stream_id
+      }
+    end)
+  end
+
+  defp timestamp(ms) when is_integer(ms) and ms > 0, do: DateTime.from_unix!(ms, :millisecond)
+  defp timestamp(_), do: nil
+end

@@ -1,0 +1,47 @@
+//! Atoms shared by the NIFs and the messages sent to BEAM processes.
+
+rustler::atoms! {
+    ok,
+    error,
+    nil,
+    true_ = "true",
+    false_ = "false",
+    // error reasons
+    overloaded,
+    closed,
+    timeout,
+    shutdown,
+    invalid_partition_key,
+    invalid_explicit_hash_key,
+    invalid_data,
+    record_too_large,
+    invalid_argument,
+    panic,
+    aws,
+    // messages
+    convoy_reply,
+    convoy_put,
+    convoy_put_failed,
+    convoy_flushed,
+    convoy_closed,
+    convoy_records,
+    convoy_shard_end,
+    convoy_poller_error,
+    convoy_task_panic,
+    // record and shard fields
+    shard_id,
+    sequence_number,
+    parent_shard_id,
+    adjacent_parent_shard_id,
+    starting_hash_key,
+    ending_hash_key,
+    ending_sequence_number,
+    // stats
+    buffered,
+    buffered_bytes,
+    in_flight,
+    sent,
+    retried,
+    throttled,
+    failed,
+}

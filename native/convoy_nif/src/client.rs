@@ -1,0 +1,26 @@
+//! The Kinesis client as a resource: built once per queue on the runtime,
+//! then shared by its producer, pollers and admin calls.
+
+use rustler::{LocalPid, ResourceArc};
+
+use crate::config::KinesisConfig;
+use crate::runtime;
+
+pub struct ClientResource {
+    pub client: aws_sdk_kinesis::Client,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for ClientResource {}
+
+/// Builds a client; replies `{:convoy_reply, id, {:ok, client}}`. Resolving
+/// credentials may read files or call an instance-metadata endpoint, so it
+/// runs on the runtime, never on a scheduler.
+#[rustler::nif]
+fn client_new(config: KinesisConfig, pid: LocalPid, id: u64) -> rustler::Atom {
+    runtime::spawn_reply(pid, id, async move {
+        let client = config.build_client().await;
+        Ok(ResourceArc::new(ClientResource { client }))
+    });
+    crate::atoms::ok()
+}

@@ -1,0 +1,431 @@
+//! The poller: one task per shard reads GetRecords and sends each batch to
+//! the shard's dispatcher process, then waits for that batch to be
+//! acknowledged before it reads again. A slow handler therefore holds back
+//! its shard instead of flooding a mailbox, and the task never holds more
+//! than one batch.
+//!
+//! The task tracks the position after the last batch it delivered, so an
+//! expired iterator or a transient failure resumes exactly there.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::primitives::DateTime;
+use aws_sdk_kinesis::types::{Record, ShardIteratorType};
+use rustler::{Binary, Decoder, Encoder, Env, LocalPid, NewBinary, NifResult, ResourceArc, Term};
+use tokio::sync::{watch, Semaphore};
+
+use crate::atoms;
+use crate::client::ClientResource;
+use crate::delivery;
+use crate::error::Error;
+use crate::retry::{self, RetryPolicy};
+use crate::runtime;
+
+/// Kinesis allows 5 GetRecords calls per second per shard.
+const MIN_CALL_SPACING: Duration = Duration::from_millis(200);
+
+/// Where a shard's reading begins, as the Elixir side names it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Position {
+    Latest,
+    TrimHorizon,
+    AtSequenceNumber(String),
+    AfterSequenceNumber(String),
+    AtTimestamp(i64),
+}
+
+impl<'a> Decoder<'a> for Position {
+    fn decode(term: Term<'a>) -> NifResult<Self> {
+        if let Ok(atom) = term.atom_to_string() {
+            return match atom.as_str() {
+                "latest" => Ok(Position::Latest),
+                "trim_horizon" => Ok(Position::TrimHorizon),
+                _ => Err(rustler::Error::BadArg),
+            };
+        }
+        let (tag, value): (rustler::Atom, Term) = term.decode()?;
+        let tag = format!("{tag:?}");
+        match tag.as_str() {
+            "at_sequence_number" => Ok(Position::AtSequenceNumber(value.decode()?)),
+            "after_sequence_number" => Ok(Position::AfterSequenceNumber(value.decode()?)),
+            "at_timestamp" => Ok(Position::AtTimestamp(value.decode()?)),
+            _ => Err(rustler::Error::BadArg),
+        }
+    }
+}
+
+async fn shard_iterator(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    shard_id: &str,
+    position: &Position,
+) -> Result<String, Error> {
+    let request = client.get_shard_iterator().stream_name(stream).shard_id(shard_id);
+    let request = match position {
+        Position::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
+        Position::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+        Position::AtSequenceNumber(s) => request
+            .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+            .starting_sequence_number(s),
+        Position::AfterSequenceNumber(s) => request
+            .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+            .starting_sequence_number(s),
+        Position::AtTimestamp(ms) => request
+            .shard_iterator_type(ShardIteratorType::AtTimestamp)
+            .timestamp(DateTime::from_millis(*ms)),
+    };
+    let output = request.send().await.map_err(|e| retry::classify(&e))?;
+    output
+        .shard_iterator()
+        .map(str::to_owned)
+        .ok_or_else(|| Error::aws("NoShardIterator", "GetShardIterator returned no iterator"))
+}
+
+/// Records as sent to Elixir: `{data, partition_key, sequence_number, arrival_ms}`.
+fn encode_records<'a>(env: Env<'a>, records: &[Record]) -> Term<'a> {
+    let terms: Vec<Term> = records
+        .iter()
+        .map(|r| {
+            let bytes = r.data().as_ref();
+            let mut data = NewBinary::new(env, bytes.len());
+            data.as_mut_slice().copy_from_slice(bytes);
+            let data: Binary = data.into();
+            let arrival = r
+                .approximate_arrival_timestamp()
+                .and_then(|t| t.to_millis().ok())
+                .unwrap_or(0);
+            (data, r.partition_key().unwrap_or_default(), r.sequence_number(), arrival).encode(env)
+        })
+        .collect();
+    terms.encode(env)
+}
+
+// ---------------------------------------------------------------------------
+// Shard pollers
+
+#[derive(rustler::NifMap)]
+pub struct PollerOptions {
+    pub stream_name: String,
+    pub shard_id: String,
+    pub limit: i32,
+    pub poll_interval_ms: u64,
+    pub retry_base_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+/// Held by the shard's dispatcher. Dropping it (the dispatcher died) or
+/// calling `poller_stop` ends the task.
+pub struct Poller {
+    credits: Arc<Semaphore>,
+    stop: watch::Sender<bool>,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for Poller {}
+
+struct ShardTask {
+    client: aws_sdk_kinesis::Client,
+    options: PollerOptions,
+    resume: Position,
+    dispatcher: LocalPid,
+    credits: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+    policy: RetryPolicy,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl ShardTask {
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Sleeps unless told to stop first; false means stop.
+    async fn pause(&mut self, duration: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => !self.stopped(),
+            _ = self.stop.changed() => false,
+        }
+    }
+
+    fn report(&self, error: &Error) -> bool {
+        let shard_id = self.options.shard_id.as_str();
+        delivery::send(&self.dispatcher, |env| {
+            (atoms::convoy_poller_error(), shard_id, error).encode(env)
+        })
+    }
+
+    /// An iterator for the resume position; transient failures are retried
+    /// with backoff, a permanent one is reported and ends the task.
+    async fn iterator(&mut self) -> Option<String> {
+        let mut failures = 0;
+        loop {
+            if self.stopped() {
+                return None;
+            }
+            let result = shard_iterator(
+                &self.client,
+                &self.options.stream_name,
+                &self.options.shard_id,
+                &self.resume,
+            )
+            .await;
+            match result {
+                Ok(iterator) => return Some(iterator),
+                Err(error) => {
+                    failures += 1;
+                    if !retry::error_is_retryable(&error) {
+                        self.report(&error);
+                        return None;
+                    }
+                    if failures == 1 {
+                        self.report(&error);
+                    }
+                    let wait = self.policy.backoff(failures);
+                    if !self.pause(wait).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        let Some(mut iterator) = self.iterator().await else {
+            return;
+        };
+        let mut last_call: Option<Instant> = None;
+        let mut failures = 0u32;
+        loop {
+            if let Some(at) = last_call {
+                let wait = MIN_CALL_SPACING.saturating_sub(at.elapsed());
+                if !wait.is_zero() && !self.pause(wait).await {
+                    return;
+                }
+            }
+            if self.stopped() {
+                return;
+            }
+            last_call = Some(Instant::now());
+            let response = self
+                .client
+                .get_records()
+                .shard_iterator(&iterator)
+                .limit(self.options.limit)
+                .send()
+                .await;
+            match response {
+                Ok(output) => {
+                    failures = 0;
+                    let records = output.records();
+                    if !records.is_empty() {
+                        if let Flow::Stop = self.deliver(records, output.millis_behind_latest()).await {
+                            return;
+                        }
+                    }
+                    match output.next_shard_iterator() {
+                        Some(next) => iterator = next.to_owned(),
+                        None => {
+                            // A closed shard read to its end.
+                            let shard_id = self.options.shard_id.as_str();
+                            delivery::send(&self.dispatcher, |env| {
+                                (atoms::convoy_shard_end(), shard_id).encode(env)
+                            });
+                            return;
+                        }
+                    }
+                    if records.is_empty() {
+                        let interval = Duration::from_millis(self.options.poll_interval_ms);
+                        if !self.pause(interval).await {
+                            return;
+                        }
+                    }
+                }
+                Err(sdk_error) => {
+                    let error = retry::classify(&sdk_error);
+                    let expired = matches!(&error, Error::Aws { code, .. } if code == "ExpiredIteratorException");
+                    if expired {
+                        match self.iterator().await {
+                            Some(fresh) => iterator = fresh,
+                            None => return,
+                        }
+                        continue;
+                    }
+                    failures += 1;
+                    if !retry::error_is_retryable(&error) {
+                        self.report(&error);
+                        return;
+                    }
+                    if failures == 1 {
+                        self.report(&error);
+                    }
+                    let wait = self.policy.backoff(failures);
+                    if !self.pause(wait).await {
+                        return;
+                    }
+                    // The iterator may have expired while we waited.
+                    if failures > 3 {
+                        match self.iterator().await {
+                            Some(fresh) => iterator = fresh,
+                            None => return,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one batch and waits for its acknowledgement.
+    async fn deliver(&mut self, records: &[Record], millis_behind: Option<i64>) -> Flow {
+        let shard_id = self.options.shard_id.as_str();
+        let sent = delivery::send(&self.dispatcher, |env| {
+            (
+                atoms::convoy_records(),
+                shard_id,
+                encode_records(env, records),
+                millis_behind.unwrap_or(-1),
+            )
+                .encode(env)
+        });
+        if !sent {
+            return Flow::Stop;
+        }
+        let last = records.last().expect("not empty").sequence_number();
+        self.resume = Position::AfterSequenceNumber(last.to_owned());
+        let credits = self.credits.clone();
+        tokio::select! {
+            permit = credits.acquire() => match permit {
+                Ok(permit) => { permit.forget(); Flow::Continue }
+                Err(_) => Flow::Stop,
+            },
+            _ = self.stop.changed() => Flow::Stop,
+        }
+    }
+}
+
+#[rustler::nif]
+fn poller_start(
+    client: ResourceArc<ClientResource>,
+    options: PollerOptions,
+    position: Position,
+    dispatcher: LocalPid,
+) -> ResourceArc<Poller> {
+    let credits = Arc::new(Semaphore::new(0));
+    let (stop, stop_rx) = watch::channel(false);
+    let task = ShardTask {
+        client: client.client.clone(),
+        policy: RetryPolicy {
+            base: Duration::from_millis(options.retry_base_ms),
+            max_backoff: Duration::from_millis(options.max_backoff_ms),
+            ..RetryPolicy::default()
+        },
+        options,
+        resume: position,
+        dispatcher,
+        credits: credits.clone(),
+        stop: stop_rx,
+    };
+    runtime::spawn_guarded("shard poller", Some(dispatcher), task.run());
+    ResourceArc::new(Poller { credits, stop })
+}
+
+/// The dispatcher finished the batch it was sent: the poller may read on.
+#[rustler::nif]
+fn poller_ack(poller: ResourceArc<Poller>) -> rustler::Atom {
+    poller.credits.add_permits(1);
+    atoms::ok()
+}
+
+#[rustler::nif]
+fn poller_stop(poller: ResourceArc<Poller>) -> rustler::Atom {
+    let _ = poller.stop.send(true);
+    poller.credits.close();
+    atoms::ok()
+}
+
+// ---------------------------------------------------------------------------
+// Pull reads for `Convoy.Queue.get/2`
+
+struct ShardRecords {
+    shard_id: String,
+    records: Vec<(Vec<u8>, String, String, i64)>,
+}
+
+/// Reads up to `limit` records in total from the given shards, in order,
+/// starting at each shard's position. Replies with one entry per shard read.
+#[rustler::nif]
+fn fetch_records(
+    client: ResourceArc<ClientResource>,
+    stream_name: String,
+    positions: Vec<(String, Position)>,
+    limit: i32,
+    pid: LocalPid,
+    id: u64,
+) -> rustler::Atom {
+    let client = client.client.clone();
+    runtime::spawn_reply(pid, id, async move {
+        let mut remaining = limit.max(1);
+        let mut out = Vec::new();
+        for (shard_id, position) in positions {
+            if remaining == 0 {
+                break;
+            }
+            let iterator = shard_iterator(&client, &stream_name, &shard_id, &position).await?;
+            let output = client
+                .get_records()
+                .shard_iterator(iterator)
+                .limit(remaining)
+                .send()
+                .await
+                .map_err(|e| retry::classify(&e))?;
+            let records: Vec<_> = output
+                .records()
+                .iter()
+                .map(|r| {
+                    (
+                        r.data().as_ref().to_vec(),
+                        r.partition_key().unwrap_or_default().to_owned(),
+                        r.sequence_number().to_owned(),
+                        r.approximate_arrival_timestamp()
+                            .and_then(|t| t.to_millis().ok())
+                            .unwrap_or(0),
+                    )
+                })
+                .collect();
+            remaining -= records.len() as i32;
+            out.push(ShardRecords { shard_id, records });
+        }
+        Ok(EncodedShards(out))
+    });
+    atoms::ok()
+}
+
+/// Data travels as binaries, not lists of bytes.
+struct EncodedShards(Vec<ShardRecords>);
+
+impl Encoder for EncodedShards {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let shards: Vec<Term> = self
+            .0
+            .iter()
+            .map(|shard| {
+                let records: Vec<Term> = shard
+                    .records
+                    .iter()
+                    .map(|(data, key, seq, arrival)| {
+                        let mut bin = NewBinary::new(env, data.len());
+                        bin.as_mut_slice().copy_from_slice(data);
+                        let bin: Binary = bin.into();
+                        (bin, key, seq, *arrival).encode(env)
+                    })
+                    .collect();
+                (shard.shard_id.as_str(), records).encode(env)
+            })
+            .collect();
+        shards.encode(env)
+    }
+}

@@ -1,0 +1,18 @@
+//! Convoy's native core: a tokio runtime hosting the Kinesis batcher (producer)
+//! and pollers (consumer), reached from Elixir through `Convoy.Native`.
+
+mod admin;
+mod atoms;
+mod client;
+mod config;
+mod consumer;
+mod delivery;
+mod diagnostics;
+mod error;
+mod json;
+mod producer;
+mod retry;
+mod runtime;
+mod validate;
+
+rustler::init!("Elixir.Convoy.Native");

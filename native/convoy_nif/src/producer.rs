@@ -1,0 +1,659 @@
+//! The batcher: `put` validates a record and hands it to one of the queue's
+//! lanes; each lane buffers, cuts PutRecords requests and retries what
+//! Kinesis rejects.
+//!
+//! A record's lane is chosen by hashing its partition key, and a lane has one
+//! request in flight at a time, retrying failed entries before it sends
+//! anything newer. So records of one key keep their order, even through
+//! retries, while `max_in_flight` lanes run side by side.
+//!
+//! Memory is bounded by a budget of records and bytes shared by the lanes and
+//! charged on `put`; it is paid back only when a record's outcome is final, so
+//! the bound holds while Kinesis is unreachable.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use rustler::{Binary, Encoder, Env, LocalPid, OwnedEnv, ResourceArc, Term, TermType};
+use tokio::sync::mpsc;
+
+use crate::atoms;
+use crate::client::ClientResource;
+use crate::delivery;
+use crate::error::Error;
+use crate::json;
+use crate::retry::{self, RetryPolicy};
+use crate::runtime;
+use crate::validate;
+
+/// PutRecords accepts at most this many records per request...
+pub const MAX_REQUEST_RECORDS: usize = 500;
+/// ...and at most this many bytes of data and partition keys.
+pub const MAX_REQUEST_BYTES: usize = 5 * 1024 * 1024;
+
+#[derive(rustler::NifMap)]
+pub struct ProducerOptions {
+    pub stream_name: String,
+    pub batch_timeout_ms: u64,
+    pub max_in_flight: usize,
+    pub max_buffered_records: u64,
+    pub max_buffered_bytes: u64,
+    pub max_record_bytes: u64,
+    pub max_retries: u32,
+    pub retry_deadline_ms: u64,
+    pub retry_base_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Receives `{:convoy_put_failed, [{key, data, reason}]}` for records that
+    /// finally failed, and panic reports.
+    pub owner: LocalPid,
+}
+
+pub struct Producer {
+    lanes: Vec<mpsc::UnboundedSender<Command>>,
+    shared: Arc<Shared>,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for Producer {}
+
+struct Shared {
+    client: aws_sdk_kinesis::Client,
+    stream_name: String,
+    batch_timeout: Duration,
+    max_buffered_records: u64,
+    max_buffered_bytes: u64,
+    max_record_bytes: usize,
+    policy: RetryPolicy,
+    owner: LocalPid,
+    closed: AtomicBool,
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Stats {
+    buffered: AtomicU64,
+    buffered_bytes: AtomicU64,
+    in_flight: AtomicU64,
+    sent: AtomicU64,
+    retried: AtomicU64,
+    throttled: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct Entry {
+    key: String,
+    explicit_hash_key: Option<String>,
+    data: Vec<u8>,
+    /// Bytes charged to the budget and to the request size.
+    size: usize,
+    reply: Option<(LocalPid, u64)>,
+    enqueued: Instant,
+}
+
+enum Command {
+    Put(Entry),
+    Flush(Option<Arc<Waiter>>),
+    Close(Instant, Arc<Waiter>),
+}
+
+/// Counts down the lanes that still have to answer a flush or close; the last
+/// one tells the waiting process.
+struct Waiter {
+    remaining: AtomicUsize,
+    pid: LocalPid,
+    id: u64,
+    message: fn() -> rustler::Atom,
+}
+
+impl Waiter {
+    fn done(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let (message, id) = (self.message, self.id);
+            delivery::send(&self.pid, move |env| (message(), id).encode(env));
+        }
+    }
+}
+
+impl Shared {
+    /// Pays back the budget of records whose outcome is final.
+    fn release(&self, records: u64, bytes: u64) {
+        self.stats.buffered.fetch_sub(records, Ordering::Relaxed);
+        self.stats.buffered_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+impl Producer {
+    fn put(&self, key: Term, data: Term, explicit_hash_key: Term, reply: Term) -> Result<(), Error> {
+        if self.shared.closed.load(Ordering::Relaxed) {
+            return Err(Error::Closed);
+        }
+        let key_bin = Binary::from_term(key)
+            .map_err(|_| Error::InvalidPartitionKey("must be a binary".into()))?;
+        let key = validate::partition_key(key_bin.as_slice())?;
+        let data = match data.get_type() {
+            TermType::Binary => Binary::from_term(data)
+                .map_err(|_| Error::InvalidData("a bitstring is not a binary".into()))?
+                .as_slice()
+                .to_vec(),
+            _ => json::encode(data).map_err(Error::InvalidData)?,
+        };
+        let size = validate::record_size(key, &data, self.shared.max_record_bytes)?;
+        let explicit_hash_key = decode_explicit_hash_key(explicit_hash_key)?;
+        let reply = decode_reply(reply)?;
+
+        self.charge(size as u64)?;
+        let lane = lane_of(key, self.lanes.len());
+        let entry = Entry {
+            key: key.to_owned(),
+            explicit_hash_key,
+            data,
+            size,
+            reply,
+            enqueued: Instant::now(),
+        };
+        if self.lanes[lane].send(Command::Put(entry)).is_err() {
+            self.shared.release(1, size as u64);
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// Reserves room for one record, or answers `:overloaded` at once.
+    fn charge(&self, size: u64) -> Result<(), Error> {
+        let stats = &self.shared.stats;
+        let records = stats.buffered.fetch_add(1, Ordering::Relaxed) + 1;
+        let bytes = stats.buffered_bytes.fetch_add(size, Ordering::Relaxed) + size;
+        if records > self.shared.max_buffered_records || bytes > self.shared.max_buffered_bytes {
+            self.shared.release(1, size);
+            return Err(Error::Overloaded);
+        }
+        Ok(())
+    }
+
+    fn broadcast(&self, make: impl Fn() -> Command) -> usize {
+        self.lanes.iter().filter(|lane| lane.send(make()).is_ok()).count()
+    }
+}
+
+fn decode_explicit_hash_key(term: Term) -> Result<Option<String>, Error> {
+    if term.get_type() == TermType::Atom && term.atom_to_string().is_ok_and(|a| a == "nil") {
+        return Ok(None);
+    }
+    let bin = Binary::from_term(term)
+        .map_err(|_| Error::InvalidExplicitHashKey("must be a decimal string".into()))?;
+    validate::explicit_hash_key(bin.as_slice()).map(|s| Some(s.to_owned()))
+}
+
+fn decode_reply(term: Term) -> Result<Option<(LocalPid, u64)>, Error> {
+    if term.get_type() == TermType::Atom {
+        return Ok(None);
+    }
+    term.decode::<(LocalPid, u64)>()
+        .map(Some)
+        .map_err(|_| Error::InvalidArgument("reply must be nil or {pid, id}".into()))
+}
+
+/// FNV-1a: cheap, stable, and good enough to spread keys over a few lanes.
+fn lane_of(key: &str, lanes: usize) -> usize {
+    let hash = key
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    (hash % lanes as u64) as usize
+}
+
+// ---------------------------------------------------------------------------
+// Lanes
+
+struct Lane {
+    shared: Arc<Shared>,
+    rx: mpsc::UnboundedReceiver<Command>,
+    buffer: VecDeque<Entry>,
+    buffer_bytes: usize,
+    /// Flush waiters and how many buffered records stand before each.
+    flushes: Vec<(usize, Option<Arc<Waiter>>)>,
+    closing: Option<(Instant, Arc<Waiter>)>,
+    disconnected: bool,
+}
+
+impl Lane {
+    async fn run(mut self) {
+        loop {
+            self.drain_commands();
+            if self.due() {
+                let batch = self.cut();
+                let count = batch.len();
+                let deadline = self.closing.as_ref().map(|(d, _)| *d);
+                deliver(&self.shared, batch, deadline).await;
+                self.completed(count);
+                continue;
+            }
+            self.answer_flushes();
+            if self.buffer.is_empty() && (self.closing.is_some() || self.disconnected) {
+                break;
+            }
+            let timer = self
+                .buffer
+                .front()
+                .map(|e| e.enqueued + self.shared.batch_timeout);
+            tokio::select! {
+                command = self.rx.recv() => match command {
+                    Some(command) => self.accept(command),
+                    None => self.disconnected = true,
+                },
+                _ = sleep_until_opt(timer) => {}
+            }
+        }
+        if let Some((_, waiter)) = self.closing.take() {
+            waiter.done();
+        }
+    }
+
+    fn drain_commands(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(command) => self.accept(command),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.disconnected = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, command: Command) {
+        match command {
+            Command::Put(entry) => {
+                self.buffer_bytes += entry.size;
+                self.buffer.push_back(entry);
+            }
+            Command::Flush(waiter) => self.flushes.push((self.buffer.len(), waiter)),
+            Command::Close(deadline, waiter) => {
+                // Refuse new sends, then take in what was already queued.
+                self.rx.close();
+                self.closing = Some((deadline, waiter));
+            }
+        }
+    }
+
+    fn due(&self) -> bool {
+        let Some(oldest) = self.buffer.front() else {
+            return false;
+        };
+        self.closing.is_some()
+            || self.disconnected
+            || self.flushes.iter().any(|(ahead, _)| *ahead > 0)
+            || self.buffer.len() >= MAX_REQUEST_RECORDS
+            || self.buffer_bytes >= MAX_REQUEST_BYTES
+            || oldest.enqueued.elapsed() >= self.shared.batch_timeout
+    }
+
+    /// Takes the front of the buffer, up to the PutRecords limits.
+    fn cut(&mut self) -> Vec<Entry> {
+        let mut batch = Vec::with_capacity(self.buffer.len().min(MAX_REQUEST_RECORDS));
+        let mut bytes = 0;
+        while let Some(entry) = self.buffer.front() {
+            if batch.len() == MAX_REQUEST_RECORDS
+                || (!batch.is_empty() && bytes + entry.size > MAX_REQUEST_BYTES)
+            {
+                break;
+            }
+            bytes += entry.size;
+            batch.push(self.buffer.pop_front().expect("front exists"));
+        }
+        self.buffer_bytes -= bytes;
+        batch
+    }
+
+    fn completed(&mut self, count: usize) {
+        for (ahead, _) in &mut self.flushes {
+            *ahead = ahead.saturating_sub(count);
+        }
+        self.answer_flushes();
+    }
+
+    fn answer_flushes(&mut self) {
+        self.flushes.retain(|(ahead, waiter)| {
+            if *ahead == 0 {
+                if let Some(waiter) = waiter {
+                    waiter.done();
+                }
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends one batch and retries its failed entries until each has an outcome.
+async fn deliver(shared: &Shared, mut pending: Vec<Entry>, close_deadline: Option<Instant>) {
+    let stats = &shared.stats;
+    let started = Instant::now();
+    let mut attempts = 0u32;
+    stats.in_flight.fetch_add(pending.len() as u64, Ordering::Relaxed);
+    loop {
+        if close_deadline.is_some_and(|d| Instant::now() >= d) {
+            fail(shared, pending, &Error::Shutdown);
+            return;
+        }
+        attempts += 1;
+        let (retry, last_error) = attempt(shared, pending).await;
+        pending = retry;
+        if pending.is_empty() {
+            return;
+        }
+        if !shared.policy.allows(attempts, started) {
+            fail(shared, pending, &last_error);
+            return;
+        }
+        stats
+            .retried
+            .fetch_add(pending.len() as u64, Ordering::Relaxed);
+        let mut wait = shared.policy.backoff(attempts);
+        if let Some(deadline) = close_deadline {
+            wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One PutRecords call. Returns the entries worth retrying and the error that
+/// stopped them.
+async fn attempt(shared: &Shared, pending: Vec<Entry>) -> (Vec<Entry>, Error) {
+    let stats = &shared.stats;
+    let request: Vec<PutRecordsRequestEntry> = pending
+        .iter()
+        .map(|e| {
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(e.data.clone()))
+                .partition_key(&e.key)
+                .set_explicit_hash_key(e.explicit_hash_key.clone())
+                .build()
+                .expect("data and partition key are set")
+        })
+        .collect();
+    let response = shared
+        .client
+        .put_records()
+        .stream_name(&shared.stream_name)
+        .set_records(Some(request))
+        .send()
+        .await;
+
+    match response {
+        Ok(output) => {
+            let results = output.records();
+            let mut retry = Vec::new();
+            let mut fatal = Vec::new();
+            let mut last_error = Error::aws("InternalFailure", "no result for the record");
+            let mut env = OwnedEnv::new();
+            let mut acknowledged = (0u64, 0u64);
+            for (index, entry) in pending.into_iter().enumerate() {
+                let result = results.get(index);
+                match result.and_then(|r| r.error_code().map(|c| (c, r.error_message()))) {
+                    None if result.is_some() => {
+                        let r = result.expect("checked");
+                        acknowledged.0 += 1;
+                        acknowledged.1 += entry.size as u64;
+                        if let Some((pid, id)) = entry.reply {
+                            let shard = r.shard_id().unwrap_or_default();
+                            let seq = r.sequence_number().unwrap_or_default();
+                            let _ = env.send_and_clear(&pid, |env| {
+                                let outcome = rustler::types::map::map_new(env)
+                                    .map_put(atoms::shard_id(), shard)
+                                    .and_then(|m| m.map_put(atoms::sequence_number(), seq))
+                                    .expect("map");
+                                (atoms::convoy_put(), id, (atoms::ok(), outcome)).encode(env)
+                            });
+                        }
+                    }
+                    failure => {
+                        let (code, message) = failure.unwrap_or(("InternalFailure", None));
+                        if retry::is_throttling_code(code) {
+                            stats.throttled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let error = Error::aws(code, message.unwrap_or_default());
+                        if retry::error_is_retryable(&error) {
+                            retry.push(entry);
+                            last_error = error;
+                        } else {
+                            fatal.push((entry, error));
+                        }
+                    }
+                }
+            }
+            stats.sent.fetch_add(acknowledged.0, Ordering::Relaxed);
+            stats.in_flight.fetch_sub(acknowledged.0, Ordering::Relaxed);
+            shared.release(acknowledged.0, acknowledged.1);
+            for (entry, error) in fatal {
+                fail(shared, vec![entry], &error);
+            }
+            (retry, last_error)
+        }
+        Err(sdk_error) => {
+            let error = retry::classify(&sdk_error);
+            if let Error::Aws { code, .. } = &error {
+                if retry::is_throttling_code(code) {
+                    stats
+                        .throttled
+                        .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                }
+            }
+            if retry::error_is_retryable(&error) {
+                (pending, error)
+            } else {
+                fail(shared, pending, &error);
+                (Vec::new(), error)
+            }
+        }
+    }
+}
+
+/// The failure path: every record that will not be sent is answered to its
+/// awaiting caller, if any, and handed to the owner, which logs it, counts
+/// it, emits telemetry and calls `on_failure`.
+fn fail(shared: &Shared, entries: Vec<Entry>, reason: &Error) {
+    if entries.is_empty() {
+        return;
+    }
+    let count = entries.len() as u64;
+    let bytes: u64 = entries.iter().map(|e| e.size as u64).sum();
+    let stats = &shared.stats;
+    stats.failed.fetch_add(count, Ordering::Relaxed);
+    stats.in_flight.fetch_sub(count, Ordering::Relaxed);
+    shared.release(count, bytes);
+
+    let mut env = OwnedEnv::new();
+    for (pid, id) in entries.iter().filter_map(|e| e.reply) {
+        let _ = env.send_and_clear(&pid, |env| {
+            (atoms::convoy_put(), id, (atoms::error(), reason)).encode(env)
+        });
+    }
+    let _ = env.send_and_clear(&shared.owner, |env| {
+        let failed: Vec<Term> = entries
+            .iter()
+            .map(|e| {
+                let mut data = rustler::NewBinary::new(env, e.data.len());
+                data.as_mut_slice().copy_from_slice(&e.data);
+                let data: Binary = data.into();
+                (e.key.as_str(), data, reason).encode(env)
+            })
+            .collect();
+        (atoms::convoy_put_failed(), failed).encode(env)
+    });
+}
+
+// ---------------------------------------------------------------------------
+// NIFs
+
+/// Returns the producer as a term: the SDK client inside is not
+/// `RefUnwindSafe`, which rustler asks of typed return values.
+#[rustler::nif]
+fn producer_start(env: Env, client: ResourceArc<ClientResource>, options: ProducerOptions) -> Term {
+    let shared = Arc::new(Shared {
+        client: client.client.clone(),
+        stream_name: options.stream_name,
+        batch_timeout: Duration::from_millis(options.batch_timeout_ms),
+        max_buffered_records: options.max_buffered_records,
+        max_buffered_bytes: options.max_buffered_bytes,
+        max_record_bytes: options.max_record_bytes as usize,
+        policy: RetryPolicy {
+            max_retries: options.max_retries,
+            base: Duration::from_millis(options.retry_base_ms),
+            max_backoff: Duration::from_millis(options.max_backoff_ms),
+            deadline: Duration::from_millis(options.retry_deadline_ms),
+        },
+        owner: options.owner,
+        closed: AtomicBool::new(false),
+        stats: Stats::default(),
+    });
+    let lanes = (0..options.max_in_flight.max(1))
+        .map(|_| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let lane = Lane {
+                shared: shared.clone(),
+                rx,
+                buffer: VecDeque::new(),
+                buffer_bytes: 0,
+                flushes: Vec::new(),
+                closing: None,
+                disconnected: false,
+            };
+            runtime::spawn_guarded("producer lane", Some(options.owner), lane.run());
+            tx
+        })
+        .collect();
+    ResourceArc::new(Producer { lanes, shared }).encode(env)
+}
+
+/// The hot path: validate, charge the budget, enqueue, return. Binary data
+/// only copies bytes, so this runs on a normal scheduler.
+#[rustler::nif]
+fn producer_put<'a>(
+    env: Env<'a>,
+    producer: ResourceArc<Producer>,
+    key: Term<'a>,
+    data: Term<'a>,
+    explicit_hash_key: Term<'a>,
+    reply: Term<'a>,
+) -> Term<'a> {
+    put_result(env, producer.put(key, data, explicit_hash_key, reply))
+}
+
+/// Same as `producer_put` for data that must be encoded as JSON: a large term
+/// can take longer than a scheduler slice, so it runs on a dirty scheduler.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn producer_put_term<'a>(
+    env: Env<'a>,
+    producer: ResourceArc<Producer>,
+    key: Term<'a>,
+    data: Term<'a>,
+    explicit_hash_key: Term<'a>,
+    reply: Term<'a>,
+) -> Term<'a> {
+    put_result(env, producer.put(key, data, explicit_hash_key, reply))
+}
+
+fn put_result(env: Env, result: Result<(), Error>) -> Term {
+    match result {
+        Ok(()) => atoms::ok().encode(env),
+        Err(error) => (atoms::error(), error).encode(env),
+    }
+}
+
+/// Sends everything buffered now. With a `{pid, id}`, `{:convoy_flushed, id}`
+/// follows once every record buffered before the call has an outcome.
+#[rustler::nif]
+fn producer_flush(producer: ResourceArc<Producer>, reply: Option<(LocalPid, u64)>) -> rustler::Atom {
+    let waiter = reply.map(|(pid, id)| {
+        Arc::new(Waiter {
+            remaining: AtomicUsize::new(producer.lanes.len()),
+            pid,
+            id,
+            message: atoms::convoy_flushed,
+        })
+    });
+    let answered = producer.broadcast(|| Command::Flush(waiter.clone()));
+    if let Some(waiter) = &waiter {
+        // Lanes that are already gone cannot answer; count them as done.
+        for _ in answered..producer.lanes.len() {
+            waiter.done();
+        }
+    }
+    atoms::ok()
+}
+
+/// Stops taking records and sends what is buffered, giving up at the
+/// deadline: records still unsent then go through the failure path with
+/// reason `:shutdown`. `{:convoy_closed, id}` follows when every lane is done.
+#[rustler::nif]
+fn producer_close(producer: ResourceArc<Producer>, timeout_ms: u64, pid: LocalPid, id: u64) -> rustler::Atom {
+    producer.shared.closed.store(true, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    let waiter = Arc::new(Waiter {
+        remaining: AtomicUsize::new(producer.lanes.len()),
+        pid,
+        id,
+        message: atoms::convoy_closed,
+    });
+    let answered = producer.broadcast(|| Command::Close(deadline, waiter.clone()));
+    for _ in answered..producer.lanes.len() {
+        waiter.done();
+    }
+    atoms::ok()
+}
+
+#[rustler::nif]
+fn producer_stats(env: Env, producer: ResourceArc<Producer>) -> Term {
+    let s = &producer.shared.stats;
+    let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let keys = [
+        atoms::buffered(),
+        atoms::buffered_bytes(),
+        atoms::in_flight(),
+        atoms::sent(),
+        atoms::retried(),
+        atoms::throttled(),
+        atoms::failed(),
+    ];
+    // `buffered` counts every record not yet final; in-flight ones are part of it.
+    let in_flight = read(&s.in_flight);
+    let values = [
+        read(&s.buffered).saturating_sub(in_flight),
+        read(&s.buffered_bytes),
+        in_flight,
+        read(&s.sent),
+        read(&s.retried),
+        read(&s.throttled),
+        read(&s.failed),
+    ];
+    Term::map_from_arrays(env, &keys, &values).expect("distinct keys")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_are_stable_and_spread() {
+        assert_eq!(lane_of("device-1", 8), lane_of("device-1", 8));
+        let mut used = [false; 8];
+        for i in 0..1000 {
+            used[lane_of(&format!("key-{i}"), 8)] = true;
+        }
+        assert!(used.iter().all(|u| *u));
+        assert_eq!(lane_of("anything", 1), 0);
+    }
+}
