@@ -57,7 +57,7 @@ defmodule Convoy.Queue.Options do
     |> check(:batch_timeout, &non_neg_integer?/1, "a non-negative integer (ms)")
     |> check(:poll_interval, &(is_nil(&1) or pos_integer?(&1)), "nil or a positive integer (ms)")
     |> check(:iterator_type, &iterator_type?/1, iterator_types())
-    |> check(:kinesis, &(is_list(&1) and Keyword.keyword?(&1)), "a keyword list")
+    |> check(:kinesis, &kinesis?/1, "a keyword list")
     |> check(:checkpoint, &checkpoint?/1, "a module implementing Convoy.Checkpoint or {module, options}")
     |> check(:max_in_flight, &(pos_integer?(&1) and &1 <= 256), "an integer in 1..256")
     |> check(:max_buffered_records, &pos_integer?/1, "a positive integer")
@@ -71,7 +71,7 @@ defmodule Convoy.Queue.Options do
     |> check(:shutdown, &pos_integer?/1, "a positive integer (ms)")
     |> check(:poll_limit, &(pos_integer?(&1) and &1 <= 10_000), "an integer in 1..10000")
     |> check(:shard_refresh_interval, &pos_integer?/1, "a positive integer (ms)")
-    |> Keyword.update!(:kinesis, &Convoy.KinesisConfig.resolve/1)
+    |> Keyword.update!(:kinesis, &resolve_kinesis/1)
     |> Keyword.update!(:checkpoint, &normalize_checkpoint/1)
   end
 
@@ -99,6 +99,14 @@ defmodule Convoy.Queue.Options do
             "invalid Convoy.Queue option #{inspect(key)}: expected #{expected}, got: #{inspect(value)}"
     end
   end
+
+  # Options pass through here twice (child_spec/1, then start_link/1): an
+  # already resolved config stays as it is.
+  defp kinesis?(%Convoy.KinesisConfig{}), do: true
+  defp kinesis?(options), do: is_list(options) and Keyword.keyword?(options)
+
+  defp resolve_kinesis(%Convoy.KinesisConfig{} = config), do: config
+  defp resolve_kinesis(options), do: Convoy.KinesisConfig.resolve(options)
 
   defp non_neg_integer?(v), do: is_integer(v) and v >= 0
   defp pos_integer?(v), do: is_integer(v) and v > 0

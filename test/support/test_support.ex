@@ -1,0 +1,95 @@
+defmodule Convoy.TestSupport do
+  @moduledoc false
+  # Helpers shared by the tests: the emulator, unique streams, raw reads.
+
+  import ExUnit.Assertions
+
+  def start_emulator! do
+    case System.get_env("CONVOY_KINESIS_ENDPOINT") do
+      endpoint when is_binary(endpoint) and endpoint != "" ->
+        :persistent_term.put({__MODULE__, :endpoint}, endpoint)
+        :persistent_term.put({__MODULE__, :embedded}, false)
+        endpoint
+
+      _ ->
+        # Not linked to the test process: it lives for the whole run.
+        {:ok, pid} = GenServer.start(Convoy.Local, port: 0, enforce_limits: false, iterator_ttl_seconds: 300)
+        endpoint = Convoy.Local.endpoint(pid)
+        :persistent_term.put({__MODULE__, :endpoint}, endpoint)
+        :persistent_term.put({__MODULE__, :embedded}, true)
+        endpoint
+    end
+  end
+
+  def excluded_tags do
+    if embedded?(), do: [], else: [:embedded_only]
+  end
+
+  def endpoint, do: :persistent_term.get({__MODULE__, :endpoint})
+  def embedded?, do: :persistent_term.get({__MODULE__, :embedded})
+
+  def kinesis(endpoint \\ endpoint()), do: Convoy.Local.kinesis_options(endpoint)
+
+  def unique_stream(prefix \\ "test") do
+    "#{prefix}-#{System.unique_integer([:positive])}"
+  end
+
+  def create_stream!(stream, shards, endpoint \\ endpoint()) do
+    assert :ok = Convoy.Local.create_stream(endpoint, stream, shards)
+    stream
+  end
+
+  @doc "Reads every record of every shard from the start, through the SDK, bypassing Convoy.Queue."
+  def read_all(stream, endpoint \\ endpoint()) do
+    config = Convoy.KinesisConfig.resolve(kinesis(endpoint))
+    {:ok, client} = Convoy.Native.call(&Convoy.Native.client_new(Convoy.KinesisConfig.to_native(config), &1, &2))
+    {:ok, shards} = Convoy.Local.list_shards(endpoint, stream)
+
+    Enum.flat_map(shards, fn %{shard_id: shard_id} -> read_shard(client, stream, shard_id, :trim_horizon, []) end)
+  end
+
+  defp read_shard(client, stream, shard_id, position, acc) do
+    {:ok, [{^shard_id, raw}]} =
+      Convoy.Native.call(&Convoy.Native.fetch_records(client, stream, [{shard_id, position}], 10_000, &1, &2))
+
+    records = Convoy.Record.from_native(raw, shard_id, stream)
+
+    case List.last(records) do
+      nil -> Enum.reverse(acc) |> List.flatten()
+      last -> read_shard(client, stream, shard_id, {:after_sequence_number, last.sequence_number}, [records | acc])
+    end
+  end
+
+  @doc "Writes records with the convoy_local binary (raw SDK), independent of Convoy's producer."
+  def raw_put!(stream, count, opts \\ []) do
+    args =
+      ["put", "--endpoint", endpoint(), "--stream", stream, "--count", Integer.to_string(count)] ++
+        ["--start", Integer.to_string(Keyword.get(opts, :start, 0))] ++
+        ["--keys", Integer.to_string(Keyword.get(opts, :keys, 16))]
+
+    {out, status} = System.cmd(Convoy.Local.binary!(), args, stderr_to_stdout: true)
+    assert status == 0, out
+    :ok
+  end
+
+  @doc "Waits until `fun` returns a truthy value, checking every 50 ms."
+  def eventually(fun, timeout \\ 60_000) do
+    deadline = System.monotonic_time(:millisecond) + timeout
+    do_eventually(fun, deadline)
+  end
+
+  defp do_eventually(fun, deadline) do
+    case fun.() do
+      result when result not in [nil, false] ->
+        result
+
+      _ ->
+        if System.monotonic_time(:millisecond) > deadline do
+          flunk("condition not met in time")
+        else
+          Process.sleep(50)
+          do_eventually(fun, deadline)
+        end
+    end
+  end
+end
