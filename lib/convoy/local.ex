@@ -39,8 +39,21 @@ defmodule Convoy.Local do
   @spec start_link(keyword) :: GenServer.on_start()
   def start_link(options \\ []) do
     {name, options} = Keyword.pop(options, :name)
-    options = Keyword.validate!(options, port: 0, enforce_limits: false, iterator_ttl_seconds: 300)
     GenServer.start_link(__MODULE__, options, if(name, do: [name: name], else: []))
+  end
+
+  @doc """
+  Like `start_link/1`, without a link: the emulator outlives the caller until
+  `stop/1`.
+
+  ## Example
+
+      {:ok, local} = Convoy.Local.start(enforce_limits: true)
+  """
+  @spec start(keyword) :: GenServer.on_start()
+  def start(options \\ []) do
+    {name, options} = Keyword.pop(options, :name)
+    GenServer.start(__MODULE__, options, if(name, do: [name: name], else: []))
   end
 
   @doc """
@@ -175,6 +188,7 @@ defmodule Convoy.Local do
 
   @impl true
   def init(options) do
+    options = Keyword.validate!(options, port: 0, enforce_limits: false, iterator_ttl_seconds: 300)
     Process.flag(:trap_exit, true)
 
     args =

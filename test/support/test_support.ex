@@ -13,7 +13,7 @@ defmodule Convoy.TestSupport do
 
       _ ->
         # Not linked to the test process: it lives for the whole run.
-        {:ok, pid} = GenServer.start(Convoy.Local, port: 0, enforce_limits: false, iterator_ttl_seconds: 300)
+        {:ok, pid} = Convoy.Local.start(port: 0, enforce_limits: false, iterator_ttl_seconds: 300)
         endpoint = Convoy.Local.endpoint(pid)
         :persistent_term.put({__MODULE__, :endpoint}, endpoint)
         :persistent_term.put({__MODULE__, :embedded}, true)
