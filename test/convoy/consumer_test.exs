@@ -1,0 +1,251 @@
+defmodule Convoy.ConsumerTest do
+  use ExUnit.Case, async: true
+
+  import Convoy.TestSupport
+  import ExUnit.CaptureLog
+
+  defp start_queue!(stream, opts) do
+    opts = Keyword.merge([stream: stream, kinesis: kinesis(), iterator_type: :trim_horizon, poll_interval: 100], opts)
+    start_supervised!({Convoy.Queue, opts}, id: Keyword.get(opts, :stream_id, stream))
+    Keyword.get(opts, :stream_id, stream)
+  end
+
+  defp forward(tag) do
+    me = self()
+    fn record, config -> send(me, {tag, config, record}) end
+  end
+
+  defp collect(tag, count, acc \\ []) do
+    if count == 0 do
+      Enum.reverse(acc)
+    else
+      receive do
+        {^tag, _config, record} -> collect(tag, count - 1, [record | acc])
+      after
+        30_000 -> flunk("received #{length(acc)} records, #{count} missing")
+      end
+    end
+  end
+
+  @tag timeout: 600_000
+  test "50,000 records written by the raw SDK reach a function handler exactly once, in shard order" do
+    stream = create_stream!(unique_stream("consume"), 4)
+    raw_put!(stream, 50_000, keys: 64)
+    id = start_queue!(stream, [])
+    :ok = Convoy.Queue.attach_handler(id, :all, forward(:rec), :cfg)
+
+    records = collect(:rec, 50_000)
+    refute_receive {:rec, _, _}, 500
+
+    assert Enum.map(records, & &1.data) |> Enum.sort() == Enum.sort(for i <- 0..49_999, do: "record-#{i}")
+
+    for {_shard, group} <- Enum.group_by(records, & &1.shard_id) do
+      seqs = Enum.map(group, &String.to_integer(&1.sequence_number))
+      assert seqs == Enum.sort(seqs)
+    end
+
+    assert Enum.all?(records, &match?(%Convoy.Record{stream_id: ^id, approximate_arrival_timestamp: %DateTime{}}, &1))
+    assert Enum.all?(records, &(&1.partition_key == "key-#{rem(String.to_integer(String.trim_leading(&1.data, "record-")), 64)}"))
+  end
+
+  test "a pid handler gets one batch per shard at a time and reads on only after its ack" do
+    stream = create_stream!(unique_stream("pid"), 1)
+    raw_put!(stream, 30)
+    id = start_queue!(stream, poll_limit: 10)
+    :ok = Convoy.Queue.attach_handler(id, :pid, self(), nil)
+
+    assert_receive {:convoy_batch, %Convoy.Batch{records: first, handler_id: :pid} = batch}, 10_000
+    assert length(first) == 10
+    # Unacknowledged: nothing more comes, however long we wait.
+    refute_receive {:convoy_batch, _}, 1_000
+    assert {:message_queue_len, 0} = Process.info(batch.dispatcher, :message_queue_len)
+    Convoy.Queue.ack(batch)
+
+    assert_receive {:convoy_batch, second}, 10_000
+    Convoy.Queue.ack(second)
+    assert_receive {:convoy_batch, third}, 10_000
+    Convoy.Queue.ack(third)
+
+    datas = Enum.map(first ++ second.records ++ third.records, & &1.data)
+    assert datas == for(i <- 0..29, do: "record-#{i}")
+  end
+
+  test "a slow handler bounds memory: the mailbox and the native buffers hold one batch" do
+    stream = create_stream!(unique_stream("slow"), 1)
+    raw_put!(stream, 2_000)
+    id = start_queue!(stream, poll_limit: 100)
+    me = self()
+
+    slow = fn record, _ ->
+      Process.sleep(2)
+      send(me, {:slow, record.data, Process.info(self(), :message_queue_len)})
+    end
+
+    :ok = Convoy.Queue.attach_handler(id, :slow, slow, nil)
+
+    lengths =
+      for _ <- 1..500 do
+        assert_receive {:slow, _data, {:message_queue_len, len}}, 10_000
+        len
+      end
+
+    # Only control messages may wait: never a second batch of records.
+    assert Enum.max(lengths) <= 1
+  end
+
+  test "partition-key filters: one key, a list of keys, a predicate" do
+    stream = create_stream!(unique_stream("filter"), 2)
+    raw_put!(stream, 400, keys: 4)
+    id = start_queue!(stream, [])
+    :ok = Convoy.Queue.attach_handler(id, :one, forward(:one), nil, partition_keys: "key-1")
+    :ok = Convoy.Queue.attach_handler(id, :list, forward(:list), nil, partition_keys: ["key-2", "key-3"])
+    :ok = Convoy.Queue.attach_handler(id, :pred, forward(:pred), nil, partition_keys: &String.ends_with?(&1, "0"))
+
+    assert collect(:one, 100) |> Enum.all?(&(&1.partition_key == "key-1"))
+    assert collect(:list, 200) |> Enum.all?(&(&1.partition_key in ["key-2", "key-3"]))
+    assert collect(:pred, 100) |> Enum.all?(&(&1.partition_key == "key-0"))
+    refute_receive {_, _, %Convoy.Record{}}, 500
+  end
+
+  test "a raising handler is logged with its stacktrace and detached; others go on" do
+    stream = create_stream!(unique_stream("raise"), 1)
+    id = start_queue!(stream, [])
+    me = self()
+
+    log =
+      capture_log(fn ->
+        :ok = Convoy.Queue.attach_handler(id, :bad, fn _r, _c -> raise "boom" end, nil)
+        :ok = Convoy.Queue.attach_handler(id, :good, forward(:good), nil)
+        raw_put!(stream, 20)
+        assert length(collect(:good, 20)) == 20
+        # The failed handler is gone: attaching under its id works again.
+        eventually(fn -> Convoy.Queue.attach_handler(id, :bad, fn r, _ -> send(me, {:bad_again, r}) end, nil) == :ok end)
+      end)
+
+    assert log =~ "handler :bad failed"
+    assert log =~ "boom"
+    assert log =~ "consumer_test.exs"
+    assert Convoy.Queue.attach_handler(id, :good, forward(:good), nil) == {:error, :already_exists}
+    assert Convoy.Queue.detach_handler(id, :missing) == {:error, :not_found}
+  end
+
+  test "on_error: :retry calls the handler again until it succeeds" do
+    stream = create_stream!(unique_stream("retry"), 1)
+    id = start_queue!(stream, [])
+    me = self()
+    counter = :counters.new(1, [])
+
+    flaky = fn record, _ ->
+      :counters.add(counter, 1, 1)
+      if :counters.get(counter, 1) < 3, do: raise("transient")
+      send(me, {:flaky, record.data})
+    end
+
+    capture_log(fn ->
+      :ok = Convoy.Queue.attach_handler(id, :flaky, flaky, nil, on_error: :retry)
+      raw_put!(stream, 1)
+      assert_receive {:flaky, "record-0"}, 10_000
+    end)
+  end
+
+  test "detach stops polling and attach resumes where reading stopped, without a gap" do
+    stream = create_stream!(unique_stream("reattach"), 2)
+    id = start_queue!(stream, iterator_type: :latest)
+    :ok = Convoy.Queue.attach_handler(id, :h, forward(:h), nil)
+    raw_put!(stream, 50)
+    first = collect(:h, 50)
+    :ok = Convoy.Queue.detach_handler(id, :h)
+    raw_put!(stream, 50, start: 50)
+    refute_receive {:h, _, _}, 500
+    :ok = Convoy.Queue.attach(id, :h, forward(:h), nil)
+    second = collect(:h, 50)
+    datas = Enum.map(first ++ second, & &1.data) |> Enum.sort()
+    assert datas == Enum.sort(for i <- 0..99, do: "record-#{i}")
+  end
+
+  test "get/2 pulls records across shards and advances" do
+    stream = create_stream!(unique_stream("get"), 2)
+    raw_put!(stream, 30)
+    id = start_queue!(stream, poll_interval: nil)
+    first = Convoy.Queue.get(id, 20)
+    assert length(first) == 20
+    rest = Convoy.Queue.get(id, 20)
+    assert length(rest) == 10
+    assert Convoy.Queue.get(id, 5) == []
+    assert Enum.map(first ++ rest, & &1.data) |> Enum.sort() == Enum.sort(for i <- 0..29, do: "record-#{i}")
+    assert Convoy.Queue.get(id, 0) == {:error, {:invalid_limit, 0}}
+  end
+
+  @tag :tmp_dir
+  test "with the file checkpoint store, a restarted queue resumes after its checkpoint", %{tmp_dir: dir} do
+    stream = create_stream!(unique_stream("checkpoint"), 2)
+    raw_put!(stream, 100)
+    opts = [stream: stream, kinesis: kinesis(), iterator_type: :trim_horizon, poll_interval: 100]
+    opts = opts ++ [checkpoint: {Convoy.Checkpoint.File, dir: dir}]
+
+    {:ok, pid} = Convoy.Queue.start_link(opts)
+    :ok = Convoy.Queue.attach_handler(stream, :h, forward(:h), nil)
+    first = collect(:h, 100)
+    Process.unlink(pid)
+    GenServer.stop(pid)
+
+    raw_put!(stream, 100, start: 100)
+    {:ok, pid} = Convoy.Queue.start_link(opts)
+    :ok = Convoy.Queue.attach_handler(stream, :h, forward(:h), nil)
+    second = collect(:h, 100)
+    refute_receive {:h, _, _}, 500
+    assert Enum.map(second, & &1.data) |> Enum.sort() == Enum.sort(for i <- 100..199, do: "record-#{i}")
+    assert length(first) == 100
+    GenServer.stop(pid)
+  end
+
+  test "splitting a shard: every record arrives, the parent's before its children's" do
+    stream = create_stream!(unique_stream("split"), 1)
+    id = start_queue!(stream, shard_refresh_interval: 500)
+    :ok = Convoy.Queue.attach_handler(id, :h, forward(:h), nil)
+    raw_put!(stream, 100)
+    consumed_before_split = collect(:h, 100)
+
+    # Records the queue has not read yet when the shard splits...
+    raw_put!(stream, 100, start: 100)
+    {:ok, [%{shard_id: parent}]} = Convoy.Local.list_shards(endpoint(), stream)
+    :ok = Convoy.Local.split_shard(endpoint(), stream, parent, "170141183460469231731687303715884105728")
+    # ...and records that go to the children.
+    raw_put!(stream, 200, start: 200)
+
+    rest = collect(:h, 300)
+    {from_parent, from_children} = Enum.split_while(rest, &(&1.shard_id == parent))
+    # The parent is read to its end before any child record is delivered.
+    assert length(from_parent) == 100
+    assert Enum.all?(from_children, &(&1.shard_id != parent))
+    assert from_children |> Enum.map(& &1.shard_id) |> Enum.uniq() |> length() == 2
+
+    datas = Enum.map(consumed_before_split ++ rest, & &1.data) |> Enum.sort()
+    assert datas == Enum.sort(for i <- 0..399, do: "record-#{i}")
+    refute_receive {:h, _, _}, 500
+  end
+
+  @tag :embedded_only
+  test "an expired iterator is renewed from the last processed record: nothing lost or repeated" do
+    {:ok, local} = Convoy.Local.start(iterator_ttl_seconds: 1)
+    endpoint = Convoy.Local.endpoint(local)
+    stream = create_stream!(unique_stream("expiry"), 1, endpoint)
+    config = [stream: stream, kinesis: kinesis(endpoint), iterator_type: :trim_horizon, poll_interval: 100]
+    start_supervised!({Convoy.Queue, config ++ [poll_limit: 10]})
+    :ok = Convoy.Queue.attach_handler(stream, :pid, self(), nil)
+    {_, 0} = System.cmd(Convoy.Local.binary!(), ~w(put --endpoint #{endpoint} --stream #{stream} --count 30))
+
+    datas =
+      for _ <- 1..3 do
+        assert_receive {:convoy_batch, batch}, 10_000
+        # Hold the batch past the iterator's lifetime.
+        Process.sleep(1_500)
+        Convoy.Queue.ack(batch)
+        Enum.map(batch.records, & &1.data)
+      end
+
+    refute_receive {:convoy_batch, _}, 1_000
+    assert List.flatten(datas) == for(i <- 0..29, do: "record-#{i}")
+    Convoy.Local.stop(local)
+  end
+end
