@@ -49,7 +49,7 @@ defmodule Mix.Tasks.Compile.ConvoyNif do
   defp sources do
     [Path.join(@root, "Cargo.toml"), Path.join(@root, "Cargo.lock")]
     |> Enum.filter(&File.exists?/1)
-    |> Kernel.++(Path.wildcard(Path.join(@root, "native/convoy_nif/**/*.{rs,toml}")))
+    |> Kernel.++(Path.wildcard(Path.join(@root, "native/{convoy_nif,convoy_core}/**/*.{rs,toml}")))
   end
 
   defp build(profile, target, stamp) do
@@ -70,7 +70,9 @@ defmodule Mix.Tasks.Compile.ConvoyNif do
         {:ok, []}
 
       {_, status} ->
-        Mix.raise("cargo build of convoy_nif failed (exit status #{status}); see its output above")
+        Mix.raise(
+          "cargo build of convoy_nif failed (exit status #{status}); see its output above"
+        )
     end
   end
 

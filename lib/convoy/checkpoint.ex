@@ -25,7 +25,8 @@ defmodule Convoy.Checkpoint do
   @callback init(options :: keyword) :: {:ok, state :: term}
 
   @doc "The checkpoint of a shard, or `:error` when it has none."
-  @callback fetch(state :: term, stream_id :: term, shard_id :: String.t()) :: {:ok, position} | :error
+  @callback fetch(state :: term, stream_id :: term, shard_id :: String.t()) ::
+              {:ok, position} | :error
 
   @doc "Stores the checkpoint of a shard."
   @callback store(state :: term, stream_id :: term, shard_id :: String.t(), position) :: :ok

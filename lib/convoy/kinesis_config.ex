@@ -76,10 +76,23 @@ defmodule Convoy.KinesisConfig do
   @spec resolve(keyword) :: t
   def resolve(queue_options) do
     app = Application.get_env(:convoy, :kinesis, [])
-    merged = Keyword.merge(check_keys!(app, "config :convoy, :kinesis"), check_keys!(queue_options, "kinesis:"))
+
+    merged =
+      Keyword.merge(
+        check_keys!(app, "config :convoy, :kinesis"),
+        check_keys!(queue_options, "kinesis:")
+      )
+
     config = struct!(__MODULE__, merged)
 
-    for key <- [:endpoint_url, :region, :access_key_id, :secret_access_key, :session_token, :profile] do
+    for key <- [
+          :endpoint_url,
+          :region,
+          :access_key_id,
+          :secret_access_key,
+          :session_token,
+          :profile
+        ] do
       value = Map.fetch!(config, key)
 
       unless is_nil(value) or (is_binary(value) and value != "") do
@@ -113,8 +126,12 @@ defmodule Convoy.KinesisConfig do
     end
 
     case Keyword.keys(options) -- @keys do
-      [] -> options
-      unknown -> raise ArgumentError, "unknown #{where} keys #{inspect(unknown)}; known keys: #{inspect(@keys)}"
+      [] ->
+        options
+
+      unknown ->
+        raise ArgumentError,
+              "unknown #{where} keys #{inspect(unknown)}; known keys: #{inspect(@keys)}"
     end
   end
 
@@ -136,7 +153,8 @@ defmodule Convoy.KinesisConfig do
         config
         |> Map.from_struct()
         |> Enum.map(fn
-          {key, value} when key in [:access_key_id, :secret_access_key, :session_token] and not is_nil(value) ->
+          {key, value}
+          when key in [:access_key_id, :secret_access_key, :session_token] and not is_nil(value) ->
             {key, :redacted}
 
           pair ->

@@ -86,7 +86,12 @@ defmodule Convoy.Local do
   """
   @spec kinesis_options(String.t()) :: keyword
   def kinesis_options(endpoint) do
-    [endpoint_url: endpoint, region: "us-east-1", access_key_id: "local", secret_access_key: "local"]
+    [
+      endpoint_url: endpoint,
+      region: "us-east-1",
+      access_key_id: "local",
+      secret_access_key: "local"
+    ]
   end
 
   @doc """
@@ -148,7 +153,9 @@ defmodule Convoy.Local do
   def split_shard(endpoint, stream, shard_id, new_starting_hash_key) do
     with {:ok, client} <- client(endpoint),
          {:ok, :ok} <-
-           Native.call(&Native.split_shard(client, stream, shard_id, new_starting_hash_key, &1, &2)) do
+           Native.call(
+             &Native.split_shard(client, stream, shard_id, new_starting_hash_key, &1, &2)
+           ) do
       :ok
     end
   end
@@ -173,8 +180,17 @@ defmodule Convoy.Local do
         path = Path.join(@root, "target/release/convoy_local")
 
         unless File.exists?(path) do
-          args = ["build", "--release", "-p", "convoy_local", "--manifest-path", Path.join(@root, "Cargo.toml")]
-          {_, 0} = System.cmd("cargo", args, into: IO.stream(:stdio, :line), stderr_to_stdout: true)
+          args = [
+            "build",
+            "--release",
+            "-p",
+            "convoy_local",
+            "--manifest-path",
+            Path.join(@root, "Cargo.toml")
+          ]
+
+          {_, 0} =
+            System.cmd("cargo", args, into: IO.stream(:stdio, :line), stderr_to_stdout: true)
         end
 
         path
@@ -188,7 +204,9 @@ defmodule Convoy.Local do
 
   @impl true
   def init(options) do
-    options = Keyword.validate!(options, port: 0, enforce_limits: false, iterator_ttl_seconds: 300)
+    options =
+      Keyword.validate!(options, port: 0, enforce_limits: false, iterator_ttl_seconds: 300)
+
     Process.flag(:trap_exit, true)
 
     args =
@@ -234,8 +252,13 @@ defmodule Convoy.Local do
   defp await_answer(endpoint, tries) do
     %URI{host: host, port: port} = URI.parse(endpoint)
 
-    with {:ok, socket} <- :gen_tcp.connect(String.to_charlist(host), port, [:binary, active: false], 1_000),
-         :ok <- :gen_tcp.send(socket, "GET /_health/live HTTP/1.1\r\nhost: #{host}\r\nconnection: close\r\n\r\n"),
+    with {:ok, socket} <-
+           :gen_tcp.connect(String.to_charlist(host), port, [:binary, active: false], 1_000),
+         :ok <-
+           :gen_tcp.send(
+             socket,
+             "GET /_health/live HTTP/1.1\r\nhost: #{host}\r\nconnection: close\r\n\r\n"
+           ),
          {:ok, "HTTP/1.1 200" <> _} <- :gen_tcp.recv(socket, 0, 2_000) do
       :gen_tcp.close(socket)
       :ok
@@ -272,7 +295,8 @@ defmodule Convoy.Local do
     :ok
   end
 
-  defp await_exit(os_pid, 0), do: System.cmd("kill", ["-9", Integer.to_string(os_pid)], stderr_to_stdout: true)
+  defp await_exit(os_pid, 0),
+    do: System.cmd("kill", ["-9", Integer.to_string(os_pid)], stderr_to_stdout: true)
 
   defp await_exit(os_pid, tries) do
     case System.cmd("kill", ["-0", Integer.to_string(os_pid)], stderr_to_stdout: true) do

@@ -304,7 +304,8 @@ defmodule Convoy.Queue do
                (is_list(keys) and Enum.all?(keys, &is_binary/1))) ->
         {:error, {:invalid_partition_keys, keys}}
 
-      not (on_error in [:detach, :retry] or match?({:retry, n} when is_integer(n) and n > 0, on_error)) ->
+      not (on_error in [:detach, :retry] or
+               match?({:retry, n} when is_integer(n) and n > 0, on_error)) ->
         {:error, {:invalid_on_error, on_error}}
 
       not (ack_timeout == :infinity or (is_integer(ack_timeout) and ack_timeout > 0)) ->

@@ -58,7 +58,13 @@ defmodule Convoy.Service do
   @callback get(handle, limit :: pos_integer) :: [Convoy.Record.t()] | {:error, term}
 
   @doc "Adds a handler; see `Convoy.Queue.attach_handler/5`."
-  @callback attach_handler(handle, id :: term, handler :: Convoy.Queue.handler(), config :: term, opts :: keyword) ::
+  @callback attach_handler(
+              handle,
+              id :: term,
+              handler :: Convoy.Queue.handler(),
+              config :: term,
+              opts :: keyword
+            ) ::
               :ok | {:error, term}
 
   @doc "Removes a handler."

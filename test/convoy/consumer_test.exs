@@ -5,7 +5,12 @@ defmodule Convoy.ConsumerTest do
   import ExUnit.CaptureLog
 
   defp start_queue!(stream, opts) do
-    opts = Keyword.merge([stream: stream, kinesis: kinesis(), iterator_type: :trim_horizon, poll_interval: 100], opts)
+    opts =
+      Keyword.merge(
+        [stream: stream, kinesis: kinesis(), iterator_type: :trim_horizon, poll_interval: 100],
+        opts
+      )
+
     start_supervised!({Convoy.Queue, opts}, id: Keyword.get(opts, :stream_id, stream))
     Keyword.get(opts, :stream_id, stream)
   end
@@ -37,15 +42,27 @@ defmodule Convoy.ConsumerTest do
     records = collect(:rec, 50_000)
     refute_receive {:rec, _, _}, 500
 
-    assert Enum.map(records, & &1.data) |> Enum.sort() == Enum.sort(for i <- 0..49_999, do: "record-#{i}")
+    assert Enum.map(records, & &1.data) |> Enum.sort() ==
+             Enum.sort(for i <- 0..49_999, do: "record-#{i}")
 
     for {_shard, group} <- Enum.group_by(records, & &1.shard_id) do
       seqs = Enum.map(group, &String.to_integer(&1.sequence_number))
       assert seqs == Enum.sort(seqs)
     end
 
-    assert Enum.all?(records, &match?(%Convoy.Record{stream_id: ^id, approximate_arrival_timestamp: %DateTime{}}, &1))
-    assert Enum.all?(records, &(&1.partition_key == "key-#{rem(String.to_integer(String.trim_leading(&1.data, "record-")), 64)}"))
+    assert Enum.all?(
+             records,
+             &match?(
+               %Convoy.Record{stream_id: ^id, approximate_arrival_timestamp: %DateTime{}},
+               &1
+             )
+           )
+
+    assert Enum.all?(
+             records,
+             &(&1.partition_key ==
+                 "key-#{rem(String.to_integer(String.trim_leading(&1.data, "record-")), 64)}")
+           )
   end
 
   test "a pid handler gets one batch per shard at a time and reads on only after its ack" do
@@ -54,7 +71,9 @@ defmodule Convoy.ConsumerTest do
     id = start_queue!(stream, poll_limit: 10)
     :ok = Convoy.Queue.attach_handler(id, :pid, self(), nil)
 
-    assert_receive {:convoy_batch, %Convoy.Batch{records: first, handler_id: :pid} = batch}, 10_000
+    assert_receive {:convoy_batch, %Convoy.Batch{records: first, handler_id: :pid} = batch},
+                   10_000
+
     assert length(first) == 10
     # Unacknowledged: nothing more comes, however long we wait.
     refute_receive {:convoy_batch, _}, 1_000
@@ -98,8 +117,16 @@ defmodule Convoy.ConsumerTest do
     raw_put!(stream, 400, keys: 4)
     id = start_queue!(stream, [])
     :ok = Convoy.Queue.attach_handler(id, :one, forward(:one), nil, partition_keys: "key-1")
-    :ok = Convoy.Queue.attach_handler(id, :list, forward(:list), nil, partition_keys: ["key-2", "key-3"])
-    :ok = Convoy.Queue.attach_handler(id, :pred, forward(:pred), nil, partition_keys: &String.ends_with?(&1, "0"))
+
+    :ok =
+      Convoy.Queue.attach_handler(id, :list, forward(:list), nil,
+        partition_keys: ["key-2", "key-3"]
+      )
+
+    :ok =
+      Convoy.Queue.attach_handler(id, :pred, forward(:pred), nil,
+        partition_keys: &String.ends_with?(&1, "0")
+      )
 
     assert collect(:one, 100) |> Enum.all?(&(&1.partition_key == "key-1"))
     assert collect(:list, 200) |> Enum.all?(&(&1.partition_key in ["key-2", "key-3"]))
@@ -119,13 +146,19 @@ defmodule Convoy.ConsumerTest do
         raw_put!(stream, 20)
         assert length(collect(:good, 20)) == 20
         # The failed handler is gone: attaching under its id works again.
-        eventually(fn -> Convoy.Queue.attach_handler(id, :bad, fn r, _ -> send(me, {:bad_again, r}) end, nil) == :ok end)
+        eventually(fn ->
+          Convoy.Queue.attach_handler(id, :bad, fn r, _ -> send(me, {:bad_again, r}) end, nil) ==
+            :ok
+        end)
       end)
 
     assert log =~ "handler :bad failed"
     assert log =~ "boom"
     assert log =~ "consumer_test.exs"
-    assert Convoy.Queue.attach_handler(id, :good, forward(:good), nil) == {:error, :already_exists}
+
+    assert Convoy.Queue.attach_handler(id, :good, forward(:good), nil) ==
+             {:error, :already_exists}
+
     assert Convoy.Queue.detach_handler(id, :missing) == {:error, :not_found}
   end
 
@@ -172,12 +205,17 @@ defmodule Convoy.ConsumerTest do
     rest = Convoy.Queue.get(id, 20)
     assert length(rest) == 10
     assert Convoy.Queue.get(id, 5) == []
-    assert Enum.map(first ++ rest, & &1.data) |> Enum.sort() == Enum.sort(for i <- 0..29, do: "record-#{i}")
+
+    assert Enum.map(first ++ rest, & &1.data) |> Enum.sort() ==
+             Enum.sort(for i <- 0..29, do: "record-#{i}")
+
     assert Convoy.Queue.get(id, 0) == {:error, {:invalid_limit, 0}}
   end
 
   @tag :tmp_dir
-  test "with the file checkpoint store, a restarted queue resumes after its checkpoint", %{tmp_dir: dir} do
+  test "with the file checkpoint store, a restarted queue resumes after its checkpoint", %{
+    tmp_dir: dir
+  } do
     stream = create_stream!(unique_stream("checkpoint"), 2)
     raw_put!(stream, 100)
     opts = [stream: stream, kinesis: kinesis(), iterator_type: :trim_horizon, poll_interval: 100]
@@ -194,7 +232,10 @@ defmodule Convoy.ConsumerTest do
     :ok = Convoy.Queue.attach_handler(stream, :h, forward(:h), nil)
     second = collect(:h, 100)
     refute_receive {:h, _, _}, 500
-    assert Enum.map(second, & &1.data) |> Enum.sort() == Enum.sort(for i <- 100..199, do: "record-#{i}")
+
+    assert Enum.map(second, & &1.data) |> Enum.sort() ==
+             Enum.sort(for i <- 100..199, do: "record-#{i}")
+
     assert length(first) == 100
     GenServer.stop(pid)
   end
@@ -209,7 +250,15 @@ defmodule Convoy.ConsumerTest do
     # Records the queue has not read yet when the shard splits...
     raw_put!(stream, 100, start: 100)
     {:ok, [%{shard_id: parent}]} = Convoy.Local.list_shards(endpoint(), stream)
-    :ok = Convoy.Local.split_shard(endpoint(), stream, parent, "170141183460469231731687303715884105728")
+
+    :ok =
+      Convoy.Local.split_shard(
+        endpoint(),
+        stream,
+        parent,
+        "170141183460469231731687303715884105728"
+      )
+
     # ...and records that go to the children.
     raw_put!(stream, 200, start: 200)
 
@@ -230,10 +279,22 @@ defmodule Convoy.ConsumerTest do
     {:ok, local} = Convoy.Local.start(iterator_ttl_seconds: 1)
     endpoint = Convoy.Local.endpoint(local)
     stream = create_stream!(unique_stream("expiry"), 1, endpoint)
-    config = [stream: stream, kinesis: kinesis(endpoint), iterator_type: :trim_horizon, poll_interval: 100]
+
+    config = [
+      stream: stream,
+      kinesis: kinesis(endpoint),
+      iterator_type: :trim_horizon,
+      poll_interval: 100
+    ]
+
     start_supervised!({Convoy.Queue, config ++ [poll_limit: 10]})
     :ok = Convoy.Queue.attach_handler(stream, :pid, self(), nil)
-    {_, 0} = System.cmd(Convoy.Local.binary!(), ~w(put --endpoint #{endpoint} --stream #{stream} --count 30))
+
+    {_, 0} =
+      System.cmd(
+        Convoy.Local.binary!(),
+        ~w(put --endpoint #{endpoint} --stream #{stream} --count 30)
+      )
 
     datas =
       for _ <- 1..3 do

@@ -27,7 +27,10 @@ defmodule Convoy.PathDependencyTest do
     """
 
     env = [{"MIX_ENV", "dev"}, {"MIX_BUILD_PATH", nil}]
-    {out, status} = System.cmd("mix", ["run", "-e", script], cd: app, env: env, stderr_to_stdout: true)
+
+    {out, status} =
+      System.cmd("mix", ["run", "-e", script], cd: app, env: env, stderr_to_stdout: true)
+
     assert status == 0, out
     assert out =~ "NIF_OK"
   end

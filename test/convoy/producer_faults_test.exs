@@ -38,7 +38,10 @@ defmodule Convoy.ProducerFaultsTest do
     assert :ok = Convoy.Queue.flush(stream, await: 120_000)
 
     datas = read_all(stream, endpoint) |> Enum.map(& &1.data) |> Enum.sort()
-    expected = Enum.sort(for(i <- 1..500, do: "before-#{i}") ++ for(i <- 1..500, do: "during-#{i}"))
+
+    expected =
+      Enum.sort(for(i <- 1..500, do: "before-#{i}") ++ for(i <- 1..500, do: "during-#{i}"))
+
     assert datas == expected
     assert %{failed: 0, sent: 1000} = Convoy.Queue.stats(stream)
     Convoy.Local.stop(local)
@@ -51,10 +54,18 @@ defmodule Convoy.ProducerFaultsTest do
 
     start_supervised!(
       {Convoy.Queue,
-       stream: stream, kinesis: kinesis(endpoint), batch_timeout: 10, max_retries: 100, retry_deadline: 120_000}
+       stream: stream,
+       kinesis: kinesis(endpoint),
+       batch_timeout: 10,
+       max_retries: 100,
+       retry_deadline: 120_000}
     )
 
-    for i <- 1..4_000, do: :ok = Convoy.Queue.put(stream, "k#{rem(i, 50)}", "burst-#{i}-" <> :binary.copy("x", 100))
+    for i <- 1..4_000,
+        do:
+          :ok =
+            Convoy.Queue.put(stream, "k#{rem(i, 50)}", "burst-#{i}-" <> :binary.copy("x", 100))
+
     assert :ok = Convoy.Queue.flush(stream, await: 120_000)
 
     stats = Convoy.Queue.stats(stream)

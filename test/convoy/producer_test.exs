@@ -17,19 +17,29 @@ defmodule Convoy.ProducerTest do
     end
 
     test "every bad input has its named error", %{id: id} do
-      assert Convoy.Queue.put(id, "", "x") == {:error, {:invalid_partition_key, "must not be empty"}}
+      assert Convoy.Queue.put(id, "", "x") ==
+               {:error, {:invalid_partition_key, "must not be empty"}}
 
       assert Convoy.Queue.put(id, String.duplicate("é", 257), "x") ==
                {:error, {:invalid_partition_key, "has 257 characters, at most 256 are allowed"}}
 
       assert {:ok, _} = Convoy.Queue.put(id, String.duplicate("a", 256), "x", await: 10_000)
-      assert Convoy.Queue.put(id, <<0xFF>>, "x") == {:error, {:invalid_partition_key, "must be valid UTF-8"}}
-      assert Convoy.Queue.put(id, :atom_key, "x") == {:error, {:invalid_partition_key, "must be a binary"}}
 
-      assert Convoy.Queue.put(id, "k", :binary.copy("a", 1024)) == {:error, {:record_too_large, 1025, 1024}}
+      assert Convoy.Queue.put(id, <<0xFF>>, "x") ==
+               {:error, {:invalid_partition_key, "must be valid UTF-8"}}
 
-      assert Convoy.Queue.put(id, "k", "x", explicit_hash_key: "340282366920938463463374607431768211456") ==
-               {:error, {:invalid_explicit_hash_key, "340282366920938463463374607431768211456 is greater than 2^128-1"}}
+      assert Convoy.Queue.put(id, :atom_key, "x") ==
+               {:error, {:invalid_partition_key, "must be a binary"}}
+
+      assert Convoy.Queue.put(id, "k", :binary.copy("a", 1024)) ==
+               {:error, {:record_too_large, 1025, 1024}}
+
+      assert Convoy.Queue.put(id, "k", "x",
+               explicit_hash_key: "340282366920938463463374607431768211456"
+             ) ==
+               {:error,
+                {:invalid_explicit_hash_key,
+                 "340282366920938463463374607431768211456 is greater than 2^128-1"}}
 
       assert Convoy.Queue.put(id, "k", "x", explicit_hash_key: "-1") ==
                {:error, {:invalid_explicit_hash_key, "\"-1\" is not a decimal integer"}}
@@ -37,10 +47,18 @@ defmodule Convoy.ProducerTest do
       assert Convoy.Queue.put(id, "k", "x", explicit_hash_key: 12) ==
                {:error, {:invalid_explicit_hash_key, "must be a decimal string"}}
 
-      assert Convoy.Queue.put(id, "k", {:a, 1}) == {:error, {:invalid_data, "a tuple has no JSON form"}}
-      assert Convoy.Queue.put(id, "k", %{pid: self()}) == {:error, {:invalid_data, "a pid has no JSON form"}}
-      assert Convoy.Queue.put(id, "k", [make_ref()]) == {:error, {:invalid_data, "a reference has no JSON form"}}
-      assert Convoy.Queue.put(id, "k", fn -> 1 end) == {:error, {:invalid_data, "a function has no JSON form"}}
+      assert Convoy.Queue.put(id, "k", {:a, 1}) ==
+               {:error, {:invalid_data, "a tuple has no JSON form"}}
+
+      assert Convoy.Queue.put(id, "k", %{pid: self()}) ==
+               {:error, {:invalid_data, "a pid has no JSON form"}}
+
+      assert Convoy.Queue.put(id, "k", [make_ref()]) ==
+               {:error, {:invalid_data, "a reference has no JSON form"}}
+
+      assert Convoy.Queue.put(id, "k", fn -> 1 end) ==
+               {:error, {:invalid_data, "a function has no JSON form"}}
+
       assert Convoy.Queue.put(id, "k", "x", bogus: 1) == {:error, {:unknown_options, [:bogus]}}
       assert Convoy.Queue.put(:never_started, "k", "x") == {:error, :unknown_stream}
     end
@@ -64,14 +82,24 @@ defmodule Convoy.ProducerTest do
   test "await returns the shard and sequence number Kinesis assigned" do
     stream = create_stream!(unique_stream("await"), 2)
     id = start_queue!(stream)
-    assert {:ok, %{shard_id: shard, sequence_number: seq}} = Convoy.Queue.put(id, "k", "v", await: 10_000)
+
+    assert {:ok, %{shard_id: shard, sequence_number: seq}} =
+             Convoy.Queue.put(id, "k", "v", await: 10_000)
+
     assert [%{shard_id: ^shard, sequence_number: ^seq, data: "v"}] = read_all(stream)
   end
 
   test "non-binary data is encoded as JSON" do
     stream = create_stream!(unique_stream("json"), 1)
     id = start_queue!(stream, batch_timeout: 0)
-    data = %{"name" => "sensor", "values" => [1, 2.5, nil, true], "nested" => %{"ok" => false}, atom: :value}
+
+    data = %{
+      "name" => "sensor",
+      "values" => [1, 2.5, nil, true],
+      "nested" => %{"ok" => false},
+      atom: :value
+    }
+
     assert {:ok, _} = Convoy.Queue.put(id, "k", data, await: 10_000)
     assert {:ok, _} = Convoy.Queue.put(id, "k", [1, "two", 3], await: 10_000)
     assert {:ok, _} = Convoy.Queue.put(id, "k", 42, await: 10_000)
@@ -146,14 +174,20 @@ defmodule Convoy.ProducerTest do
     assert length(Enum.uniq(datas)) == 100_000
 
     expected =
-      for p <- 1..50, i <- 1..2_000, into: MapSet.new(), do: "p#{p}-#{i}-" <> :binary.copy(<<rem(i, 256)>>, rem(i, 64))
+      for p <- 1..50,
+          i <- 1..2_000,
+          into: MapSet.new(),
+          do: "p#{p}-#{i}-" <> :binary.copy(<<rem(i, 256)>>, rem(i, 64))
 
     assert MapSet.new(datas) == expected
 
     # Per partition key, each producer's records keep their order.
     for {_key, group} <- Enum.group_by(records, & &1.partition_key) do
       group
-      |> Enum.map(fn %{data: d} -> [p, i | _] = String.split(d, "-", parts: 3); {p, String.to_integer(i)} end)
+      |> Enum.map(fn %{data: d} ->
+        [p, i | _] = String.split(d, "-", parts: 3)
+        {p, String.to_integer(i)}
+      end)
       |> Enum.group_by(&elem(&1, 0), &elem(&1, 1))
       |> Enum.each(fn {_p, seq} -> assert seq == Enum.sort(seq) end)
     end
@@ -172,7 +206,13 @@ defmodule Convoy.ProducerTest do
 
   test "graceful shutdown delivers a full buffer" do
     stream = create_stream!(unique_stream("shutdown"), 2)
-    {:ok, sup} = Supervisor.start_link([{Convoy.Queue, stream: stream, kinesis: kinesis(), batch_timeout: 600_000}], strategy: :one_for_one)
+
+    {:ok, sup} =
+      Supervisor.start_link(
+        [{Convoy.Queue, stream: stream, kinesis: kinesis(), batch_timeout: 600_000}],
+        strategy: :one_for_one
+      )
+
     for i <- 1..5_000, do: :ok = Convoy.Queue.put(stream, "k#{rem(i, 7)}", "r#{i}")
     assert %{sent: 0} = Convoy.Queue.stats(stream)
     Supervisor.stop(sup)
@@ -193,8 +233,17 @@ defmodule Convoy.ProducerTest do
             on_failure: fn failure -> send(me, {:failed, failure}) end
           )
 
-        assert {:error, {:aws, "ResourceNotFoundException", _}} = Convoy.Queue.put(id, "k", "lost?", await: 10_000)
-        assert_receive {:failed, %{partition_key: "k", data: "lost?", reason: {:aws, "ResourceNotFoundException", _}}}, 5_000
+        assert {:error, {:aws, "ResourceNotFoundException", _}} =
+                 Convoy.Queue.put(id, "k", "lost?", await: 10_000)
+
+        assert_receive {:failed,
+                        %{
+                          partition_key: "k",
+                          data: "lost?",
+                          reason: {:aws, "ResourceNotFoundException", _}
+                        }},
+                       5_000
+
         assert %{failed: 1, retried: 2, sent: 0} = Convoy.Queue.stats(id)
       end)
 

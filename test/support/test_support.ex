@@ -42,21 +42,35 @@ defmodule Convoy.TestSupport do
   @doc "Reads every record of every shard from the start, through the SDK, bypassing Convoy.Queue."
   def read_all(stream, endpoint \\ endpoint()) do
     config = Convoy.KinesisConfig.resolve(kinesis(endpoint))
-    {:ok, client} = Convoy.Native.call(&Convoy.Native.client_new(Convoy.KinesisConfig.to_native(config), &1, &2))
+
+    {:ok, client} =
+      Convoy.Native.call(
+        &Convoy.Native.client_new(Convoy.KinesisConfig.to_native(config), &1, &2)
+      )
+
     {:ok, shards} = Convoy.Local.list_shards(endpoint, stream)
 
-    Enum.flat_map(shards, fn %{shard_id: shard_id} -> read_shard(client, stream, shard_id, :trim_horizon, []) end)
+    Enum.flat_map(shards, fn %{shard_id: shard_id} ->
+      read_shard(client, stream, shard_id, :trim_horizon, [])
+    end)
   end
 
   defp read_shard(client, stream, shard_id, position, acc) do
     {:ok, [{^shard_id, raw}]} =
-      Convoy.Native.call(&Convoy.Native.fetch_records(client, stream, [{shard_id, position}], 10_000, &1, &2))
+      Convoy.Native.call(
+        &Convoy.Native.fetch_records(client, stream, [{shard_id, position}], 10_000, &1, &2)
+      )
 
     records = Convoy.Record.from_native(raw, shard_id, stream)
 
     case List.last(records) do
-      nil -> Enum.reverse(acc) |> List.flatten()
-      last -> read_shard(client, stream, shard_id, {:after_sequence_number, last.sequence_number}, [records | acc])
+      nil ->
+        Enum.reverse(acc) |> List.flatten()
+
+      last ->
+        read_shard(client, stream, shard_id, {:after_sequence_number, last.sequence_number}, [
+          records | acc
+        ])
     end
   end
 

@@ -53,7 +53,9 @@ defmodule Convoy.Checkpoint.File do
   end
 
   defp path(dir, stream_id, shard_id) do
-    name = stream_id |> :erlang.term_to_binary() |> :erlang.md5() |> Base.url_encode64(padding: false)
+    name =
+      stream_id |> :erlang.term_to_binary() |> :erlang.md5() |> Base.url_encode64(padding: false)
+
     Path.join(dir, "#{binary_part(name, 0, 16)}.#{shard_id}")
   end
 end

@@ -58,11 +58,19 @@ defmodule Convoy.Queue.Options do
     |> check(:poll_interval, &(is_nil(&1) or pos_integer?(&1)), "nil or a positive integer (ms)")
     |> check(:iterator_type, &iterator_type?/1, iterator_types())
     |> check(:kinesis, &kinesis?/1, "a keyword list")
-    |> check(:checkpoint, &checkpoint?/1, "a module implementing Convoy.Checkpoint or {module, options}")
+    |> check(
+      :checkpoint,
+      &checkpoint?/1,
+      "a module implementing Convoy.Checkpoint or {module, options}"
+    )
     |> check(:max_in_flight, &(pos_integer?(&1) and &1 <= 256), "an integer in 1..256")
     |> check(:max_buffered_records, &pos_integer?/1, "a positive integer")
     |> check(:max_buffered_bytes, &pos_integer?/1, "a positive integer (bytes)")
-    |> check(:max_record_bytes, &(pos_integer?(&1) and &1 <= 10 * @mib), "an integer in 1..10 MiB")
+    |> check(
+      :max_record_bytes,
+      &(pos_integer?(&1) and &1 <= 10 * @mib),
+      "an integer in 1..10 MiB"
+    )
     |> check(:max_retries, &non_neg_integer?/1, "a non-negative integer")
     |> check(:retry_deadline, &pos_integer?/1, "a positive integer (ms)")
     |> check(:retry_backoff, &pos_integer?/1, "a positive integer (ms)")

@@ -87,8 +87,11 @@ defmodule Convoy.Services.Kinesis do
   defp put_options(opts) do
     if is_list(opts) and Keyword.keyword?(opts) do
       case Keyword.split(opts, [:explicit_hash_key, :await]) do
-        {known, []} -> check_await(Keyword.get(known, :explicit_hash_key), Keyword.get(known, :await))
-        {_, unknown} -> {:error, {:unknown_options, Keyword.keys(unknown)}}
+        {known, []} ->
+          check_await(Keyword.get(known, :explicit_hash_key), Keyword.get(known, :await))
+
+        {_, unknown} ->
+          {:error, {:unknown_options, Keyword.keys(unknown)}}
       end
     else
       {:error, {:invalid_options, opts}}
@@ -143,7 +146,10 @@ defmodule Convoy.Services.Kinesis do
     case Native.call(&Native.client_new(KinesisConfig.to_native(kinesis), &1, &2)) do
       {:ok, client} ->
         {checkpoint_module, checkpoint_options} = options[:checkpoint]
-        {:ok, checkpoint} = checkpoint_module.init([{:stream_id, options[:stream_id]} | checkpoint_options])
+
+        {:ok, checkpoint} =
+          checkpoint_module.init([{:stream_id, options[:stream_id]} | checkpoint_options])
+
         producer = Native.producer_start(client, producer_options(options))
         handle = %{producer: producer, server: self(), stream_id: options[:stream_id]}
         Convoy.Queue.register(options[:stream_id], __MODULE__, handle)
@@ -194,7 +200,13 @@ defmodule Convoy.Services.Kinesis do
     else
       entry = %{id: id, handler: handler, config: config, opts: opts, order: state.next_order}
       if is_pid(handler), do: Process.monitor(handler)
-      state = %{state | handlers: Map.put(state.handlers, id, entry), next_order: state.next_order + 1}
+
+      state = %{
+        state
+        | handlers: Map.put(state.handlers, id, entry),
+          next_order: state.next_order + 1
+      }
+
       {:reply, :ok, state |> broadcast_handlers() |> update_polling()}
     end
   end
@@ -216,7 +228,14 @@ defmodule Convoy.Services.Kinesis do
          positions = Enum.map(readable_shards(state), &{&1, position(state, &1)}),
          {:ok, shards} <-
            Native.call(
-             &Native.fetch_records(state.client, state.options[:stream], positions, limit, &1, &2),
+             &Native.fetch_records(
+               state.client,
+               state.options[:stream],
+               positions,
+               limit,
+               &1,
+               &2
+             ),
              55_000
            ) do
       records =
@@ -278,7 +297,10 @@ defmodule Convoy.Services.Kinesis do
         state = %{state | dispatchers: Map.delete(state.dispatchers, shard_id)}
 
         if reason not in [:normal, :shutdown] do
-          Logger.error("Convoy #{inspect(state.stream_id)}: dispatcher of #{shard_id} exited: #{inspect(reason)}; restarting")
+          Logger.error(
+            "Convoy #{inspect(state.stream_id)}: dispatcher of #{shard_id} exited: #{inspect(reason)}; restarting"
+          )
+
           Process.send_after(self(), {:restart_shard, shard_id}, 1_000)
         end
 
@@ -317,7 +339,8 @@ defmodule Convoy.Services.Kinesis do
         report_failures(failures, state)
         await_close(id, state, timeout)
     after
-      timeout -> Logger.error("Convoy #{inspect(state.stream_id)}: producer did not close in time")
+      timeout ->
+        Logger.error("Convoy #{inspect(state.stream_id)}: producer did not close in time")
     end
   end
 
@@ -357,17 +380,26 @@ defmodule Convoy.Services.Kinesis do
           try do
             fun.(%{partition_key: key, data: data, reason: reason})
           rescue
-            e -> Logger.error("Convoy on_failure callback raised: " <> Exception.format(:error, e, __STACKTRACE__))
+            e ->
+              Logger.error(
+                "Convoy on_failure callback raised: " <>
+                  Exception.format(:error, e, __STACKTRACE__)
+              )
           end
         end)
 
       dest ->
-        payload = Enum.map(failures, fn {key, data, reason} -> %{partition_key: key, data: data, reason: reason} end)
+        payload =
+          Enum.map(failures, fn {key, data, reason} ->
+            %{partition_key: key, data: data, reason: reason}
+          end)
+
         send(dest, {:convoy_put_failed, state.stream_id, payload})
     end
   rescue
     # A dead registered name must not take the queue down.
-    e in ArgumentError -> Logger.error("Convoy on_failure destination unreachable: #{Exception.message(e)}")
+    e in ArgumentError ->
+      Logger.error("Convoy on_failure destination unreachable: #{Exception.message(e)}")
   end
 
   # ---------------------------------------------------------------------------
@@ -418,12 +450,20 @@ defmodule Convoy.Services.Kinesis do
           start_shards(state, readable_shards(state))
 
         {:error, reason} ->
-          Logger.warning("Convoy #{inspect(state.stream_id)}: ListShards failed: #{inspect(reason)}")
+          Logger.warning(
+            "Convoy #{inspect(state.stream_id)}: ListShards failed: #{inspect(reason)}"
+          )
+
           state
       end
 
     if state.refresh_ref, do: Process.cancel_timer(state.refresh_ref)
-    %{state | refresh_ref: Process.send_after(self(), :refresh_shards, state.options[:shard_refresh_interval])}
+
+    %{
+      state
+      | refresh_ref:
+          Process.send_after(self(), :refresh_shards, state.options[:shard_refresh_interval])
+    }
   end
 
   defp list_shards(state) do
@@ -453,7 +493,8 @@ defmodule Convoy.Services.Kinesis do
   end
 
   defp ended?(state, shard_id) do
-    MapSet.member?(state.ended, shard_id) or fetch_checkpoint(state, shard_id) == {:ok, :shard_end}
+    MapSet.member?(state.ended, shard_id) or
+      fetch_checkpoint(state, shard_id) == {:ok, :shard_end}
   end
 
   defp start_shards(%{polling: false} = state, _), do: state
@@ -519,6 +560,10 @@ defmodule Convoy.Services.Kinesis do
   defp fetch_checkpoint(%{checkpoint: {module, checkpoint}, stream_id: stream_id}, shard_id),
     do: module.fetch(checkpoint, stream_id, shard_id)
 
-  defp store_checkpoint(%{checkpoint: {module, checkpoint}, stream_id: stream_id}, shard_id, sequence),
-    do: module.store(checkpoint, stream_id, shard_id, sequence)
+  defp store_checkpoint(
+         %{checkpoint: {module, checkpoint}, stream_id: stream_id},
+         shard_id,
+         sequence
+       ),
+       do: module.store(checkpoint, stream_id, shard_id, sequence)
 end

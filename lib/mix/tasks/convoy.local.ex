@@ -20,14 +20,22 @@ defmodule Mix.Tasks.Convoy.Local do
   def run(args) do
     {opts, _, invalid} =
       OptionParser.parse(args,
-        strict: [port: :integer, stream: :keep, enforce_limits: :boolean, iterator_ttl_seconds: :integer]
+        strict: [
+          port: :integer,
+          stream: :keep,
+          enforce_limits: :boolean,
+          iterator_ttl_seconds: :integer
+        ]
       )
 
     if invalid != [], do: Mix.raise("invalid options: #{inspect(invalid)}")
     Mix.Task.run("app.start")
 
     local_options =
-      [port: Keyword.get(opts, :port, 4567), enforce_limits: Keyword.get(opts, :enforce_limits, false)] ++
+      [
+        port: Keyword.get(opts, :port, 4567),
+        enforce_limits: Keyword.get(opts, :enforce_limits, false)
+      ] ++
         Keyword.take(opts, [:iterator_ttl_seconds])
 
     {:ok, local} = Convoy.Local.start_link(local_options)

@@ -13,7 +13,10 @@ use ferrokinesis::store::StoreOptions;
 use tokio::io::AsyncReadExt;
 
 #[derive(Parser)]
-#[command(version, about = "Local Kinesis for Convoy (ferrokinesis, bound to 127.0.0.1)")]
+#[command(
+    version,
+    about = "Local Kinesis for Convoy (ferrokinesis, bound to 127.0.0.1)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,7 +76,16 @@ fn main() {
                 iterator_ttl_seconds,
                 shard_limit,
                 ignore_stdin,
-            } => serve(port, enforce_limits, iterator_ttl_seconds, shard_limit, ignore_stdin).await,
+            } => {
+                serve(
+                    port,
+                    enforce_limits,
+                    iterator_ttl_seconds,
+                    shard_limit,
+                    ignore_stdin,
+                )
+                .await
+            }
             Command::Put {
                 endpoint,
                 stream,
@@ -87,7 +99,13 @@ fn main() {
     std::process::exit(code);
 }
 
-async fn serve(port: u16, enforce_limits: bool, iterator_ttl_seconds: u64, shard_limit: u32, ignore_stdin: bool) -> i32 {
+async fn serve(
+    port: u16,
+    enforce_limits: bool,
+    iterator_ttl_seconds: u64,
+    shard_limit: u32,
+    ignore_stdin: bool,
+) -> i32 {
     let options = StoreOptions {
         create_stream_ms: 0,
         delete_stream_ms: 0,
@@ -127,7 +145,10 @@ async fn serve(port: u16, enforce_limits: bool, iterator_ttl_seconds: u64, shard
             }
         }
     };
-    match axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+    match axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("convoy_local: server error: {e}");
@@ -136,7 +157,14 @@ async fn serve(port: u16, enforce_limits: bool, iterator_ttl_seconds: u64, shard
     }
 }
 
-async fn put(endpoint: &str, stream: &str, start: usize, count: usize, keys: usize, size: usize) -> i32 {
+async fn put(
+    endpoint: &str,
+    stream: &str,
+    start: usize,
+    count: usize,
+    keys: usize,
+    size: usize,
+) -> i32 {
     use aws_sdk_kinesis::config::{Credentials, Region};
     use aws_sdk_kinesis::primitives::Blob;
     use aws_sdk_kinesis::types::PutRecordsRequestEntry;
@@ -144,7 +172,13 @@ async fn put(endpoint: &str, stream: &str, start: usize, count: usize, keys: usi
     let config = aws_sdk_kinesis::Config::builder()
         .behavior_version(aws_config::BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("local", "local", None, None, "convoy_local"))
+        .credentials_provider(Credentials::new(
+            "local",
+            "local",
+            None,
+            None,
+            "convoy_local",
+        ))
         .endpoint_url(endpoint)
         .build();
     let client = aws_sdk_kinesis::Client::from_conf(config);
@@ -168,7 +202,13 @@ async fn put(endpoint: &str, stream: &str, start: usize, count: usize, keys: usi
                         .expect("entry")
                 })
                 .collect();
-            match client.put_records().stream_name(stream).set_records(Some(entries)).send().await {
+            match client
+                .put_records()
+                .stream_name(stream)
+                .set_records(Some(entries))
+                .send()
+                .await
+            {
                 Ok(out) => {
                     pending = pending
                         .iter()

@@ -10,8 +10,8 @@ use rustler::{Encoder, Env, LocalPid, ResourceArc, Term};
 use crate::atoms;
 use crate::client::ClientResource;
 use crate::error::Error;
-use crate::retry::{self, RetryPolicy};
 use crate::runtime;
+use convoy_core::retry::{self, RetryPolicy};
 
 struct Shards(Vec<Shard>);
 
@@ -49,7 +49,10 @@ impl Encoder for Shards {
 }
 
 /// Every shard of the stream, closed ones included, following `NextToken`.
-pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Result<Vec<Shard>, Error> {
+pub async fn list_shards(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> Result<Vec<Shard>, Error> {
     let policy = RetryPolicy::default();
     let mut shards = Vec::new();
     let mut token: Option<String> = None;
@@ -72,7 +75,8 @@ pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Resu
             Err(e) => {
                 let error = retry::classify(&e);
                 failures += 1;
-                let throttled = matches!(&error, Error::Aws { code, .. } if retry::is_throttling_code(code));
+                let throttled =
+                    matches!(&error, Error::Aws { code, .. } if retry::is_throttling_code(code));
                 if !throttled || failures > 5 {
                     return Err(error);
                 }
@@ -83,7 +87,12 @@ pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Resu
 }
 
 #[rustler::nif]
-fn list_shards_nif(client: ResourceArc<ClientResource>, stream_name: String, pid: LocalPid, id: u64) -> rustler::Atom {
+fn list_shards_nif(
+    client: ResourceArc<ClientResource>,
+    stream_name: String,
+    pid: LocalPid,
+    id: u64,
+) -> rustler::Atom {
     let client = client.client.clone();
     runtime::spawn_reply(pid, id, async move {
         list_shards(&client, &stream_name).await.map(Shards)
@@ -129,18 +138,26 @@ fn create_stream(
             .await;
         if let Err(e) = created {
             let error = retry::classify(&e);
-            let exists = matches!(&error, Error::Aws { code, .. } if code == "ResourceInUseException");
+            let exists =
+                matches!(&error, Error::Aws { code, .. } if code == "ResourceInUseException");
             if !exists {
                 return Err(error);
             }
         }
-        wait_active(&client, &stream_name).await.map(|_| atoms::ok())
+        wait_active(&client, &stream_name)
+            .await
+            .map(|_| atoms::ok())
     });
     atoms::ok()
 }
 
 #[rustler::nif]
-fn delete_stream(client: ResourceArc<ClientResource>, stream_name: String, pid: LocalPid, id: u64) -> rustler::Atom {
+fn delete_stream(
+    client: ResourceArc<ClientResource>,
+    stream_name: String,
+    pid: LocalPid,
+    id: u64,
+) -> rustler::Atom {
     let client = client.client.clone();
     runtime::spawn_reply(pid, id, async move {
         client
@@ -176,7 +193,9 @@ fn split_shard(
             .send()
             .await
             .map_err(|e| retry::classify(&e))?;
-        wait_active(&client, &stream_name).await.map(|_| atoms::ok())
+        wait_active(&client, &stream_name)
+            .await
+            .map(|_| atoms::ok())
     });
     atoms::ok()
 }

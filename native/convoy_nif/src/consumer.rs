@@ -18,9 +18,9 @@ use tokio::sync::{watch, Semaphore};
 use crate::atoms;
 use crate::client::ClientResource;
 use crate::delivery;
-use crate::error::Error;
-use crate::retry::{self, RetryPolicy};
+use crate::error::{Error, Reason};
 use crate::runtime;
+use convoy_core::retry::{self, RetryPolicy};
 
 /// Kinesis allows 5 GetRecords calls per second per shard.
 const MIN_CALL_SPACING: Duration = Duration::from_millis(200);
@@ -61,7 +61,10 @@ async fn shard_iterator(
     shard_id: &str,
     position: &Position,
 ) -> Result<String, Error> {
-    let request = client.get_shard_iterator().stream_name(stream).shard_id(shard_id);
+    let request = client
+        .get_shard_iterator()
+        .stream_name(stream)
+        .shard_id(shard_id);
     let request = match position {
         Position::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
         Position::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
@@ -95,7 +98,13 @@ fn encode_records<'a>(env: Env<'a>, records: &[Record]) -> Term<'a> {
                 .approximate_arrival_timestamp()
                 .and_then(|t| t.to_millis().ok())
                 .unwrap_or(0);
-            (data, r.partition_key().unwrap_or_default(), r.sequence_number(), arrival).encode(env)
+            (
+                data,
+                r.partition_key().unwrap_or_default(),
+                r.sequence_number(),
+                arrival,
+            )
+                .encode(env)
         })
         .collect();
     terms.encode(env)
@@ -155,7 +164,7 @@ impl ShardTask {
     fn report(&self, error: &Error) -> bool {
         let shard_id = self.options.shard_id.as_str();
         delivery::send(&self.dispatcher, |env| {
-            (atoms::convoy_poller_error(), shard_id, error).encode(env)
+            (atoms::convoy_poller_error(), shard_id, Reason(error)).encode(env)
         })
     }
 
@@ -223,7 +232,9 @@ impl ShardTask {
                     failures = 0;
                     let records = output.records();
                     if !records.is_empty() {
-                        if let Flow::Stop = self.deliver(records, output.millis_behind_latest()).await {
+                        if let Flow::Stop =
+                            self.deliver(records, output.millis_behind_latest()).await
+                        {
                             return;
                         }
                     }

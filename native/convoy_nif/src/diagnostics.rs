@@ -23,7 +23,10 @@ fn debug_task_panic(report_to: LocalPid) -> rustler::Atom {
 #[rustler::nif]
 fn debug_echo_from_task(pid: LocalPid, payload: String) -> rustler::Atom {
     runtime::spawn_guarded("debug echo", Some(pid), async move {
-        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_owned();
         delivery::send(&pid, |env| {
             let tag = rustler::Atom::from_str(env, "convoy_echo").expect("atom");
             let message: Term = (tag, thread.as_str(), payload.as_str()).encode(env);

@@ -1,51 +1,18 @@
-//! The one error type of the crate. It encodes to the `reason` of an Elixir
+//! Encoding of `convoy_core::error::Error` as the `reason` of an Elixir
 //! `{:error, reason}`, so NIFs and task replies share one vocabulary.
 
 use rustler::{Encoder, Env, Term};
 
+pub use convoy_core::error::Error;
+
 use crate::atoms;
 
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum Error {
-    #[error("the queue's buffer is full")]
-    Overloaded,
-    #[error("the queue is closed")]
-    Closed,
-    #[error("timed out")]
-    Timeout,
-    #[error("the queue shut down before the record was sent")]
-    Shutdown,
-    #[error("invalid partition key: {0}")]
-    InvalidPartitionKey(String),
-    #[error("invalid explicit hash key: {0}")]
-    InvalidExplicitHashKey(String),
-    #[error("data cannot be encoded as JSON: {0}")]
-    InvalidData(String),
-    #[error("record of {size} bytes exceeds the limit of {max} bytes")]
-    RecordTooLarge { size: usize, max: usize },
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
-    /// An error answered by Kinesis or met on the way there: `code` is the
-    /// AWS error code (`ProvisionedThroughputExceededException`, ...) or a
-    /// transport class (`DispatchFailure`, `TimeoutError`).
-    #[error("{code}: {message}")]
-    Aws { code: String, message: String },
-    #[error("task panicked: {0}")]
-    Panic(String),
-}
+/// Newtype so the foreign error type can implement rustler's `Encoder`.
+pub struct Reason<'e>(pub &'e Error);
 
-impl Error {
-    pub fn aws(code: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Aws {
-            code: code.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl Encoder for Error {
+impl Encoder for Reason<'_> {
     fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
-        match self {
+        match self.0 {
             Error::Overloaded => atoms::overloaded().encode(env),
             Error::Closed => atoms::closed().encode(env),
             Error::Timeout => atoms::timeout().encode(env),
@@ -67,6 +34,6 @@ impl Encoder for Error {
 pub fn encode_result<'a, T: Encoder>(env: Env<'a>, result: Result<T, Error>) -> Term<'a> {
     match result {
         Ok(value) => (atoms::ok(), value).encode(env),
-        Err(e) => (atoms::error(), e).encode(env),
+        Err(e) => (atoms::error(), Reason(&e)).encode(env),
     }
 }

@@ -20,7 +20,9 @@ impl Serialize for JsonTerm<'_> {
         let term = self.0;
         match term.get_type() {
             TermType::Atom => {
-                let name = term.atom_to_string().map_err(|_| S::Error::custom("bad atom"))?;
+                let name = term
+                    .atom_to_string()
+                    .map_err(|_| S::Error::custom("bad atom"))?;
                 match name.as_str() {
                     "true" => s.serialize_bool(true),
                     "false" => s.serialize_bool(false),
@@ -38,9 +40,14 @@ impl Serialize for JsonTerm<'_> {
                     Err(S::Error::custom("integer out of the 64-bit range"))
                 }
             }
-            TermType::Float => s.serialize_f64(term.decode::<f64>().map_err(|_| S::Error::custom("bad float"))?),
+            TermType::Float => s.serialize_f64(
+                term.decode::<f64>()
+                    .map_err(|_| S::Error::custom("bad float"))?,
+            ),
             TermType::List => {
-                let items: Vec<Term> = term.decode().map_err(|_| S::Error::custom("improper list"))?;
+                let items: Vec<Term> = term
+                    .decode()
+                    .map_err(|_| S::Error::custom("improper list"))?;
                 let mut seq = s.serialize_seq(Some(items.len()))?;
                 for item in items {
                     seq.serialize_element(&JsonTerm(item))?;
@@ -57,7 +64,10 @@ impl Serialize for JsonTerm<'_> {
                     {
                         continue;
                     }
-                    map.serialize_entry(&key_string(key).map_err(S::Error::custom)?, &JsonTerm(value))?;
+                    map.serialize_entry(
+                        &key_string(key).map_err(S::Error::custom)?,
+                        &JsonTerm(value),
+                    )?;
                 }
                 map.end()
             }
@@ -73,19 +83,25 @@ impl Serialize for JsonTerm<'_> {
 
 fn binary_str<'a>(term: Term<'a>) -> Result<&'a str, String> {
     let bin = Binary::from_term(term).map_err(|_| "a bitstring has no JSON form".to_string())?;
-    std::str::from_utf8(bin.as_slice()).map_err(|_| "a binary that is not UTF-8 has no JSON form".to_string())
+    std::str::from_utf8(bin.as_slice())
+        .map_err(|_| "a binary that is not UTF-8 has no JSON form".to_string())
 }
 
 /// JSON object keys must be strings: binaries, atoms and numbers qualify.
 fn key_string(term: Term) -> Result<String, String> {
     match term.get_type() {
         TermType::Binary => binary_str(term).map(str::to_owned),
-        TermType::Atom => term.atom_to_string().map_err(|_| "bad atom key".to_string()),
+        TermType::Atom => term
+            .atom_to_string()
+            .map_err(|_| "bad atom key".to_string()),
         TermType::Integer => term
             .decode::<i64>()
             .map(|i| i.to_string())
             .map_err(|_| "integer key out of range".to_string()),
-        TermType::Float => term.decode::<f64>().map(|f| f.to_string()).map_err(|_| "bad float key".to_string()),
+        TermType::Float => term
+            .decode::<f64>()
+            .map(|f| f.to_string())
+            .map_err(|_| "bad float key".to_string()),
         _ => Err("map keys must be binaries, atoms or numbers".to_string()),
     }
 }

@@ -11,8 +11,6 @@ mod diagnostics;
 mod error;
 mod json;
 mod producer;
-mod retry;
 mod runtime;
-mod validate;
 
 rustler::init!("Elixir.Convoy.Native");

@@ -24,11 +24,12 @@ use tokio::sync::mpsc;
 use crate::atoms;
 use crate::client::ClientResource;
 use crate::delivery;
-use crate::error::Error;
+use crate::error::{Error, Reason};
 use crate::json;
-use crate::retry::{self, RetryPolicy};
 use crate::runtime;
-use crate::validate;
+use convoy_core::lanes::lane_of;
+use convoy_core::retry::{self, RetryPolicy};
+use convoy_core::validate;
 
 /// PutRecords accepts at most this many records per request...
 pub const MAX_REQUEST_RECORDS: usize = 500;
@@ -122,12 +123,20 @@ impl Shared {
     /// Pays back the budget of records whose outcome is final.
     fn release(&self, records: u64, bytes: u64) {
         self.stats.buffered.fetch_sub(records, Ordering::Relaxed);
-        self.stats.buffered_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.stats
+            .buffered_bytes
+            .fetch_sub(bytes, Ordering::Relaxed);
     }
 }
 
 impl Producer {
-    fn put(&self, key: Term, data: Term, explicit_hash_key: Term, reply: Term) -> Result<(), Error> {
+    fn put(
+        &self,
+        key: Term,
+        data: Term,
+        explicit_hash_key: Term,
+        reply: Term,
+    ) -> Result<(), Error> {
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(Error::Closed);
         }
@@ -175,7 +184,10 @@ impl Producer {
     }
 
     fn broadcast(&self, make: impl Fn() -> Command) -> usize {
-        self.lanes.iter().filter(|lane| lane.send(make()).is_ok()).count()
+        self.lanes
+            .iter()
+            .filter(|lane| lane.send(make()).is_ok())
+            .count()
     }
 }
 
@@ -195,14 +207,6 @@ fn decode_reply(term: Term) -> Result<Option<(LocalPid, u64)>, Error> {
     term.decode::<(LocalPid, u64)>()
         .map(Some)
         .map_err(|_| Error::InvalidArgument("reply must be nil or {pid, id}".into()))
-}
-
-/// FNV-1a: cheap, stable, and good enough to spread keys over a few lanes.
-fn lane_of(key: &str, lanes: usize) -> usize {
-    let hash = key
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    (hash % lanes as u64) as usize
 }
 
 // ---------------------------------------------------------------------------
@@ -342,7 +346,9 @@ async fn deliver(shared: &Shared, mut pending: Vec<Entry>, close_deadline: Optio
     let stats = &shared.stats;
     let started = Instant::now();
     let mut attempts = 0u32;
-    stats.in_flight.fetch_add(pending.len() as u64, Ordering::Relaxed);
+    stats
+        .in_flight
+        .fetch_add(pending.len() as u64, Ordering::Relaxed);
     loop {
         if close_deadline.is_some_and(|d| Instant::now() >= d) {
             fail(shared, pending, &Error::Shutdown);
@@ -478,7 +484,7 @@ fn fail(shared: &Shared, entries: Vec<Entry>, reason: &Error) {
     let mut env = OwnedEnv::new();
     for (pid, id) in entries.iter().filter_map(|e| e.reply) {
         let _ = env.send_and_clear(&pid, |env| {
-            (atoms::convoy_put(), id, (atoms::error(), reason)).encode(env)
+            (atoms::convoy_put(), id, (atoms::error(), Reason(reason))).encode(env)
         });
     }
     let _ = env.send_and_clear(&shared.owner, |env| {
@@ -488,7 +494,7 @@ fn fail(shared: &Shared, entries: Vec<Entry>, reason: &Error) {
                 let mut data = rustler::NewBinary::new(env, e.data.len());
                 data.as_mut_slice().copy_from_slice(&e.data);
                 let data: Binary = data.into();
-                (e.key.as_str(), data, reason).encode(env)
+                (e.key.as_str(), data, Reason(reason)).encode(env)
             })
             .collect();
         (atoms::convoy_put_failed(), failed).encode(env)
@@ -569,14 +575,17 @@ fn producer_put_term<'a>(
 fn put_result(env: Env, result: Result<(), Error>) -> Term {
     match result {
         Ok(()) => atoms::ok().encode(env),
-        Err(error) => (atoms::error(), error).encode(env),
+        Err(error) => (atoms::error(), Reason(&error)).encode(env),
     }
 }
 
 /// Sends everything buffered now. With a `{pid, id}`, `{:convoy_flushed, id}`
 /// follows once every record buffered before the call has an outcome.
 #[rustler::nif]
-fn producer_flush(producer: ResourceArc<Producer>, reply: Option<(LocalPid, u64)>) -> rustler::Atom {
+fn producer_flush(
+    producer: ResourceArc<Producer>,
+    reply: Option<(LocalPid, u64)>,
+) -> rustler::Atom {
     let waiter = reply.map(|(pid, id)| {
         Arc::new(Waiter {
             remaining: AtomicUsize::new(producer.lanes.len()),
@@ -599,7 +608,12 @@ fn producer_flush(producer: ResourceArc<Producer>, reply: Option<(LocalPid, u64)
 /// deadline: records still unsent then go through the failure path with
 /// reason `:shutdown`. `{:convoy_closed, id}` follows when every lane is done.
 #[rustler::nif]
-fn producer_close(producer: ResourceArc<Producer>, timeout_ms: u64, pid: LocalPid, id: u64) -> rustler::Atom {
+fn producer_close(
+    producer: ResourceArc<Producer>,
+    timeout_ms: u64,
+    pid: LocalPid,
+    id: u64,
+) -> rustler::Atom {
     producer.shared.closed.store(true, Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_millis(timeout_ms);
     let waiter = Arc::new(Waiter {
@@ -640,20 +654,4 @@ fn producer_stats(env: Env, producer: ResourceArc<Producer>) -> Term {
         read(&s.failed),
     ];
     Term::map_from_arrays(env, &keys, &values).expect("distinct keys")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lanes_are_stable_and_spread() {
-        assert_eq!(lane_of("device-1", 8), lane_of("device-1", 8));
-        let mut used = [false; 8];
-        for i in 0..1000 {
-            used[lane_of(&format!("key-{i}"), 8)] = true;
-        }
-        assert!(used.iter().all(|u| *u));
-        assert_eq!(lane_of("anything", 1), 0);
-    }
 }

@@ -76,7 +76,9 @@ where
     rt.spawn(async move {
         let result = match task.await {
             Ok(result) => result,
-            Err(e) if e.is_panic() => Err(crate::error::Error::Panic(panic_message(e.into_panic()))),
+            Err(e) if e.is_panic() => {
+                Err(crate::error::Error::Panic(panic_message(e.into_panic())))
+            }
             Err(_) => Err(crate::error::Error::Shutdown),
         };
         delivery::reply(&pid, id, result);

@@ -58,7 +58,11 @@ defmodule Convoy.Services.Kinesis.ShardDispatcher do
 
     Telemetry.execute(
       [:convoy, :batch, :stop],
-      %{count: length(records), duration: System.monotonic_time() - started, millis_behind_latest: millis_behind},
+      %{
+        count: length(records),
+        duration: System.monotonic_time() - started,
+        millis_behind_latest: millis_behind
+      },
       %{stream_id: state.stream_id, shard_id: state.shard_id}
     )
 
@@ -73,7 +77,9 @@ defmodule Convoy.Services.Kinesis.ShardDispatcher do
   end
 
   def handle_info({:convoy_poller_error, _shard_id, reason}, state) do
-    Logger.warning("Convoy #{inspect(state.stream_id)}: reading #{state.shard_id}: #{inspect(reason)}")
+    Logger.warning(
+      "Convoy #{inspect(state.stream_id)}: reading #{state.shard_id}: #{inspect(reason)}"
+    )
 
     Telemetry.execute([:convoy, :poller, :error], %{count: 1}, %{
       stream_id: state.stream_id,
@@ -85,7 +91,10 @@ defmodule Convoy.Services.Kinesis.ShardDispatcher do
   end
 
   def handle_info({:convoy_task_panic, what, message}, state) do
-    Logger.error("Convoy #{inspect(state.stream_id)}: #{what} of #{state.shard_id} panicked: #{message}")
+    Logger.error(
+      "Convoy #{inspect(state.stream_id)}: #{what} of #{state.shard_id} panicked: #{message}"
+    )
+
     {:stop, {:poller_panic, message}, state}
   end
 
@@ -116,9 +125,15 @@ defmodule Convoy.Services.Kinesis.ShardDispatcher do
   end
 
   defp select(records, nil), do: records
-  defp select(records, key) when is_binary(key), do: Enum.filter(records, &(&1.partition_key == key))
-  defp select(records, keys) when is_list(keys), do: Enum.filter(records, &(&1.partition_key in keys))
-  defp select(records, fun) when is_function(fun, 1), do: Enum.filter(records, &fun.(&1.partition_key))
+
+  defp select(records, key) when is_binary(key),
+    do: Enum.filter(records, &(&1.partition_key == key))
+
+  defp select(records, keys) when is_list(keys),
+    do: Enum.filter(records, &(&1.partition_key in keys))
+
+  defp select(records, fun) when is_function(fun, 1),
+    do: Enum.filter(records, &fun.(&1.partition_key))
 
   defp deliver(%{handler: pid} = handler, records, state) when is_pid(pid) do
     ref = make_ref()

@@ -33,9 +33,8 @@ pub fn explicit_hash_key(bytes: &[u8]) -> Result<&str, Error> {
             "{text:?} is not a decimal integer"
         )));
     }
-    text.parse::<u128>().map_err(|_| {
-        Error::InvalidExplicitHashKey(format!("{text} is greater than 2^128-1"))
-    })?;
+    text.parse::<u128>()
+        .map_err(|_| Error::InvalidExplicitHashKey(format!("{text} is greater than 2^128-1")))?;
     Ok(text)
 }
 

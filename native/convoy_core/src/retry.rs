@@ -34,9 +34,10 @@ impl RetryPolicy {
     /// step is fixed, half random ("equal jitter"), so concurrent retries spread
     /// out yet never hammer a struggling endpoint with near-zero delays.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .base
-            .saturating_mul(1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX));
+        let exp = self.base.saturating_mul(
+            1u32.checked_shl(attempt.saturating_sub(1))
+                .unwrap_or(u32::MAX),
+        );
         let step = exp.min(self.max_backoff);
         let half = step / 2;
         let jitter = rand::rng().random_range(0..=half.as_millis() as u64);
@@ -100,9 +101,13 @@ where
             };
             Error::aws(code, e.message().unwrap_or_default())
         }
-        SdkError::DispatchFailure(d) => Error::aws("DispatchFailure", format!("{:?}", d.as_connector_error())),
+        SdkError::DispatchFailure(d) => {
+            Error::aws("DispatchFailure", format!("{:?}", d.as_connector_error()))
+        }
         SdkError::TimeoutError(_) => Error::aws("TimeoutError", "request timed out"),
-        SdkError::ResponseError(_) => Error::aws("ResponseError", "malformed or interrupted response"),
+        SdkError::ResponseError(_) => {
+            Error::aws("ResponseError", "malformed or interrupted response")
+        }
         SdkError::ConstructionFailure(_) => Error::aws("ConstructionFailure", format!("{err}")),
         _ => Error::aws("Unknown", format!("{err}")),
     }
@@ -128,7 +133,10 @@ mod tests {
                 .base
                 .saturating_mul(1u32.checked_shl(attempt - 1).unwrap_or(u32::MAX))
                 .min(policy.max_backoff);
-            assert!(d >= step / 2 && d <= step, "attempt {attempt}: {d:?} vs {step:?}");
+            assert!(
+                d >= step / 2 && d <= step,
+                "attempt {attempt}: {d:?} vs {step:?}"
+            );
         }
         assert!(policy.backoff(40) <= policy.max_backoff);
     }
