@@ -49,7 +49,9 @@ defmodule Mix.Tasks.Compile.ConvoyNif do
   defp sources do
     [Path.join(@root, "Cargo.toml"), Path.join(@root, "Cargo.lock")]
     |> Enum.filter(&File.exists?/1)
-    |> Kernel.++(Path.wildcard(Path.join(@root, "native/{convoy_nif,convoy_core}/**/*.{rs,toml}")))
+    |> Kernel.++(
+      Path.wildcard(Path.join(@root, "native/{convoy_nif,convoy_core}/**/*.{rs,toml}"))
+    )
   end
 
   defp build(profile, target, stamp) do
