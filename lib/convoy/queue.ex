@@ -126,6 +126,12 @@ defmodule Convoy.Queue do
       function called with `%{partition_key: k, data: d, reason: r}`, or a
       pid or registered name sent `{:convoy_put_failed, stream_id, [failure]}`.
       Failures are logged and counted whether or not this is set.
+    * `:aggregation` - pack records into KPL aggregated records, so one
+      Kinesis record carries many user records bound for the same shard
+      (compatible with the AWS KPL and KCL; Convoy's consumer unpacks them
+      transparently). Defaults to `false`.
+    * `:aggregation_max_bytes` - the largest aggregated record, at most
+      `:max_record_bytes`. Defaults to 50 KiB, as the KPL.
     * `:shutdown` - ms the queue has, when it stops, to send what it buffered.
       Records still unsent then take the failure path. Defaults to `30_000`.
     * `:poll_limit` - most records one GetRecords call returns (1..10000).
@@ -158,8 +164,9 @@ defmodule Convoy.Queue do
       shard instead of the key's hash.
     * `:await` - a timeout in ms (or `:infinity`): wait until Kinesis has
       acknowledged the record and return `{:ok, %{shard_id: id,
-      sequence_number: seq}}`. On `{:error, :timeout}` the record may still
-      arrive later.
+      sequence_number: seq}}` (with `aggregation: true` also
+      `sub_sequence_number`, the record's index inside its aggregated
+      record). On `{:error, :timeout}` the record may still arrive later.
 
   ## Errors
 

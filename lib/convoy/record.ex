@@ -8,6 +8,10 @@ defmodule Convoy.Record do
     * `shard_id` - the shard it was read from
     * `approximate_arrival_timestamp` - when Kinesis accepted it, a UTC `DateTime`
     * `stream_id` - the `stream_id` of the queue that read it
+    * `sub_sequence_number` - for a user record unpacked from a KPL aggregated
+      record, its index inside it; `nil` otherwise
+    * `explicit_hash_key` - the explicit hash key an aggregated user record
+      was put with, if any; `nil` otherwise
 
   ## Example
 
@@ -21,7 +25,9 @@ defmodule Convoy.Record do
     :sequence_number,
     :shard_id,
     :approximate_arrival_timestamp,
-    :stream_id
+    :stream_id,
+    :sub_sequence_number,
+    :explicit_hash_key
   ]
 
   @type t :: %__MODULE__{
@@ -30,21 +36,26 @@ defmodule Convoy.Record do
           sequence_number: String.t(),
           shard_id: String.t(),
           approximate_arrival_timestamp: DateTime.t() | nil,
-          stream_id: term
+          stream_id: term,
+          sub_sequence_number: non_neg_integer | nil,
+          explicit_hash_key: String.t() | nil
         }
 
   @doc false
-  # Builds records from the tuples the NIF sends: {data, key, sequence, arrival_ms}.
-  @spec from_native([{binary, String.t(), String.t(), integer}], String.t(), term) :: [t]
+  # Builds records from the tuples the NIF sends:
+  # {data, key, sequence, arrival_ms, sub_sequence_number, explicit_hash_key}.
+  @spec from_native([tuple], String.t(), term) :: [t]
   def from_native(raw, shard_id, stream_id) do
-    Enum.map(raw, fn {data, key, sequence, arrival_ms} ->
+    Enum.map(raw, fn {data, key, sequence, arrival_ms, sub_sequence, hash_key} ->
       %__MODULE__{
         data: data,
         partition_key: key,
         sequence_number: sequence,
         shard_id: shard_id,
         approximate_arrival_timestamp: timestamp(arrival_ms),
-        stream_id: stream_id
+        stream_id: stream_id,
+        sub_sequence_number: sub_sequence,
+        explicit_hash_key: hash_key
       }
     end)
   end

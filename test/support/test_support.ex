@@ -106,4 +106,72 @@ defmodule Convoy.TestSupport do
         end
     end
   end
+
+  @doc "Every record as Kinesis stores it (aggregated ones not unpacked), read by convoy_local."
+  def raw_get!(stream, endpoint \\ endpoint()) do
+    {out, 0} =
+      System.cmd(Convoy.Local.binary!(), ["get", "--endpoint", endpoint, "--stream", stream])
+
+    out
+    |> String.split("\n", trim: true)
+    |> Enum.map(fn line ->
+      [shard, seq, key, data] = String.split(line, "\t")
+
+      %{
+        shard_id: shard,
+        sequence_number: seq,
+        partition_key: Base.decode16!(key, case: :lower),
+        data: Base.decode16!(data, case: :lower)
+      }
+    end)
+  end
+
+  @root Path.expand("../..", __DIR__)
+
+  @doc "A project-local virtual environment with awslabs' aws-kinesis-agg; returns its python."
+  def interop_python! do
+    venv = Path.join(@root, "_build/interop-venv")
+    python = Path.join(venv, "bin/python")
+
+    unless File.exists?(Path.join(venv, ".ready")) do
+      {out, status} = System.cmd("python3", ["-m", "venv", venv], stderr_to_stdout: true)
+      assert status == 0, out
+      pip = Path.join(venv, "bin/pip")
+
+      {out, status} =
+        System.cmd(pip, ["install", "-q", "aws-kinesis-agg==1.2.3", "six"], stderr_to_stdout: true)
+
+      assert status == 0, out
+      File.write!(Path.join(venv, ".ready"), "")
+    end
+
+    python
+  end
+
+  @doc "Runs test/interop/kpl_interop.py in `mode` with `input` on stdin."
+  def interop!(mode, input) do
+    script = Path.join(@root, "test/interop/kpl_interop.py")
+
+    input_file =
+      Path.join(System.tmp_dir!(), "convoy-interop-#{System.unique_integer([:positive])}")
+
+    File.write!(input_file, input)
+
+    try do
+      {out, status} =
+        System.cmd("sh", [
+          "-c",
+          ~s("$0" "$1" "$2" < "$3"),
+          interop_python!(),
+          script,
+          mode,
+          input_file
+        ])
+
+      assert status == 0, out
+      String.split(out, "\n", trim: true)
+    after
+      File.rm(input_file)
+    end
+  end
 end

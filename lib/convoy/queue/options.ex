@@ -23,6 +23,8 @@ defmodule Convoy.Queue.Options do
     retry_backoff: 100,
     max_backoff: 5_000,
     on_failure: nil,
+    aggregation: false,
+    aggregation_max_bytes: 50 * 1024,
     shutdown: 30_000,
     poll_limit: 10_000,
     shard_refresh_interval: 60_000
@@ -76,9 +78,16 @@ defmodule Convoy.Queue.Options do
     |> check(:retry_backoff, &pos_integer?/1, "a positive integer (ms)")
     |> check(:max_backoff, &pos_integer?/1, "a positive integer (ms)")
     |> check(:on_failure, &on_failure?/1, "nil, a pid, a registered name or a 1-arity function")
+    |> check(:aggregation, &is_boolean/1, "a boolean")
+    |> check(
+      :aggregation_max_bytes,
+      &(pos_integer?(&1) and &1 >= 1024),
+      "an integer of at least 1024 (bytes)"
+    )
     |> check(:shutdown, &pos_integer?/1, "a positive integer (ms)")
     |> check(:poll_limit, &(pos_integer?(&1) and &1 <= 10_000), "an integer in 1..10000")
     |> check(:shard_refresh_interval, &pos_integer?/1, "a positive integer (ms)")
+    |> check_aggregation_size!()
     |> Keyword.update!(:kinesis, &resolve_kinesis/1)
     |> Keyword.update!(:checkpoint, &normalize_checkpoint/1)
   end
@@ -106,6 +115,16 @@ defmodule Convoy.Queue.Options do
       raise ArgumentError,
             "invalid Convoy.Queue option #{inspect(key)}: expected #{expected}, got: #{inspect(value)}"
     end
+  end
+
+  defp check_aggregation_size!(options) do
+    if options[:aggregation_max_bytes] > options[:max_record_bytes] do
+      raise ArgumentError,
+            "invalid Convoy.Queue option :aggregation_max_bytes: #{options[:aggregation_max_bytes]} " <>
+              "exceeds :max_record_bytes (#{options[:max_record_bytes]})"
+    end
+
+    options
   end
 
   # Options pass through here twice (child_spec/1, then start_link/1): an

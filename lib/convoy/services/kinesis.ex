@@ -189,6 +189,9 @@ defmodule Convoy.Services.Kinesis do
       retry_deadline_ms: options[:retry_deadline],
       retry_base_ms: options[:retry_backoff],
       max_backoff_ms: options[:max_backoff],
+      aggregation_max_bytes:
+        if(options[:aggregation], do: options[:aggregation_max_bytes], else: 0),
+      shard_refresh_ms: options[:shard_refresh_interval],
       owner: self()
     }
   end

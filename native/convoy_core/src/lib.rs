@@ -2,6 +2,7 @@
 //! it without a BEAM (a NIF crate's test binary cannot link the `enif_*`
 //! symbols the VM provides).
 
+pub mod aggregation;
 pub mod error;
 pub mod lanes;
 pub mod retry;

@@ -59,6 +59,15 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         size: usize,
     },
+    /// Read every record of every shard from the start, as Kinesis stores it
+    /// (aggregated records are not unpacked), one per line:
+    /// `shard_id<TAB>sequence_number<TAB>hex(partition_key)<TAB>hex(data)`.
+    Get {
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        stream: String,
+    },
 }
 
 fn main() {
@@ -94,6 +103,7 @@ fn main() {
                 keys,
                 size,
             } => put(&endpoint, &stream, start, count, keys, size).await,
+            Command::Get { endpoint, stream } => get(&endpoint, &stream).await,
         }
     });
     std::process::exit(code);
@@ -157,18 +167,8 @@ async fn serve(
     }
 }
 
-async fn put(
-    endpoint: &str,
-    stream: &str,
-    start: usize,
-    count: usize,
-    keys: usize,
-    size: usize,
-) -> i32 {
+fn client(endpoint: &str) -> aws_sdk_kinesis::Client {
     use aws_sdk_kinesis::config::{Credentials, Region};
-    use aws_sdk_kinesis::primitives::Blob;
-    use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-
     let config = aws_sdk_kinesis::Config::builder()
         .behavior_version(aws_config::BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
@@ -181,7 +181,85 @@ async fn put(
         ))
         .endpoint_url(endpoint)
         .build();
-    let client = aws_sdk_kinesis::Client::from_conf(config);
+    aws_sdk_kinesis::Client::from_conf(config)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
+async fn get(endpoint: &str, stream: &str) -> i32 {
+    use aws_sdk_kinesis::types::ShardIteratorType;
+    let client = client(endpoint);
+    let shards = match client.list_shards().stream_name(stream).send().await {
+        Ok(out) => out.shards().to_vec(),
+        Err(e) => {
+            eprintln!("convoy_local get: {e}");
+            return 1;
+        }
+    };
+    for shard in shards {
+        let iterator = client
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await;
+        let mut iterator = match iterator {
+            Ok(out) => out.shard_iterator().map(str::to_owned),
+            Err(e) => {
+                eprintln!("convoy_local get: {e}");
+                return 1;
+            }
+        };
+        while let Some(it) = iterator {
+            let out = match client.get_records().shard_iterator(it).send().await {
+                Ok(out) => out,
+                Err(e) => {
+                    eprintln!("convoy_local get: {e}");
+                    return 1;
+                }
+            };
+            for r in out.records() {
+                let key = r.partition_key().unwrap_or_default();
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    shard.shard_id(),
+                    r.sequence_number(),
+                    hex(key.as_bytes()),
+                    hex(r.data().as_ref())
+                );
+            }
+            // An open shard has no end: stop once a read comes back empty.
+            iterator = if out.records().is_empty() {
+                None
+            } else {
+                out.next_shard_iterator().map(str::to_owned)
+            };
+        }
+    }
+    0
+}
+
+async fn put(
+    endpoint: &str,
+    stream: &str,
+    start: usize,
+    count: usize,
+    keys: usize,
+    size: usize,
+) -> i32 {
+    use aws_sdk_kinesis::primitives::Blob;
+    use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+
+    let client = client(endpoint);
     let records: Vec<usize> = (start..start + count).collect();
     for chunk in records.chunks(500) {
         let mut pending: Vec<usize> = chunk.to_vec();

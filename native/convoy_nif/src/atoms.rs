@@ -31,6 +31,7 @@ rustler::atoms! {
     // record and shard fields
     shard_id,
     sequence_number,
+    sub_sequence_number,
     parent_shard_id,
     adjacent_parent_shard_id,
     starting_hash_key,

@@ -7,6 +7,7 @@
 //! The task tracks the position after the last batch it delivered, so an
 //! expired iterator or a transient failure resumes exactly there.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use crate::client::ClientResource;
 use crate::delivery;
 use crate::error::{Error, Reason};
 use crate::runtime;
+use convoy_core::aggregation;
 use convoy_core::retry::{self, RetryPolicy};
 
 /// Kinesis allows 5 GetRecords calls per second per shard.
@@ -85,27 +87,74 @@ async fn shard_iterator(
         .ok_or_else(|| Error::aws("NoShardIterator", "GetShardIterator returned no iterator"))
 }
 
-/// Records as sent to Elixir: `{data, partition_key, sequence_number, arrival_ms}`.
+/// A user record as delivered. An aggregated Kinesis record (KPL format)
+/// expands into its user records; one that only looks aggregated is
+/// delivered as it is, as the KCL does.
+struct Delivered<'r> {
+    data: Cow<'r, [u8]>,
+    partition_key: Cow<'r, str>,
+    sequence_number: &'r str,
+    arrival_ms: i64,
+    sub_sequence_number: Option<u64>,
+    explicit_hash_key: Option<String>,
+}
+
+fn expand(record: &Record) -> Vec<Delivered<'_>> {
+    let arrival_ms = record
+        .approximate_arrival_timestamp()
+        .and_then(|t| t.to_millis().ok())
+        .unwrap_or(0);
+    let sequence_number = record.sequence_number();
+    let data = record.data().as_ref();
+    if aggregation::looks_aggregated(data) {
+        if let Some(users) = aggregation::deaggregate(data) {
+            return users
+                .into_iter()
+                .enumerate()
+                .map(|(index, user)| Delivered {
+                    data: Cow::Owned(user.data),
+                    partition_key: Cow::Owned(user.partition_key),
+                    sequence_number,
+                    arrival_ms,
+                    sub_sequence_number: Some(index as u64),
+                    explicit_hash_key: user.explicit_hash_key,
+                })
+                .collect();
+        }
+    }
+    vec![Delivered {
+        data: Cow::Borrowed(data),
+        partition_key: Cow::Borrowed(record.partition_key().unwrap_or_default()),
+        sequence_number,
+        arrival_ms,
+        sub_sequence_number: None,
+        explicit_hash_key: None,
+    }]
+}
+
+impl Encoder for Delivered<'_> {
+    /// `{data, partition_key, sequence_number, arrival_ms, sub_sequence_number, explicit_hash_key}`
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let mut data = NewBinary::new(env, self.data.len());
+        data.as_mut_slice().copy_from_slice(&self.data);
+        let data: Binary = data.into();
+        (
+            data,
+            self.partition_key.as_ref(),
+            self.sequence_number,
+            self.arrival_ms,
+            self.sub_sequence_number,
+            self.explicit_hash_key.as_deref(),
+        )
+            .encode(env)
+    }
+}
+
 fn encode_records<'a>(env: Env<'a>, records: &[Record]) -> Term<'a> {
     let terms: Vec<Term> = records
         .iter()
-        .map(|r| {
-            let bytes = r.data().as_ref();
-            let mut data = NewBinary::new(env, bytes.len());
-            data.as_mut_slice().copy_from_slice(bytes);
-            let data: Binary = data.into();
-            let arrival = r
-                .approximate_arrival_timestamp()
-                .and_then(|t| t.to_millis().ok())
-                .unwrap_or(0);
-            (
-                data,
-                r.partition_key().unwrap_or_default(),
-                r.sequence_number(),
-                arrival,
-            )
-                .encode(env)
-        })
+        .flat_map(expand)
+        .map(|d| d.encode(env))
         .collect();
     terms.encode(env)
 }
@@ -363,7 +412,7 @@ fn poller_stop(poller: ResourceArc<Poller>) -> rustler::Atom {
 
 struct ShardRecords {
     shard_id: String,
-    records: Vec<(Vec<u8>, String, String, i64)>,
+    records: Vec<Record>,
 }
 
 /// Reads up to `limit` records in total from the given shards, in order,
@@ -393,20 +442,7 @@ fn fetch_records(
                 .send()
                 .await
                 .map_err(|e| retry::classify(&e))?;
-            let records: Vec<_> = output
-                .records()
-                .iter()
-                .map(|r| {
-                    (
-                        r.data().as_ref().to_vec(),
-                        r.partition_key().unwrap_or_default().to_owned(),
-                        r.sequence_number().to_owned(),
-                        r.approximate_arrival_timestamp()
-                            .and_then(|t| t.to_millis().ok())
-                            .unwrap_or(0),
-                    )
-                })
-                .collect();
+            let records = output.records().to_vec();
             remaining -= records.len() as i32;
             out.push(ShardRecords { shard_id, records });
         }
@@ -415,7 +451,7 @@ fn fetch_records(
     atoms::ok()
 }
 
-/// Data travels as binaries, not lists of bytes.
+/// Records travel as the same tuples the pollers send.
 struct EncodedShards(Vec<ShardRecords>);
 
 impl Encoder for EncodedShards {
@@ -423,19 +459,7 @@ impl Encoder for EncodedShards {
         let shards: Vec<Term> = self
             .0
             .iter()
-            .map(|shard| {
-                let records: Vec<Term> = shard
-                    .records
-                    .iter()
-                    .map(|(data, key, seq, arrival)| {
-                        let mut bin = NewBinary::new(env, data.len());
-                        bin.as_mut_slice().copy_from_slice(data);
-                        let bin: Binary = bin.into();
-                        (bin, key, seq, *arrival).encode(env)
-                    })
-                    .collect();
-                (shard.shard_id.as_str(), records).encode(env)
-            })
+            .map(|shard| (shard.shard_id.as_str(), encode_records(env, &shard.records)).encode(env))
             .collect();
         shards.encode(env)
     }

@@ -11,14 +11,11 @@
 //! charged on `put`; it is paid back only when a record's outcome is final, so
 //! the bound holds while Kinesis is unreachable.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-use rustler::{Binary, Encoder, Env, LocalPid, OwnedEnv, ResourceArc, Term, TermType};
+use rustler::{Binary, Encoder, Env, LocalPid, ResourceArc, Term, TermType};
 use tokio::sync::mpsc;
 
 use crate::atoms;
@@ -28,8 +25,15 @@ use crate::error::{Error, Reason};
 use crate::json;
 use crate::runtime;
 use convoy_core::lanes::lane_of;
-use convoy_core::retry::{self, RetryPolicy};
+use convoy_core::retry::RetryPolicy;
 use convoy_core::validate;
+
+mod aggregate;
+mod lane;
+mod send;
+
+use aggregate::Aggregation;
+use lane::Lane;
 
 /// PutRecords accepts at most this many records per request...
 pub const MAX_REQUEST_RECORDS: usize = 500;
@@ -48,6 +52,10 @@ pub struct ProducerOptions {
     pub retry_deadline_ms: u64,
     pub retry_base_ms: u64,
     pub max_backoff_ms: u64,
+    /// Pack user records into KPL aggregated records of at most this many
+    /// bytes; 0 disables aggregation.
+    pub aggregation_max_bytes: u64,
+    pub shard_refresh_ms: u64,
     /// Receives `{:convoy_put_failed, [{key, data, reason}]}` for records that
     /// finally failed, and panic reports.
     pub owner: LocalPid,
@@ -72,6 +80,7 @@ struct Shared {
     owner: LocalPid,
     closed: AtomicBool,
     stats: Stats,
+    aggregation: Option<Arc<Aggregation>>,
 }
 
 #[derive(Default)]
@@ -210,298 +219,6 @@ fn decode_reply(term: Term) -> Result<Option<(LocalPid, u64)>, Error> {
 }
 
 // ---------------------------------------------------------------------------
-// Lanes
-
-struct Lane {
-    shared: Arc<Shared>,
-    rx: mpsc::UnboundedReceiver<Command>,
-    buffer: VecDeque<Entry>,
-    buffer_bytes: usize,
-    /// Flush waiters and how many buffered records stand before each.
-    flushes: Vec<(usize, Option<Arc<Waiter>>)>,
-    closing: Option<(Instant, Arc<Waiter>)>,
-    disconnected: bool,
-}
-
-impl Lane {
-    async fn run(mut self) {
-        loop {
-            self.drain_commands();
-            if self.due() {
-                let batch = self.cut();
-                let count = batch.len();
-                let deadline = self.closing.as_ref().map(|(d, _)| *d);
-                deliver(&self.shared, batch, deadline).await;
-                self.completed(count);
-                continue;
-            }
-            self.answer_flushes();
-            if self.buffer.is_empty() && (self.closing.is_some() || self.disconnected) {
-                break;
-            }
-            let timer = self
-                .buffer
-                .front()
-                .map(|e| e.enqueued + self.shared.batch_timeout);
-            tokio::select! {
-                command = self.rx.recv() => match command {
-                    Some(command) => self.accept(command),
-                    None => self.disconnected = true,
-                },
-                _ = sleep_until_opt(timer) => {}
-            }
-        }
-        if let Some((_, waiter)) = self.closing.take() {
-            waiter.done();
-        }
-    }
-
-    fn drain_commands(&mut self) {
-        loop {
-            match self.rx.try_recv() {
-                Ok(command) => self.accept(command),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    self.disconnected = true;
-                    break;
-                }
-            }
-        }
-    }
-
-    fn accept(&mut self, command: Command) {
-        match command {
-            Command::Put(entry) => {
-                self.buffer_bytes += entry.size;
-                self.buffer.push_back(entry);
-            }
-            Command::Flush(waiter) => self.flushes.push((self.buffer.len(), waiter)),
-            Command::Close(deadline, waiter) => {
-                // Refuse new sends, then take in what was already queued.
-                self.rx.close();
-                self.closing = Some((deadline, waiter));
-            }
-        }
-    }
-
-    fn due(&self) -> bool {
-        let Some(oldest) = self.buffer.front() else {
-            return false;
-        };
-        self.closing.is_some()
-            || self.disconnected
-            || self.flushes.iter().any(|(ahead, _)| *ahead > 0)
-            || self.buffer.len() >= MAX_REQUEST_RECORDS
-            || self.buffer_bytes >= MAX_REQUEST_BYTES
-            || oldest.enqueued.elapsed() >= self.shared.batch_timeout
-    }
-
-    /// Takes the front of the buffer, up to the PutRecords limits.
-    fn cut(&mut self) -> Vec<Entry> {
-        let mut batch = Vec::with_capacity(self.buffer.len().min(MAX_REQUEST_RECORDS));
-        let mut bytes = 0;
-        while let Some(entry) = self.buffer.front() {
-            if batch.len() == MAX_REQUEST_RECORDS
-                || (!batch.is_empty() && bytes + entry.size > MAX_REQUEST_BYTES)
-            {
-                break;
-            }
-            bytes += entry.size;
-            batch.push(self.buffer.pop_front().expect("front exists"));
-        }
-        self.buffer_bytes -= bytes;
-        batch
-    }
-
-    fn completed(&mut self, count: usize) {
-        for (ahead, _) in &mut self.flushes {
-            *ahead = ahead.saturating_sub(count);
-        }
-        self.answer_flushes();
-    }
-
-    fn answer_flushes(&mut self) {
-        self.flushes.retain(|(ahead, waiter)| {
-            if *ahead == 0 {
-                if let Some(waiter) = waiter {
-                    waiter.done();
-                }
-                false
-            } else {
-                true
-            }
-        });
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Sends one batch and retries its failed entries until each has an outcome.
-async fn deliver(shared: &Shared, mut pending: Vec<Entry>, close_deadline: Option<Instant>) {
-    let stats = &shared.stats;
-    let started = Instant::now();
-    let mut attempts = 0u32;
-    stats
-        .in_flight
-        .fetch_add(pending.len() as u64, Ordering::Relaxed);
-    loop {
-        if close_deadline.is_some_and(|d| Instant::now() >= d) {
-            fail(shared, pending, &Error::Shutdown);
-            return;
-        }
-        attempts += 1;
-        let (retry, last_error) = attempt(shared, pending).await;
-        pending = retry;
-        if pending.is_empty() {
-            return;
-        }
-        if !shared.policy.allows(attempts, started) {
-            fail(shared, pending, &last_error);
-            return;
-        }
-        stats
-            .retried
-            .fetch_add(pending.len() as u64, Ordering::Relaxed);
-        let mut wait = shared.policy.backoff(attempts);
-        if let Some(deadline) = close_deadline {
-            wait = wait.min(deadline.saturating_duration_since(Instant::now()));
-        }
-        tokio::time::sleep(wait).await;
-    }
-}
-
-/// One PutRecords call. Returns the entries worth retrying and the error that
-/// stopped them.
-async fn attempt(shared: &Shared, pending: Vec<Entry>) -> (Vec<Entry>, Error) {
-    let stats = &shared.stats;
-    let request: Vec<PutRecordsRequestEntry> = pending
-        .iter()
-        .map(|e| {
-            PutRecordsRequestEntry::builder()
-                .data(Blob::new(e.data.clone()))
-                .partition_key(&e.key)
-                .set_explicit_hash_key(e.explicit_hash_key.clone())
-                .build()
-                .expect("data and partition key are set")
-        })
-        .collect();
-    let response = shared
-        .client
-        .put_records()
-        .stream_name(&shared.stream_name)
-        .set_records(Some(request))
-        .send()
-        .await;
-
-    match response {
-        Ok(output) => {
-            let results = output.records();
-            let mut retry = Vec::new();
-            let mut fatal = Vec::new();
-            let mut last_error = Error::aws("InternalFailure", "no result for the record");
-            let mut env = OwnedEnv::new();
-            let mut acknowledged = (0u64, 0u64);
-            for (index, entry) in pending.into_iter().enumerate() {
-                let result = results.get(index);
-                match result.and_then(|r| r.error_code().map(|c| (c, r.error_message()))) {
-                    None if result.is_some() => {
-                        let r = result.expect("checked");
-                        acknowledged.0 += 1;
-                        acknowledged.1 += entry.size as u64;
-                        if let Some((pid, id)) = entry.reply {
-                            let shard = r.shard_id().unwrap_or_default();
-                            let seq = r.sequence_number().unwrap_or_default();
-                            let _ = env.send_and_clear(&pid, |env| {
-                                let outcome = rustler::types::map::map_new(env)
-                                    .map_put(atoms::shard_id(), shard)
-                                    .and_then(|m| m.map_put(atoms::sequence_number(), seq))
-                                    .expect("map");
-                                (atoms::convoy_put(), id, (atoms::ok(), outcome)).encode(env)
-                            });
-                        }
-                    }
-                    failure => {
-                        let (code, message) = failure.unwrap_or(("InternalFailure", None));
-                        if retry::is_throttling_code(code) {
-                            stats.throttled.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let error = Error::aws(code, message.unwrap_or_default());
-                        if retry::error_is_retryable(&error) {
-                            retry.push(entry);
-                            last_error = error;
-                        } else {
-                            fatal.push((entry, error));
-                        }
-                    }
-                }
-            }
-            stats.sent.fetch_add(acknowledged.0, Ordering::Relaxed);
-            stats.in_flight.fetch_sub(acknowledged.0, Ordering::Relaxed);
-            shared.release(acknowledged.0, acknowledged.1);
-            for (entry, error) in fatal {
-                fail(shared, vec![entry], &error);
-            }
-            (retry, last_error)
-        }
-        Err(sdk_error) => {
-            let error = retry::classify(&sdk_error);
-            if let Error::Aws { code, .. } = &error {
-                if retry::is_throttling_code(code) {
-                    stats
-                        .throttled
-                        .fetch_add(pending.len() as u64, Ordering::Relaxed);
-                }
-            }
-            if retry::error_is_retryable(&error) {
-                (pending, error)
-            } else {
-                fail(shared, pending, &error);
-                (Vec::new(), error)
-            }
-        }
-    }
-}
-
-/// The failure path: every record that will not be sent is answered to its
-/// awaiting caller, if any, and handed to the owner, which logs it, counts
-/// it, emits telemetry and calls `on_failure`.
-fn fail(shared: &Shared, entries: Vec<Entry>, reason: &Error) {
-    if entries.is_empty() {
-        return;
-    }
-    let count = entries.len() as u64;
-    let bytes: u64 = entries.iter().map(|e| e.size as u64).sum();
-    let stats = &shared.stats;
-    stats.failed.fetch_add(count, Ordering::Relaxed);
-    stats.in_flight.fetch_sub(count, Ordering::Relaxed);
-    shared.release(count, bytes);
-
-    let mut env = OwnedEnv::new();
-    for (pid, id) in entries.iter().filter_map(|e| e.reply) {
-        let _ = env.send_and_clear(&pid, |env| {
-            (atoms::convoy_put(), id, (atoms::error(), Reason(reason))).encode(env)
-        });
-    }
-    let _ = env.send_and_clear(&shared.owner, |env| {
-        let failed: Vec<Term> = entries
-            .iter()
-            .map(|e| {
-                let mut data = rustler::NewBinary::new(env, e.data.len());
-                data.as_mut_slice().copy_from_slice(&e.data);
-                let data: Binary = data.into();
-                (e.key.as_str(), data, Reason(reason)).encode(env)
-            })
-            .collect();
-        (atoms::convoy_put_failed(), failed).encode(env)
-    });
-}
-
-// ---------------------------------------------------------------------------
 // NIFs
 
 /// Returns the producer as a term: the SDK client inside is not
@@ -524,19 +241,24 @@ fn producer_start(env: Env, client: ResourceArc<ClientResource>, options: Produc
         owner: options.owner,
         closed: AtomicBool::new(false),
         stats: Stats::default(),
+        aggregation: (options.aggregation_max_bytes > 0)
+            .then(|| Arc::new(Aggregation::new(options.aggregation_max_bytes as usize))),
     });
+    if let Some(aggregation) = &shared.aggregation {
+        runtime::spawn_guarded(
+            "shard map refresh",
+            Some(options.owner),
+            aggregate::refresh_shard_map(
+                Arc::downgrade(&shared),
+                aggregation.clone(),
+                Duration::from_millis(options.shard_refresh_ms.max(1_000)),
+            ),
+        );
+    }
     let lanes = (0..options.max_in_flight.max(1))
         .map(|_| {
             let (tx, rx) = mpsc::unbounded_channel();
-            let lane = Lane {
-                shared: shared.clone(),
-                rx,
-                buffer: VecDeque::new(),
-                buffer_bytes: 0,
-                flushes: Vec::new(),
-                closing: None,
-                disconnected: false,
-            };
+            let lane = Lane::new(shared.clone(), rx);
             runtime::spawn_guarded("producer lane", Some(options.owner), lane.run());
             tx
         })

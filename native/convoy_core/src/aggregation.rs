@@ -1,0 +1,394 @@
+//! The KPL aggregated record format, as the AWS KPL writes it and the KCL
+//! reads it: the magic bytes `F3 89 9A C2`, a protobuf `AggregatedRecord`
+//! with partition-key and explicit-hash-key tables, then the 16-byte MD5 of
+//! the protobuf bytes.
+//!
+//! [`Aggregator`] packs user records and knows its exact encoded size as it
+//! grows; [`deaggregate`] unpacks, and answers `None` for anything that only
+//! looks aggregated (short, bad digest, bad protobuf), which callers then
+//! treat as a plain record, as the KCL does.
+
+use std::collections::HashMap;
+
+use md5::{Digest, Md5};
+use prost::encoding::encoded_len_varint;
+use prost::Message;
+
+pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
+const DIGEST_LEN: usize = 16;
+
+/// Default upper bound of one aggregated record, as the KPL uses.
+pub const DEFAULT_MAX_BYTES: usize = 50 * 1024;
+
+#[derive(Clone, PartialEq, Message)]
+pub struct AggregatedRecord {
+    #[prost(string, repeated, tag = "1")]
+    pub partition_key_table: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    pub explicit_hash_key_table: Vec<String>,
+    #[prost(message, repeated, tag = "3")]
+    pub records: Vec<Record>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Record {
+    #[prost(uint64, required, tag = "1")]
+    pub partition_key_index: u64,
+    #[prost(uint64, optional, tag = "2")]
+    pub explicit_hash_key_index: Option<u64>,
+    #[prost(bytes = "vec", required, tag = "3")]
+    pub data: Vec<u8>,
+    #[prost(message, repeated, tag = "4")]
+    pub tags: Vec<Tag>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Tag {
+    #[prost(string, required, tag = "1")]
+    pub key: String,
+    #[prost(string, optional, tag = "2")]
+    pub value: Option<String>,
+}
+
+/// One user record inside an aggregated record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub partition_key: String,
+    pub explicit_hash_key: Option<String>,
+    pub data: Vec<u8>,
+}
+
+/// Bytes a length-delimited field of `len` bytes takes, tag included
+/// (every tag here is below 16, so one byte).
+fn field_len(len: usize) -> usize {
+    1 + encoded_len_varint(len as u64) + len
+}
+
+fn record_len(key_index: u64, hash_key_index: Option<u64>, data_len: usize) -> usize {
+    1 + encoded_len_varint(key_index)
+        + hash_key_index.map_or(0, |i| 1 + encoded_len_varint(i))
+        + field_len(data_len)
+}
+
+/// Packs user records into one aggregated record.
+#[derive(Debug, Default)]
+pub struct Aggregator {
+    message: AggregatedRecord,
+    key_index: HashMap<String, u64>,
+    hash_key_index: HashMap<String, u64>,
+    /// Encoded length of `message`, kept exact as records are added.
+    proto_len: usize,
+}
+
+impl Aggregator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.message.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.message.records.is_empty()
+    }
+
+    /// The size of the finished record (magic, protobuf, digest).
+    pub fn encoded_len(&self) -> usize {
+        MAGIC.len() + self.proto_len + DIGEST_LEN
+    }
+
+    /// The size the finished record would have with this user record added.
+    pub fn encoded_len_with(
+        &self,
+        partition_key: &str,
+        explicit_hash_key: Option<&str>,
+        data_len: usize,
+    ) -> usize {
+        let mut grow = 0;
+        let key_index = match self.key_index.get(partition_key) {
+            Some(i) => *i,
+            None => {
+                grow += field_len(partition_key.len());
+                self.message.partition_key_table.len() as u64
+            }
+        };
+        let hash_key_index = explicit_hash_key.map(|ehk| match self.hash_key_index.get(ehk) {
+            Some(i) => *i,
+            None => {
+                grow += field_len(ehk.len());
+                self.message.explicit_hash_key_table.len() as u64
+            }
+        });
+        grow += field_len(record_len(key_index, hash_key_index, data_len));
+        self.encoded_len() + grow
+    }
+
+    pub fn add(&mut self, partition_key: &str, explicit_hash_key: Option<&str>, data: Vec<u8>) {
+        let key_index = match self.key_index.get(partition_key) {
+            Some(i) => *i,
+            None => {
+                let i = self.message.partition_key_table.len() as u64;
+                self.proto_len += field_len(partition_key.len());
+                self.message
+                    .partition_key_table
+                    .push(partition_key.to_owned());
+                self.key_index.insert(partition_key.to_owned(), i);
+                i
+            }
+        };
+        let hash_key_index = explicit_hash_key.map(|ehk| match self.hash_key_index.get(ehk) {
+            Some(i) => *i,
+            None => {
+                let i = self.message.explicit_hash_key_table.len() as u64;
+                self.proto_len += field_len(ehk.len());
+                self.message.explicit_hash_key_table.push(ehk.to_owned());
+                self.hash_key_index.insert(ehk.to_owned(), i);
+                i
+            }
+        });
+        self.proto_len += field_len(record_len(key_index, hash_key_index, data.len()));
+        self.message.records.push(Record {
+            partition_key_index: key_index,
+            explicit_hash_key_index: hash_key_index,
+            data,
+            tags: Vec::new(),
+        });
+    }
+
+    /// The partition key of the first record: Kinesis routes the aggregated
+    /// record with it, so it lands where its first user record would.
+    pub fn first_partition_key(&self) -> Option<&str> {
+        self.message.partition_key_table.first().map(String::as_str)
+    }
+
+    pub fn finish(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.extend_from_slice(&MAGIC);
+        self.message
+            .encode(&mut out)
+            .expect("a Vec grows as needed");
+        let digest = Md5::digest(&out[MAGIC.len()..]);
+        out.extend_from_slice(&digest);
+        out
+    }
+}
+
+/// Whether `data` starts like an aggregated record (it may still be corrupt).
+pub fn looks_aggregated(data: &[u8]) -> bool {
+    data.len() > MAGIC.len() + DIGEST_LEN && data.starts_with(&MAGIC)
+}
+
+/// The user records of an aggregated record, or `None` when `data` is not a
+/// valid one.
+pub fn deaggregate(data: &[u8]) -> Option<Vec<UserRecord>> {
+    if !looks_aggregated(data) {
+        return None;
+    }
+    let (proto, digest) = data[MAGIC.len()..].split_at(data.len() - MAGIC.len() - DIGEST_LEN);
+    if Md5::digest(proto).as_slice() != digest {
+        return None;
+    }
+    let message = AggregatedRecord::decode(proto).ok()?;
+    message
+        .records
+        .into_iter()
+        .map(|r| {
+            let partition_key = message
+                .partition_key_table
+                .get(usize::try_from(r.partition_key_index).ok()?)?
+                .clone();
+            let explicit_hash_key = match r.explicit_hash_key_index {
+                Some(i) => Some(
+                    message
+                        .explicit_hash_key_table
+                        .get(usize::try_from(i).ok()?)?
+                        .clone(),
+                ),
+                None => None,
+            };
+            Some(UserRecord {
+                partition_key,
+                explicit_hash_key,
+                data: r.data,
+            })
+        })
+        .collect()
+}
+
+/// The 128-bit hash Kinesis uses to map a partition key to a shard.
+pub fn hash_key(partition_key: &str) -> u128 {
+    u128::from_be_bytes(Md5::digest(partition_key.as_bytes()).into())
+}
+
+/// Shards by hash-key range, to group records by the shard they will reach.
+#[derive(Debug, Clone, Default)]
+pub struct ShardMap {
+    /// (starting hash key, ending hash key, shard id), sorted by start.
+    ranges: Vec<(u128, u128, String)>,
+}
+
+impl ShardMap {
+    /// From open shards' `(shard_id, starting_hash_key, ending_hash_key)`,
+    /// as decimal strings; unparsable entries are skipped.
+    pub fn new<'a>(shards: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>) -> Self {
+        let mut ranges: Vec<_> = shards
+            .into_iter()
+            .filter_map(|(id, start, end)| {
+                Some((start.parse().ok()?, end.parse().ok()?, id.to_owned()))
+            })
+            .collect();
+        ranges.sort();
+        ShardMap { ranges }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    pub fn shard_for(&self, hash: u128) -> Option<&str> {
+        let index = self.ranges.partition_point(|(start, _, _)| *start <= hash);
+        let (_, end, id) = self.ranges.get(index.checked_sub(1)?)?;
+        (hash <= *end).then_some(id.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn aggregate(records: &[UserRecord]) -> (Vec<u8>, usize) {
+        let mut agg = Aggregator::new();
+        let mut predicted = agg.encoded_len();
+        for r in records {
+            predicted = agg.encoded_len_with(
+                &r.partition_key,
+                r.explicit_hash_key.as_deref(),
+                r.data.len(),
+            );
+            agg.add(
+                &r.partition_key,
+                r.explicit_hash_key.as_deref(),
+                r.data.clone(),
+            );
+            assert_eq!(agg.encoded_len(), predicted);
+        }
+        (agg.finish(), predicted)
+    }
+
+    fn user(key: &str, ehk: Option<&str>, data: &[u8]) -> UserRecord {
+        UserRecord {
+            partition_key: key.into(),
+            explicit_hash_key: ehk.map(Into::into),
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn round_trip_with_shared_keys_and_hash_keys() {
+        let records = vec![
+            user("a", None, b"one"),
+            user("b", Some("42"), b""),
+            user("a", Some("42"), &[0xF3, 0x89, 0x9A, 0xC2]),
+            user("c", None, &[0; 300]),
+        ];
+        let (bytes, predicted) = aggregate(&records);
+        assert_eq!(bytes.len(), predicted);
+        assert!(bytes.starts_with(&MAGIC));
+        assert_eq!(deaggregate(&bytes).unwrap(), records);
+    }
+
+    #[test]
+    fn corrupt_input_is_not_aggregated() {
+        let (mut bytes, _) = aggregate(&[user("k", None, b"payload")]);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1; // digest
+        assert_eq!(deaggregate(&bytes), None);
+        assert_eq!(deaggregate(&MAGIC), None);
+        assert_eq!(deaggregate(b"plain data"), None);
+        // Right magic and digest, but not a protobuf AggregatedRecord.
+        let mut fake = MAGIC.to_vec();
+        let junk = [0xFFu8; 8];
+        fake.extend_from_slice(&junk);
+        fake.extend_from_slice(&Md5::digest(junk));
+        assert_eq!(deaggregate(&fake), None);
+    }
+
+    #[test]
+    fn a_key_index_out_of_the_table_is_corrupt() {
+        let message = AggregatedRecord {
+            partition_key_table: vec!["k".into()],
+            explicit_hash_key_table: vec![],
+            records: vec![Record {
+                partition_key_index: 3,
+                explicit_hash_key_index: None,
+                data: b"x".to_vec(),
+                tags: vec![],
+            }],
+        };
+        let mut bytes = MAGIC.to_vec();
+        let proto = message.encode_to_vec();
+        bytes.extend_from_slice(&proto);
+        bytes.extend_from_slice(&Md5::digest(&proto));
+        assert_eq!(deaggregate(&bytes), None);
+    }
+
+    #[test]
+    fn size_limit_is_respected_by_prediction() {
+        let mut agg = Aggregator::new();
+        let mut count = 0;
+        while agg.encoded_len_with("key", None, 100) <= DEFAULT_MAX_BYTES {
+            agg.add("key", None, vec![7; 100]);
+            count += 1;
+        }
+        assert!(count > 400);
+        assert!(agg.finish().len() <= DEFAULT_MAX_BYTES);
+    }
+
+    #[test]
+    fn shard_map_finds_the_range() {
+        let max = u128::MAX.to_string();
+        let half = (u128::MAX / 2).to_string();
+        let half1 = (u128::MAX / 2 + 1).to_string();
+        let map = ShardMap::new([
+            ("s1", half1.as_str(), max.as_str()),
+            ("s0", "0", half.as_str()),
+        ]);
+        assert_eq!(map.shard_for(0), Some("s0"));
+        assert_eq!(map.shard_for(u128::MAX / 2), Some("s0"));
+        assert_eq!(map.shard_for(u128::MAX / 2 + 1), Some("s1"));
+        assert_eq!(map.shard_for(u128::MAX), Some("s1"));
+        assert_eq!(ShardMap::default().shard_for(5), None);
+    }
+
+    #[test]
+    fn hash_key_is_md5_big_endian() {
+        // md5("") = d41d8cd98f00b204e9800998ecf8427e
+        assert_eq!(hash_key(""), 0xd41d8cd98f00b204e9800998ecf8427e);
+    }
+
+    proptest! {
+        #[test]
+        fn any_records_round_trip(records in prop::collection::vec(
+            ("[a-z]{1,8}", prop::option::of("[0-9]{1,38}"), prop::collection::vec(any::<u8>(), 0..200)),
+            1..40,
+        )) {
+            let records: Vec<UserRecord> = records
+                .into_iter()
+                .map(|(k, e, d)| UserRecord { partition_key: k, explicit_hash_key: e, data: d })
+                .collect();
+            let (bytes, predicted) = aggregate(&records);
+            prop_assert_eq!(bytes.len(), predicted);
+            prop_assert_eq!(deaggregate(&bytes).unwrap(), records);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..300)) {
+            let mut with_magic = MAGIC.to_vec();
+            with_magic.extend_from_slice(&data);
+            let _ = deaggregate(&data);
+            let _ = deaggregate(&with_magic);
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! A lane: one ordered pipeline of PutRecords requests. It buffers the
+//! records routed to it, cuts a request when one is due, and sends it
+//! (retries included) before cutting the next, so records of one partition
+//! key never overtake each other.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::send::{deliver, Outgoing};
+use super::{aggregate, Command, Entry, Shared, Waiter, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS};
+
+pub(super) struct Lane {
+    shared: Arc<Shared>,
+    rx: mpsc::UnboundedReceiver<Command>,
+    buffer: VecDeque<Entry>,
+    buffer_bytes: usize,
+    /// Flush waiters and how many buffered records stand before each.
+    flushes: Vec<(usize, Option<Arc<Waiter>>)>,
+    closing: Option<(Instant, Arc<Waiter>)>,
+    disconnected: bool,
+}
+
+impl Lane {
+    pub(super) fn new(shared: Arc<Shared>, rx: mpsc::UnboundedReceiver<Command>) -> Self {
+        Lane {
+            shared,
+            rx,
+            buffer: VecDeque::new(),
+            buffer_bytes: 0,
+            flushes: Vec::new(),
+            closing: None,
+            disconnected: false,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        if let Some(aggregation) = self.shared.aggregation.clone() {
+            aggregation.await_first_load().await;
+        }
+        loop {
+            self.drain_commands();
+            if self.due() {
+                let (request, taken) = self.cut();
+                let deadline = self.closing.as_ref().map(|(d, _)| *d);
+                deliver(&self.shared, request, deadline).await;
+                self.completed(taken);
+                continue;
+            }
+            self.answer_flushes();
+            if self.buffer.is_empty() && (self.closing.is_some() || self.disconnected) {
+                break;
+            }
+            let timer = self
+                .buffer
+                .front()
+                .map(|e| e.enqueued + self.shared.batch_timeout);
+            tokio::select! {
+                command = self.rx.recv() => match command {
+                    Some(command) => self.accept(command),
+                    None => self.disconnected = true,
+                },
+                _ = sleep_until_opt(timer) => {}
+            }
+        }
+        if let Some((_, waiter)) = self.closing.take() {
+            waiter.done();
+        }
+    }
+
+    fn drain_commands(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(command) => self.accept(command),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.disconnected = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, command: Command) {
+        match command {
+            Command::Put(entry) => {
+                self.buffer_bytes += entry.size;
+                self.buffer.push_back(entry);
+            }
+            Command::Flush(waiter) => self.flushes.push((self.buffer.len(), waiter)),
+            Command::Close(deadline, waiter) => {
+                // Refuse new sends, then take in what was already queued.
+                self.rx.close();
+                self.closing = Some((deadline, waiter));
+            }
+        }
+    }
+
+    fn due(&self) -> bool {
+        let Some(oldest) = self.buffer.front() else {
+            return false;
+        };
+        self.closing.is_some()
+            || self.disconnected
+            || self.flushes.iter().any(|(ahead, _)| *ahead > 0)
+            || self.full()
+            || oldest.enqueued.elapsed() >= self.shared.batch_timeout
+    }
+
+    /// Whether a full request is ready. With aggregation many records share
+    /// one Kinesis record, so only the byte limit says "full".
+    fn full(&self) -> bool {
+        let by_count =
+            self.shared.aggregation.is_none() && self.buffer.len() >= MAX_REQUEST_RECORDS;
+        by_count || self.buffer_bytes >= MAX_REQUEST_BYTES
+    }
+
+    /// Takes a request's worth from the front of the buffer; returns it and
+    /// how many user records it holds.
+    fn cut(&mut self) -> (Vec<Outgoing>, usize) {
+        let before = self.buffer.len();
+        let request = match &self.shared.aggregation {
+            Some(aggregation) => aggregate::cut(&mut self.buffer, aggregation),
+            None => cut_plain(&mut self.buffer),
+        };
+        let taken = before - self.buffer.len();
+        let bytes: usize = request.iter().map(|o| o.member_bytes()).sum();
+        self.buffer_bytes -= bytes;
+        (request, taken)
+    }
+
+    fn completed(&mut self, count: usize) {
+        for (ahead, _) in &mut self.flushes {
+            *ahead = ahead.saturating_sub(count);
+        }
+        self.answer_flushes();
+    }
+
+    fn answer_flushes(&mut self) {
+        self.flushes.retain(|(ahead, waiter)| {
+            if *ahead == 0 {
+                if let Some(waiter) = waiter {
+                    waiter.done();
+                }
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+/// One Kinesis record per user record, up to the PutRecords limits.
+fn cut_plain(buffer: &mut VecDeque<Entry>) -> Vec<Outgoing> {
+    let mut request = Vec::with_capacity(buffer.len().min(MAX_REQUEST_RECORDS));
+    let mut bytes = 0;
+    while let Some(entry) = buffer.front() {
+        if request.len() == MAX_REQUEST_RECORDS
+            || (!request.is_empty() && bytes + entry.size > MAX_REQUEST_BYTES)
+        {
+            break;
+        }
+        bytes += entry.size;
+        request.push(Outgoing::single(buffer.pop_front().expect("front exists")));
+    }
+    request
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
