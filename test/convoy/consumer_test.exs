@@ -114,7 +114,6 @@ defmodule Convoy.ConsumerTest do
 
   test "partition-key filters: one key, a list of keys, a predicate" do
     stream = create_stream!(unique_stream("filter"), 2)
-    raw_put!(stream, 400, keys: 4)
     id = start_queue!(stream, [])
     :ok = Convoy.Queue.attach_handler(id, :one, forward(:one), nil, partition_keys: "key-1")
 
@@ -127,6 +126,10 @@ defmodule Convoy.ConsumerTest do
       Convoy.Queue.attach_handler(id, :pred, forward(:pred), nil,
         partition_keys: &String.ends_with?(&1, "0")
       )
+
+    # Written once every handler is attached: a batch goes to the handlers
+    # attached when it is read.
+    raw_put!(stream, 400, keys: 4)
 
     assert collect(:one, 100) |> Enum.all?(&(&1.partition_key == "key-1"))
     assert collect(:list, 200) |> Enum.all?(&(&1.partition_key in ["key-2", "key-3"]))
@@ -290,11 +293,7 @@ defmodule Convoy.ConsumerTest do
     start_supervised!({Convoy.Queue, config ++ [poll_limit: 10]})
     :ok = Convoy.Queue.attach_handler(stream, :pid, self(), nil)
 
-    {_, 0} =
-      System.cmd(
-        Convoy.Local.binary!(),
-        ~w(put --endpoint #{endpoint} --stream #{stream} --count 30)
-      )
+    raw_put!(stream, 30, endpoint: endpoint)
 
     datas =
       for _ <- 1..3 do

@@ -74,14 +74,33 @@ defmodule Convoy.TestSupport do
     end
   end
 
-  @doc "Writes records with the convoy_local binary (raw SDK), independent of Convoy's producer."
-  def raw_put!(stream, count, opts \\ []) do
-    args =
-      ["put", "--endpoint", endpoint(), "--stream", stream, "--count", Integer.to_string(count)] ++
-        ["--start", Integer.to_string(Keyword.get(opts, :start, 0))] ++
-        ["--keys", Integer.to_string(Keyword.get(opts, :keys, 16))]
+  @root Path.expand("../..", __DIR__)
 
-    {out, status} = System.cmd(Convoy.Local.binary!(), args, stderr_to_stdout: true)
+  @doc "The kinesis_raw binary: the AWS SDK used directly, independent of Convoy."
+  def raw_bin! do
+    path = Path.join(@root, "target/release/kinesis_raw")
+
+    unless File.exists?(path) do
+      {_, 0} =
+        System.cmd("cargo", ["build", "--release", "-p", "kinesis_raw"],
+          cd: @root,
+          stderr_to_stdout: true
+        )
+    end
+
+    path
+  end
+
+  @doc """
+  Writes `count` records with kinesis_raw, one request at a time so each
+  shard receives them in order: record `i` has key `key-{i % keys}` and data `record-{i}`.
+  """
+  def raw_put!(stream, count, opts \\ []) do
+    endpoint = Keyword.get(opts, :endpoint, endpoint())
+    start = Keyword.get(opts, :start, 0)
+    keys = Keyword.get(opts, :keys, 16)
+    args = ["put", endpoint, stream, "#{count}", "0", "1", "#{start}", "#{keys}"]
+    {out, status} = System.cmd(raw_bin!(), args, stderr_to_stdout: true)
     assert status == 0, out
     :ok
   end
@@ -107,10 +126,9 @@ defmodule Convoy.TestSupport do
     end
   end
 
-  @doc "Every record as Kinesis stores it (aggregated ones not unpacked), read by convoy_local."
+  @doc "Every record as Kinesis stores it (aggregated ones not unpacked), read by kinesis_raw."
   def raw_get!(stream, endpoint \\ endpoint()) do
-    {out, 0} =
-      System.cmd(Convoy.Local.binary!(), ["get", "--endpoint", endpoint, "--stream", stream])
+    {out, 0} = System.cmd(raw_bin!(), ["dump", endpoint, stream])
 
     out
     |> String.split("\n", trim: true)
@@ -125,8 +143,6 @@ defmodule Convoy.TestSupport do
       }
     end)
   end
-
-  @root Path.expand("../..", __DIR__)
 
   @doc "A project-local virtual environment with awslabs' aws-kinesis-agg; returns its python."
   def interop_python! do

@@ -118,7 +118,7 @@ defmodule Convoy.Queue.Options do
   end
 
   defp check_aggregation_size!(options) do
-    if options[:aggregation_max_bytes] > options[:max_record_bytes] do
+    if options[:aggregation] and options[:aggregation_max_bytes] > options[:max_record_bytes] do
       raise ArgumentError,
             "invalid Convoy.Queue option :aggregation_max_bytes: #{options[:aggregation_max_bytes]} " <>
               "exceeds :max_record_bytes (#{options[:max_record_bytes]})"
