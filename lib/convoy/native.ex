@@ -56,6 +56,9 @@ defmodule Convoy.Native do
   def delete_stream(_client, _stream, _pid, _id), do: not_loaded()
   def split_shard(_client, _stream, _shard_id, _hash_key, _pid, _id), do: not_loaded()
 
+  # JSON as the producer encodes it
+  def encode_json(_term), do: not_loaded()
+
   # fault injection for Convoy's own tests
   def debug_nif_panic, do: not_loaded()
   def debug_task_panic(_pid), do: not_loaded()

@@ -88,7 +88,10 @@ defmodule Convoy.Queue do
     * `:stream_id` - the identifier every call uses. Defaults to `:stream`.
       Needed to open one stream twice.
     * `:service` - a module implementing `Convoy.Service`. Defaults to
-      `Convoy.Services.Kinesis`.
+      `Convoy.Services.Kinesis`; `Convoy.Services.Memory` runs without any
+      Kinesis, for tests.
+    * `:service_options` - options for the service itself (for example
+      `shards:` of `Convoy.Services.Memory`). Defaults to `[]`.
     * `:batch_timeout` - ms a record may wait in the buffer before its batch
       is sent; a full request (500 records or 5 MiB) goes at once. `0`
       disables batching. Defaults to `5000`.

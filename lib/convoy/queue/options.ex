@@ -9,6 +9,7 @@ defmodule Convoy.Queue.Options do
     stream: nil,
     stream_id: nil,
     service: Convoy.Services.Kinesis,
+    service_options: [],
     batch_timeout: 5_000,
     poll_interval: nil,
     iterator_type: :latest,
@@ -56,6 +57,7 @@ defmodule Convoy.Queue.Options do
     |> Keyword.put(:stream, stream)
     |> Keyword.update!(:stream_id, &if(is_nil(&1), do: stream, else: &1))
     |> check(:service, &service?/1, "a module implementing Convoy.Service")
+    |> check(:service_options, &(is_list(&1) and Keyword.keyword?(&1)), "a keyword list")
     |> check(:batch_timeout, &non_neg_integer?/1, "a non-negative integer (ms)")
     |> check(:poll_interval, &(is_nil(&1) or pos_integer?(&1)), "nil or a positive integer (ms)")
     |> check(:iterator_type, &iterator_type?/1, iterator_types())

@@ -22,10 +22,10 @@ defmodule Convoy.Services.Kinesis do
   require Logger
 
   alias Convoy.{KinesisConfig, Native, Telemetry}
-  alias Convoy.Services.Kinesis.ShardDispatcher
+  alias Convoy.Services.Kinesis.Source
 
   @typedoc "The handle registered for the queue."
-  @type t :: %{producer: reference, server: pid, stream_id: term}
+  @type t :: %{producer: reference, consumer: pid, stream_id: term}
 
   # ---------------------------------------------------------------------------
   # Convoy.Service
@@ -123,14 +123,14 @@ defmodule Convoy.Services.Kinesis do
   end
 
   @impl Convoy.Service
-  def get(%{server: server}, limit), do: GenServer.call(server, {:get, limit}, 60_000)
+  def get(%{consumer: consumer}, limit), do: Convoy.Consumer.get(consumer, limit)
 
   @impl Convoy.Service
-  def attach_handler(%{server: server}, id, handler, config, opts),
-    do: GenServer.call(server, {:attach, id, handler, config, opts})
+  def attach_handler(%{consumer: consumer}, id, handler, config, opts),
+    do: Convoy.Consumer.attach(consumer, id, handler, config, opts)
 
   @impl Convoy.Service
-  def detach_handler(%{server: server}, id), do: GenServer.call(server, {:detach, id})
+  def detach_handler(%{consumer: consumer}, id), do: Convoy.Consumer.detach(consumer, id)
 
   @impl Convoy.Service
   def stats(%{producer: producer}), do: Native.producer_stats(producer)
@@ -145,13 +145,23 @@ defmodule Convoy.Services.Kinesis do
 
     case Native.call(&Native.client_new(KinesisConfig.to_native(kinesis), &1, &2)) do
       {:ok, client} ->
-        {checkpoint_module, checkpoint_options} = options[:checkpoint]
-
-        {:ok, checkpoint} =
-          checkpoint_module.init([{:stream_id, options[:stream_id]} | checkpoint_options])
-
         producer = Native.producer_start(client, producer_options(options))
-        handle = %{producer: producer, server: self(), stream_id: options[:stream_id]}
+
+        {:ok, consumer} =
+          Convoy.Consumer.start_link(
+            Keyword.take(options, [
+              :stream_id,
+              :checkpoint,
+              :iterator_type,
+              :poll_interval,
+              :poll_limit,
+              :shard_refresh_interval,
+              :retry_backoff,
+              :max_backoff
+            ]) ++ [source: {Source, %{client: client, stream: options[:stream]}}]
+          )
+
+        handle = %{producer: producer, consumer: consumer, stream_id: options[:stream_id]}
         Convoy.Queue.register(options[:stream_id], __MODULE__, handle)
 
         {:ok,
@@ -160,16 +170,7 @@ defmodule Convoy.Services.Kinesis do
            stream_id: options[:stream_id],
            client: client,
            producer: producer,
-           checkpoint: {checkpoint_module, checkpoint},
-           handlers: %{},
-           next_order: 0,
-           shards: %{},
-           ended: MapSet.new(),
-           dispatchers: %{},
-           stopping: %{},
-           polling: false,
-           refresh_ref: nil,
-           started_at: System.system_time(:millisecond)
+           consumer: consumer
          }}
 
       {:error, reason} ->
@@ -197,121 +198,15 @@ defmodule Convoy.Services.Kinesis do
   end
 
   @impl GenServer
-  def handle_call({:attach, id, handler, config, opts}, _from, state) do
-    if Map.has_key?(state.handlers, id) do
-      {:reply, {:error, :already_exists}, state}
-    else
-      entry = %{id: id, handler: handler, config: config, opts: opts, order: state.next_order}
-      if is_pid(handler), do: Process.monitor(handler)
-
-      state = %{
-        state
-        | handlers: Map.put(state.handlers, id, entry),
-          next_order: state.next_order + 1
-      }
-
-      {:reply, :ok, state |> broadcast_handlers() |> update_polling()}
-    end
-  end
-
-  def handle_call({:detach, id}, _from, state) do
-    if Map.has_key?(state.handlers, id) do
-      {:reply, :ok, remove_handler(state, id)}
-    else
-      {:reply, {:error, :not_found}, state}
-    end
-  end
-
-  def handle_call({:get, _limit}, _from, %{polling: true} = state) do
-    {:reply, {:error, :polling}, state}
-  end
-
-  def handle_call({:get, limit}, _from, state) do
-    with {:ok, state} <- list_shards(state),
-         positions = Enum.map(readable_shards(state), &{&1, position(state, &1)}),
-         {:ok, shards} <-
-           Native.call(
-             &Native.fetch_records(
-               state.client,
-               state.options[:stream],
-               positions,
-               limit,
-               &1,
-               &2
-             ),
-             55_000
-           ) do
-      records =
-        Enum.flat_map(shards, fn {shard_id, raw} ->
-          records = Convoy.Record.from_native(raw, shard_id, state.stream_id)
-
-          if last = List.last(records) do
-            store_checkpoint(state, shard_id, last.sequence_number)
-          end
-
-          records
-        end)
-
-      {:reply, records, state}
-    else
-      {:error, reason} -> {:reply, {:error, reason}, state}
-    end
-  end
-
-  @impl GenServer
   def handle_info({:convoy_put_failed, failures}, state) do
     report_failures(failures, state)
     {:noreply, state}
   end
 
-  def handle_info({:shard_ended, shard_id}, state) do
-    state = %{state | ended: MapSet.put(state.ended, shard_id)}
-    # Children appear in the shard list once their parent closed.
-    {:noreply, refresh(state)}
-  end
-
-  def handle_info({:handler_failed, id}, state) do
-    if Map.has_key?(state.handlers, id),
-      do: {:noreply, remove_handler(state, id)},
-      else: {:noreply, state}
-  end
-
-  def handle_info(:refresh_shards, state) do
-    {:noreply, refresh(%{state | refresh_ref: nil})}
-  end
-
-  def handle_info({:restart_shard, shard_id}, state) do
-    {:noreply, start_shards(state, [shard_id])}
-  end
-
-  def handle_info({:DOWN, _ref, :process, pid, _reason}, state) do
-    ids = for {id, %{handler: ^pid}} <- state.handlers, do: id
-    {:noreply, Enum.reduce(ids, state, &remove_handler(&2, &1))}
-  end
-
-  def handle_info({:EXIT, pid, reason}, state) do
-    cond do
-      Map.has_key?(state.stopping, pid) ->
-        {shard_id, stopping} = Map.pop(state.stopping, pid)
-        state = %{state | stopping: stopping}
-        {:noreply, if(state.polling, do: start_shards(state, [shard_id]), else: state)}
-
-      shard_id = find_dispatcher(state, pid) ->
-        state = %{state | dispatchers: Map.delete(state.dispatchers, shard_id)}
-
-        if reason not in [:normal, :shutdown] do
-          Logger.error(
-            "Convoy #{inspect(state.stream_id)}: dispatcher of #{shard_id} exited: #{inspect(reason)}; restarting"
-          )
-
-          Process.send_after(self(), {:restart_shard, shard_id}, 1_000)
-        end
-
-        {:noreply, state}
-
-      true ->
-        {:noreply, state}
-    end
+  def handle_info({:EXIT, consumer, reason}, %{consumer: consumer} = state) do
+    # The consumer is part of the queue: without it the queue stops too (its
+    # supervisor restarts it, and the producer's buffer is flushed first).
+    {:stop, {:consumer_exited, reason}, state}
   end
 
   def handle_info({:convoy_task_panic, what, message}, state) do
@@ -329,7 +224,7 @@ defmodule Convoy.Services.Kinesis do
     id = System.unique_integer([:positive])
     :ok = Native.producer_close(state.producer, deadline, self(), id)
     await_close(id, state, deadline + 1_000)
-    Enum.each(Map.values(state.dispatchers), &ShardDispatcher.stop/1)
+    Convoy.Consumer.stop(state.consumer)
     :ok
   end
 
@@ -404,169 +299,4 @@ defmodule Convoy.Services.Kinesis do
     e in ArgumentError ->
       Logger.error("Convoy on_failure destination unreachable: #{Exception.message(e)}")
   end
-
-  # ---------------------------------------------------------------------------
-  # Handlers and polling
-
-  defp remove_handler(state, id) do
-    %{state | handlers: Map.delete(state.handlers, id)}
-    |> broadcast_handlers()
-    |> update_polling()
-  end
-
-  defp handler_list(state), do: state.handlers |> Map.values() |> Enum.sort_by(& &1.order)
-
-  defp broadcast_handlers(state) do
-    handlers = handler_list(state)
-    Enum.each(Map.values(state.dispatchers), &ShardDispatcher.set_handlers(&1, handlers))
-    state
-  end
-
-  defp update_polling(state) do
-    wanted = map_size(state.handlers) > 0 and not is_nil(state.options[:poll_interval])
-
-    cond do
-      wanted and not state.polling -> refresh(%{state | polling: true})
-      not wanted and state.polling -> stop_polling(state)
-      true -> state
-    end
-  end
-
-  defp stop_polling(state) do
-    if state.refresh_ref, do: Process.cancel_timer(state.refresh_ref)
-
-    stopping =
-      Enum.reduce(state.dispatchers, state.stopping, fn {shard_id, pid}, acc ->
-        ShardDispatcher.stop_async(pid)
-        Map.put(acc, pid, shard_id)
-      end)
-
-    %{state | polling: false, dispatchers: %{}, stopping: stopping, refresh_ref: nil}
-  end
-
-  defp refresh(%{polling: false} = state), do: state
-
-  defp refresh(state) do
-    state =
-      case list_shards(state) do
-        {:ok, state} ->
-          start_shards(state, readable_shards(state))
-
-        {:error, reason} ->
-          Logger.warning(
-            "Convoy #{inspect(state.stream_id)}: ListShards failed: #{inspect(reason)}"
-          )
-
-          state
-      end
-
-    if state.refresh_ref, do: Process.cancel_timer(state.refresh_ref)
-
-    %{
-      state
-      | refresh_ref:
-          Process.send_after(self(), :refresh_shards, state.options[:shard_refresh_interval])
-    }
-  end
-
-  defp list_shards(state) do
-    case Native.call(&Native.list_shards_nif(state.client, state.options[:stream], &1, &2)) do
-      {:ok, shards} ->
-        shards = Map.new(shards, &{&1.shard_id, &1})
-        {:ok, %{state | shards: shards}}
-
-      {:error, _} = error ->
-        error
-    end
-  end
-
-  # Shards that may be read now: not finished, and every parent finished (a
-  # parent no longer listed has aged out of the stream and counts as finished).
-  defp readable_shards(state) do
-    state.shards
-    |> Map.values()
-    |> Enum.filter(fn shard ->
-      not ended?(state, shard.shard_id) and
-        Enum.all?([shard.parent_shard_id, shard.adjacent_parent_shard_id], fn parent ->
-          is_nil(parent) or not Map.has_key?(state.shards, parent) or ended?(state, parent)
-        end)
-    end)
-    |> Enum.map(& &1.shard_id)
-    |> Enum.sort()
-  end
-
-  defp ended?(state, shard_id) do
-    MapSet.member?(state.ended, shard_id) or
-      fetch_checkpoint(state, shard_id) == {:ok, :shard_end}
-  end
-
-  defp start_shards(%{polling: false} = state, _), do: state
-
-  defp start_shards(state, shard_ids) do
-    Enum.reduce(shard_ids, state, fn shard_id, state ->
-      busy = Map.has_key?(state.dispatchers, shard_id) or shard_id in Map.values(state.stopping)
-
-      if busy or ended?(state, shard_id) do
-        state
-      else
-        {:ok, pid} =
-          ShardDispatcher.start_link(%{
-            server: self(),
-            stream_id: state.stream_id,
-            stream: state.options[:stream],
-            shard_id: shard_id,
-            client: state.client,
-            position: position(state, shard_id),
-            handlers: handler_list(state),
-            checkpoint: state.checkpoint,
-            poll_interval: state.options[:poll_interval],
-            poll_limit: state.options[:poll_limit],
-            retry_backoff: state.options[:retry_backoff],
-            max_backoff: state.options[:max_backoff]
-          })
-
-        %{state | dispatchers: Map.put(state.dispatchers, shard_id, pid)}
-      end
-    end)
-  end
-
-  defp find_dispatcher(state, pid) do
-    Enum.find_value(state.dispatchers, fn {shard_id, p} -> if p == pid, do: shard_id end)
-  end
-
-  # Where a shard resumes: after its checkpoint; a shard born from resharding
-  # from its start; any other from `iterator_type`, with `:latest` pinned to
-  # the queue's start time so that no restart of polling leaves a gap.
-  defp position(state, shard_id) do
-    shard = Map.get(state.shards, shard_id, %{parent_shard_id: nil})
-
-    case fetch_checkpoint(state, shard_id) do
-      {:ok, sequence} when is_binary(sequence) ->
-        {:after_sequence_number, sequence}
-
-      _ ->
-        cond do
-          shard.parent_shard_id != nil -> :trim_horizon
-          true -> initial_position(state)
-        end
-    end
-  end
-
-  defp initial_position(state) do
-    case state.options[:iterator_type] do
-      :latest -> {:at_timestamp, state.started_at}
-      {:at_timestamp, %DateTime{} = at} -> {:at_timestamp, DateTime.to_unix(at, :millisecond)}
-      other -> other
-    end
-  end
-
-  defp fetch_checkpoint(%{checkpoint: {module, checkpoint}, stream_id: stream_id}, shard_id),
-    do: module.fetch(checkpoint, stream_id, shard_id)
-
-  defp store_checkpoint(
-         %{checkpoint: {module, checkpoint}, stream_id: stream_id},
-         shard_id,
-         sequence
-       ),
-       do: module.store(checkpoint, stream_id, shard_id, sequence)
 end

@@ -105,3 +105,17 @@ fn key_string(term: Term) -> Result<String, String> {
         _ => Err("map keys must be binaries, atoms or numbers".to_string()),
     }
 }
+
+/// `{:ok, json}` or `{:error, {:invalid_data, detail}}`: the same encoding
+/// the producer applies, for services written in Elixir.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn encode_json<'a>(env: rustler::Env<'a>, term: Term<'a>) -> Term<'a> {
+    let result = encode(term)
+        .map_err(crate::error::Error::InvalidData)
+        .map(|bytes| {
+            let mut bin = rustler::NewBinary::new(env, bytes.len());
+            bin.as_mut_slice().copy_from_slice(&bytes);
+            Binary::from(bin)
+        });
+    crate::error::encode_result(env, result)
+}

@@ -1,8 +1,8 @@
-defmodule Convoy.Services.Kinesis.ShardDispatcher do
+defmodule Convoy.Consumer.ShardDispatcher do
   @moduledoc false
-  # One process per shard being read. It owns the shard's native poller
-  # (dropping the process stops the poller), receives each batch the poller
-  # sends, runs it through the handlers in attach order, stores the
+  # One process per shard being read. It owns the shard's reader (for
+  # Kinesis a native poller, which stops when this process goes), receives
+  # each batch the reader sends, runs it through the handlers in attach order, stores the
   # checkpoint, and only then acknowledges the batch so the poller reads on.
   #
   # Handler failures are contained here: the handler is logged and detached
@@ -12,7 +12,7 @@ defmodule Convoy.Services.Kinesis.ShardDispatcher do
 
   require Logger
 
-  alias Convoy.{Native, Record, Telemetry}
+  alias Convoy.{Record, Telemetry}
 
   def start_link(args), do: GenServer.start_link(__MODULE__, args)
 
@@ -28,22 +28,12 @@ defmodule Convoy.Services.Kinesis.ShardDispatcher do
 
   @impl true
   def init(args) do
-    poller =
-      Native.poller_start(
-        args.client,
-        %{
-          stream_name: args.stream,
-          shard_id: args.shard_id,
-          limit: args.poll_limit,
-          poll_interval_ms: args.poll_interval,
-          retry_base_ms: args.retry_backoff,
-          max_backoff_ms: args.max_backoff
-        },
-        args.position,
-        self()
-      )
+    {module, source} = args.source
 
-    {:ok, Map.merge(args, %{poller: poller, failed: MapSet.new()})}
+    reader =
+      module.start_reader(source, args.shard_id, args.position, self(), args.reader_options)
+
+    {:ok, Map.merge(args, %{reader: reader, reader_module: module, failed: MapSet.new()})}
   end
 
   @impl true
@@ -54,7 +44,7 @@ defmodule Convoy.Services.Kinesis.ShardDispatcher do
     last = List.last(records)
     {module, checkpoint} = state.checkpoint
     :ok = module.store(checkpoint, state.stream_id, state.shard_id, last.sequence_number)
-    Native.poller_ack(state.poller)
+    state.reader_module.ack(state.reader)
 
     Telemetry.execute(
       [:convoy, :batch, :stop],
@@ -72,7 +62,7 @@ defmodule Convoy.Services.Kinesis.ShardDispatcher do
   def handle_info({:convoy_shard_end, _shard_id}, state) do
     {module, checkpoint} = state.checkpoint
     :ok = module.store(checkpoint, state.stream_id, state.shard_id, :shard_end)
-    send(state.server, {:shard_ended, state.shard_id})
+    send(state.consumer, {:shard_ended, state.shard_id})
     {:stop, :normal, state}
   end
 
@@ -108,7 +98,7 @@ defmodule Convoy.Services.Kinesis.ShardDispatcher do
 
   @impl true
   def terminate(_reason, state) do
-    Native.poller_stop(state.poller)
+    state.reader_module.stop_reader(state.reader)
   end
 
   # ---------------------------------------------------------------------------
@@ -209,7 +199,7 @@ defmodule Convoy.Services.Kinesis.ShardDispatcher do
       reason: reason
     })
 
-    send(state.server, {:handler_failed, handler.id})
+    send(state.consumer, {:handler_failed, handler.id})
     %{state | failed: MapSet.put(state.failed, handler.id)}
   end
 end

@@ -1,0 +1,358 @@
+defmodule Convoy.Consumer do
+  @moduledoc """
+  The consuming half of a queue, the same for every service: handlers, one
+  dispatcher process per shard, acknowledgements, checkpoints and the order
+  of shards after resharding. A service provides the reading through
+  `Convoy.Consumer.Source` and starts one consumer per queue.
+
+  Polling starts when the first handler is attached (if the queue has a
+  `poll_interval`) and stops when the last one is detached. Positions live in
+  the checkpoint store, so stopping and starting again leaves no gap.
+
+  ## Example
+
+      {:ok, consumer} =
+        Convoy.Consumer.start_link(
+          stream_id: "events",
+          source: {Convoy.Services.Memory.Source, memory},
+          checkpoint: {Convoy.Checkpoint.Memory, []},
+          iterator_type: :trim_horizon,
+          poll_interval: 100
+        )
+  """
+  use GenServer
+
+  require Logger
+
+  alias Convoy.Consumer.ShardDispatcher
+
+  @doc """
+  Starts a consumer. Options: `:stream_id`, `:source` (`{module, source}`),
+  `:checkpoint` (`{module, options}`), `:iterator_type`, `:poll_interval`,
+  `:poll_limit`, `:shard_refresh_interval`, `:retry_backoff`, `:max_backoff`
+  (see `Convoy.Queue.start_link/1`).
+
+  ## Example
+
+      Convoy.Consumer.start_link(stream_id: "events", source: {MySource, state}, checkpoint: {Convoy.Checkpoint.Memory, []})
+  """
+  @spec start_link(keyword) :: GenServer.on_start()
+  def start_link(options), do: GenServer.start_link(__MODULE__, options)
+
+  @doc "Adds a handler; see `Convoy.Queue.attach_handler/5`."
+  @spec attach(pid, term, Convoy.Queue.handler(), term, keyword) ::
+          :ok | {:error, :already_exists}
+  def attach(consumer, id, handler, config, opts),
+    do: GenServer.call(consumer, {:attach, id, handler, config, opts})
+
+  @doc "Removes a handler."
+  @spec detach(pid, term) :: :ok | {:error, :not_found}
+  def detach(consumer, id), do: GenServer.call(consumer, {:detach, id})
+
+  @doc """
+  Stops the consumer and its dispatchers; returns once no handler runs any more.
+
+  ## Example
+
+      :ok = Convoy.Consumer.stop(consumer)
+  """
+  @spec stop(pid) :: :ok
+  def stop(consumer) do
+    GenServer.stop(consumer, :shutdown, 30_000)
+  catch
+    :exit, _ -> :ok
+  end
+
+  @doc "Pull read; see `Convoy.Queue.get/2`."
+  @spec get(pid, pos_integer) :: [Convoy.Record.t()] | {:error, term}
+  def get(consumer, limit), do: GenServer.call(consumer, {:get, limit}, 60_000)
+
+  @impl true
+  def init(options) do
+    Process.flag(:trap_exit, true)
+    {checkpoint_module, checkpoint_options} = Keyword.fetch!(options, :checkpoint)
+    stream_id = Keyword.fetch!(options, :stream_id)
+    {:ok, checkpoint} = checkpoint_module.init([{:stream_id, stream_id} | checkpoint_options])
+
+    {:ok,
+     %{
+       stream_id: stream_id,
+       source: Keyword.fetch!(options, :source),
+       checkpoint: {checkpoint_module, checkpoint},
+       iterator_type: Keyword.get(options, :iterator_type, :latest),
+       poll_interval: Keyword.get(options, :poll_interval),
+       reader_options: %{
+         poll_interval: Keyword.get(options, :poll_interval) || 1_000,
+         poll_limit: Keyword.get(options, :poll_limit, 10_000),
+         retry_backoff: Keyword.get(options, :retry_backoff, 100),
+         max_backoff: Keyword.get(options, :max_backoff, 5_000)
+       },
+       shard_refresh_interval: Keyword.get(options, :shard_refresh_interval, 60_000),
+       handlers: %{},
+       next_order: 0,
+       shards: %{},
+       ended: MapSet.new(),
+       dispatchers: %{},
+       stopping: %{},
+       polling: false,
+       refresh_ref: nil,
+       started_at: System.system_time(:millisecond)
+     }}
+  end
+
+  @impl true
+  def handle_call({:attach, id, handler, config, opts}, _from, state) do
+    if Map.has_key?(state.handlers, id) do
+      {:reply, {:error, :already_exists}, state}
+    else
+      entry = %{id: id, handler: handler, config: config, opts: opts, order: state.next_order}
+      if is_pid(handler), do: Process.monitor(handler)
+
+      state = %{
+        state
+        | handlers: Map.put(state.handlers, id, entry),
+          next_order: state.next_order + 1
+      }
+
+      {:reply, :ok, state |> broadcast_handlers() |> update_polling()}
+    end
+  end
+
+  def handle_call({:detach, id}, _from, state) do
+    if Map.has_key?(state.handlers, id) do
+      {:reply, :ok, remove_handler(state, id)}
+    else
+      {:reply, {:error, :not_found}, state}
+    end
+  end
+
+  def handle_call({:get, _limit}, _from, %{polling: true} = state) do
+    {:reply, {:error, :polling}, state}
+  end
+
+  def handle_call({:get, limit}, _from, state) do
+    {module, source} = state.source
+
+    with {:ok, state} <- list_shards(state),
+         positions = Enum.map(readable_shards(state), &{&1, position(state, &1)}),
+         {:ok, shards} <- module.fetch(source, positions, limit) do
+      records =
+        Enum.flat_map(shards, fn {shard_id, raw} ->
+          records = Convoy.Record.from_native(raw, shard_id, state.stream_id)
+
+          if last = List.last(records) do
+            store_checkpoint(state, shard_id, last.sequence_number)
+          end
+
+          records
+        end)
+
+      {:reply, records, state}
+    else
+      {:error, reason} -> {:reply, {:error, reason}, state}
+    end
+  end
+
+  @impl true
+  def handle_info({:shard_ended, shard_id}, state) do
+    state = %{state | ended: MapSet.put(state.ended, shard_id)}
+    # Children appear in the shard list once their parent closed.
+    {:noreply, refresh(state)}
+  end
+
+  def handle_info({:handler_failed, id}, state) do
+    if Map.has_key?(state.handlers, id),
+      do: {:noreply, remove_handler(state, id)},
+      else: {:noreply, state}
+  end
+
+  def handle_info(:refresh_shards, state) do
+    {:noreply, refresh(%{state | refresh_ref: nil})}
+  end
+
+  def handle_info({:restart_shard, shard_id}, state) do
+    {:noreply, start_shards(state, [shard_id])}
+  end
+
+  def handle_info({:DOWN, _ref, :process, pid, _reason}, state) do
+    ids = for {id, %{handler: ^pid}} <- state.handlers, do: id
+    {:noreply, Enum.reduce(ids, state, &remove_handler(&2, &1))}
+  end
+
+  def handle_info({:EXIT, pid, reason}, state) do
+    cond do
+      Map.has_key?(state.stopping, pid) ->
+        {shard_id, stopping} = Map.pop(state.stopping, pid)
+        state = %{state | stopping: stopping}
+        {:noreply, if(state.polling, do: start_shards(state, [shard_id]), else: state)}
+
+      shard_id = find_dispatcher(state, pid) ->
+        state = %{state | dispatchers: Map.delete(state.dispatchers, shard_id)}
+
+        if reason not in [:normal, :shutdown] do
+          Logger.error(
+            "Convoy #{inspect(state.stream_id)}: dispatcher of #{shard_id} exited: " <>
+              "#{inspect(reason)}; restarting it from its checkpoint"
+          )
+
+          Process.send_after(self(), {:restart_shard, shard_id}, 1_000)
+        end
+
+        {:noreply, state}
+
+      true ->
+        {:noreply, state}
+    end
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
+
+  @impl true
+  def terminate(_reason, state) do
+    Enum.each(Map.values(state.dispatchers), &ShardDispatcher.stop/1)
+  end
+
+  # ---------------------------------------------------------------------------
+  # Handlers and polling
+
+  defp remove_handler(state, id) do
+    %{state | handlers: Map.delete(state.handlers, id)}
+    |> broadcast_handlers()
+    |> update_polling()
+  end
+
+  defp handler_list(state), do: state.handlers |> Map.values() |> Enum.sort_by(& &1.order)
+
+  defp broadcast_handlers(state) do
+    handlers = handler_list(state)
+    Enum.each(Map.values(state.dispatchers), &ShardDispatcher.set_handlers(&1, handlers))
+    state
+  end
+
+  defp update_polling(state) do
+    wanted = map_size(state.handlers) > 0 and not is_nil(state.poll_interval)
+
+    cond do
+      wanted and not state.polling -> refresh(%{state | polling: true})
+      not wanted and state.polling -> stop_polling(state)
+      true -> state
+    end
+  end
+
+  defp stop_polling(state) do
+    if state.refresh_ref, do: Process.cancel_timer(state.refresh_ref)
+
+    stopping =
+      Enum.reduce(state.dispatchers, state.stopping, fn {shard_id, pid}, acc ->
+        ShardDispatcher.stop_async(pid)
+        Map.put(acc, pid, shard_id)
+      end)
+
+    %{state | polling: false, dispatchers: %{}, stopping: stopping, refresh_ref: nil}
+  end
+
+  defp refresh(%{polling: false} = state), do: state
+
+  defp refresh(state) do
+    state =
+      case list_shards(state) do
+        {:ok, state} ->
+          start_shards(state, readable_shards(state))
+
+        {:error, reason} ->
+          Logger.warning(
+            "Convoy #{inspect(state.stream_id)}: listing shards failed: #{inspect(reason)}"
+          )
+
+          state
+      end
+
+    if state.refresh_ref, do: Process.cancel_timer(state.refresh_ref)
+    ref = Process.send_after(self(), :refresh_shards, state.shard_refresh_interval)
+    %{state | refresh_ref: ref}
+  end
+
+  defp list_shards(%{source: {module, source}} = state) do
+    case module.list_shards(source) do
+      {:ok, shards} -> {:ok, %{state | shards: Map.new(shards, &{&1.shard_id, &1})}}
+      {:error, _} = error -> error
+    end
+  end
+
+  # Shards that may be read now: not finished, and every parent finished (a
+  # parent no longer listed has aged out of the stream and counts as finished).
+  defp readable_shards(state) do
+    state.shards
+    |> Map.values()
+    |> Enum.filter(fn shard ->
+      not ended?(state, shard.shard_id) and
+        Enum.all?([shard.parent_shard_id, shard.adjacent_parent_shard_id], fn parent ->
+          is_nil(parent) or not Map.has_key?(state.shards, parent) or ended?(state, parent)
+        end)
+    end)
+    |> Enum.map(& &1.shard_id)
+    |> Enum.sort()
+  end
+
+  defp ended?(state, shard_id) do
+    MapSet.member?(state.ended, shard_id) or
+      fetch_checkpoint(state, shard_id) == {:ok, :shard_end}
+  end
+
+  defp start_shards(%{polling: false} = state, _), do: state
+
+  defp start_shards(state, shard_ids) do
+    Enum.reduce(shard_ids, state, fn shard_id, state ->
+      busy = Map.has_key?(state.dispatchers, shard_id) or shard_id in Map.values(state.stopping)
+
+      if busy or ended?(state, shard_id) do
+        state
+      else
+        {:ok, pid} =
+          ShardDispatcher.start_link(%{
+            consumer: self(),
+            stream_id: state.stream_id,
+            shard_id: shard_id,
+            source: state.source,
+            position: position(state, shard_id),
+            handlers: handler_list(state),
+            checkpoint: state.checkpoint,
+            reader_options: state.reader_options
+          })
+
+        %{state | dispatchers: Map.put(state.dispatchers, shard_id, pid)}
+      end
+    end)
+  end
+
+  defp find_dispatcher(state, pid) do
+    Enum.find_value(state.dispatchers, fn {shard_id, p} -> if p == pid, do: shard_id end)
+  end
+
+  # Where a shard resumes: after its checkpoint; a shard born from resharding
+  # from its start; any other from `iterator_type`, with `:latest` pinned to
+  # the consumer's start time so that no restart of polling leaves a gap.
+  defp position(state, shard_id) do
+    shard = Map.get(state.shards, shard_id, %{parent_shard_id: nil})
+
+    case fetch_checkpoint(state, shard_id) do
+      {:ok, sequence} when is_binary(sequence) -> {:after_sequence_number, sequence}
+      _ when shard.parent_shard_id != nil -> :trim_horizon
+      _ -> initial_position(state)
+    end
+  end
+
+  defp initial_position(state) do
+    case state.iterator_type do
+      :latest -> {:at_timestamp, state.started_at}
+      {:at_timestamp, %DateTime{} = at} -> {:at_timestamp, DateTime.to_unix(at, :millisecond)}
+      other -> other
+    end
+  end
+
+  defp fetch_checkpoint(%{checkpoint: {module, checkpoint}, stream_id: stream_id}, shard_id),
+    do: module.fetch(checkpoint, stream_id, shard_id)
+
+  defp store_checkpoint(%{checkpoint: {module, checkpoint}, stream_id: id}, shard_id, sequence),
+    do: module.store(checkpoint, id, shard_id, sequence)
+end

@@ -1,0 +1,62 @@
+defmodule Convoy.Services.Memory.Source do
+  @moduledoc false
+  # Reading the in-memory stream for Convoy.Consumer: a reader process per
+  # shard that follows the same protocol as the native Kinesis poller.
+  @behaviour Convoy.Consumer.Source
+
+  @impl true
+  def list_shards(server), do: GenServer.call(server, :list_shards)
+
+  @impl true
+  def start_reader(server, shard_id, position, dispatcher, options) do
+    spawn_link(fn -> read_loop(server, shard_id, position, dispatcher, options) end)
+  end
+
+  @impl true
+  def ack(reader) do
+    send(reader, :ack)
+    :ok
+  end
+
+  @impl true
+  def stop_reader(reader) do
+    Process.unlink(reader)
+    Process.exit(reader, :shutdown)
+    :ok
+  end
+
+  @impl true
+  def fetch(server, positions, limit) do
+    {shards, _} =
+      Enum.map_reduce(positions, limit, fn {shard_id, position}, remaining ->
+        case remaining > 0 && GenServer.call(server, {:read, shard_id, position, remaining}) do
+          {:ok, records, _ended} -> {{shard_id, records}, remaining - length(records)}
+          _ -> {{shard_id, []}, remaining}
+        end
+      end)
+
+    {:ok, shards}
+  end
+
+  defp read_loop(server, shard_id, position, dispatcher, options) do
+    case GenServer.call(server, {:read, shard_id, position, options.poll_limit}) do
+      {:ok, [], true} ->
+        send(dispatcher, {:convoy_shard_end, shard_id})
+
+      {:ok, [], false} ->
+        Process.sleep(options.poll_interval)
+        read_loop(server, shard_id, position, dispatcher, options)
+
+      {:ok, records, _ended} ->
+        send(dispatcher, {:convoy_records, shard_id, records, 0})
+        {_, _, last, _, _, _} = List.last(records)
+
+        receive do
+          :ack -> read_loop(server, shard_id, {:after_sequence_number, last}, dispatcher, options)
+        end
+
+      {:error, reason} ->
+        send(dispatcher, {:convoy_poller_error, shard_id, reason})
+    end
+  end
+end

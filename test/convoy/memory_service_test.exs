@@ -1,0 +1,85 @@
+defmodule Convoy.MemoryServiceTest do
+  use ExUnit.Case, async: true
+
+  import ExUnit.CaptureLog
+
+  defp open!(opts \\ []) do
+    stream = "memory-#{System.unique_integer([:positive])}"
+    me = self()
+
+    options =
+      [stream: stream, service: Convoy.Services.Memory, service_options: [shards: 2]]
+      |> Keyword.merge(on_failure: fn failure -> send(me, {:failed, failure}) end)
+      |> Keyword.merge(opts)
+
+    start_supervised!({Convoy.Queue, options})
+    stream
+  end
+
+  test "fail_next_puts: the next N puts fail through the failure path, then puts work again" do
+    id = open!()
+    :ok = Convoy.Services.Memory.fail_next_puts(id, 2)
+
+    log =
+      capture_log(fn ->
+        assert Convoy.Queue.put(id, "k", "a") ==
+                 {:error, {:aws, "InternalFailure", "injected failure"}}
+
+        assert Convoy.Queue.put(id, "k", "b") ==
+                 {:error, {:aws, "InternalFailure", "injected failure"}}
+      end)
+
+    assert log =~ "failed"
+
+    assert_received {:failed,
+                     %{partition_key: "k", data: "a", reason: {:aws, "InternalFailure", _}}}
+
+    assert_received {:failed, %{data: "b"}}
+    assert :ok = Convoy.Queue.put(id, "k", "c")
+    assert %{failed: 2, sent: 1} = Convoy.Queue.stats(id)
+  end
+
+  test "throttle: puts fail as throttled until it is turned off" do
+    id = open!()
+    :ok = Convoy.Services.Memory.throttle(id, true)
+
+    capture_log(fn ->
+      assert {:error, {:aws, "ProvisionedThroughputExceededException", _}} =
+               Convoy.Queue.put(id, "k", "x")
+    end)
+
+    :ok = Convoy.Services.Memory.throttle(id, false)
+    assert :ok = Convoy.Queue.put(id, "k", "y")
+    assert %{throttled: 1, failed: 1, sent: 1} = Convoy.Queue.stats(id)
+  end
+
+  test "records spread over shards by partition key hash, and explicit hash keys pick the shard" do
+    id = open!()
+    max = Integer.to_string(Bitwise.bsl(1, 128) - 1)
+
+    assert {:ok, %{shard_id: "shardId-000000000000"}} =
+             Convoy.Queue.put(id, "k", "low", explicit_hash_key: "0", await: 1_000)
+
+    assert {:ok, %{shard_id: "shardId-000000000001"}} =
+             Convoy.Queue.put(id, "k", "high", explicit_hash_key: max, await: 1_000)
+
+    shards =
+      for i <- 1..100,
+          into: MapSet.new(),
+          do: elem(Convoy.Queue.put(id, "key-#{i}", "v", await: 1_000), 1).shard_id
+
+    assert MapSet.size(shards) == 2
+  end
+
+  test "bad service options raise ArgumentError" do
+    assert_raise ArgumentError, ~r/:shards/, fn ->
+      Convoy.Services.Memory.start_link(
+        Convoy.Queue.Options.validate!(
+          stream: "x",
+          service: Convoy.Services.Memory,
+          service_options: [shards: 0]
+        )
+      )
+    end
+  end
+end
