@@ -7,14 +7,13 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-
+use super::inbox::Inbox;
 use super::send::{deliver, Outgoing};
 use super::{aggregate, Command, Entry, Shared, Waiter, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS};
 
 pub(super) struct Lane {
     shared: Arc<Shared>,
-    rx: mpsc::UnboundedReceiver<Command>,
+    inbox: Arc<Inbox>,
     buffer: VecDeque<Entry>,
     buffer_bytes: usize,
     /// Flush waiters and how many buffered records stand before each.
@@ -24,10 +23,10 @@ pub(super) struct Lane {
 }
 
 impl Lane {
-    pub(super) fn new(shared: Arc<Shared>, rx: mpsc::UnboundedReceiver<Command>) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, inbox: Arc<Inbox>) -> Self {
         Lane {
             shared,
-            rx,
+            inbox,
             buffer: VecDeque::new(),
             buffer_bytes: 0,
             flushes: Vec::new(),
@@ -42,6 +41,11 @@ impl Lane {
         }
         loop {
             self.drain_commands();
+            if self.closing.is_some() {
+                // Puts are refused now; take in those that were mid-push.
+                self.inbox.settle().await;
+                self.drain_commands();
+            }
             if self.due() {
                 let (request, taken) = self.cut();
                 let deadline = self.closing.as_ref().map(|(d, _)| *d);
@@ -57,11 +61,17 @@ impl Lane {
                 .buffer
                 .front()
                 .map(|e| e.enqueued + self.shared.batch_timeout);
+            // Register for a wake-up before the last look at the inbox, so a
+            // put landing in between is never missed.
+            let inbox = self.inbox.clone();
+            let woken = inbox.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if !inbox.is_empty() || inbox.dropped() {
+                continue;
+            }
             tokio::select! {
-                command = self.rx.recv() => match command {
-                    Some(command) => self.accept(command),
-                    None => self.disconnected = true,
-                },
+                _ = woken => {}
                 _ = sleep_until_opt(timer) => {}
             }
         }
@@ -71,15 +81,11 @@ impl Lane {
     }
 
     fn drain_commands(&mut self) {
-        loop {
-            match self.rx.try_recv() {
-                Ok(command) => self.accept(command),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    self.disconnected = true;
-                    break;
-                }
-            }
+        if self.inbox.dropped() {
+            self.disconnected = true;
+        }
+        while let Some(command) = self.inbox.pop() {
+            self.accept(command);
         }
     }
 
@@ -90,11 +96,7 @@ impl Lane {
                 self.buffer.push_back(entry);
             }
             Command::Flush(waiter) => self.flushes.push((self.buffer.len(), waiter)),
-            Command::Close(deadline, waiter) => {
-                // Refuse new sends, then take in what was already queued.
-                self.rx.close();
-                self.closing = Some((deadline, waiter));
-            }
+            Command::Close(deadline, waiter) => self.closing = Some((deadline, waiter)),
         }
     }
 

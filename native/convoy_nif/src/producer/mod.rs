@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustler::{Binary, Encoder, Env, LocalPid, ResourceArc, Term, TermType};
-use tokio::sync::mpsc;
 
 use crate::atoms;
 use crate::client::ClientResource;
@@ -29,10 +28,12 @@ use convoy_core::retry::RetryPolicy;
 use convoy_core::validate;
 
 mod aggregate;
+mod inbox;
 mod lane;
 mod send;
 
 use aggregate::Aggregation;
+use inbox::Inbox;
 use lane::Lane;
 
 /// PutRecords accepts at most this many records per request...
@@ -62,8 +63,17 @@ pub struct ProducerOptions {
 }
 
 pub struct Producer {
-    lanes: Vec<mpsc::UnboundedSender<Command>>,
+    lanes: Vec<Arc<Inbox>>,
     shared: Arc<Shared>,
+}
+
+impl Drop for Producer {
+    /// Nobody can put any more: the lanes send what they hold, then end.
+    fn drop(&mut self) {
+        for inbox in &self.lanes {
+            inbox.drop_producer();
+        }
+    }
 }
 
 #[rustler::resource_impl]
@@ -146,6 +156,7 @@ impl Producer {
         explicit_hash_key: Term,
         reply: Term,
     ) -> Result<(), Error> {
+        // Checked again, race-free, when the record is pushed.
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(Error::Closed);
         }
@@ -173,7 +184,10 @@ impl Producer {
             reply,
             enqueued: Instant::now(),
         };
-        if self.lanes[lane].send(Command::Put(entry)).is_err() {
+        if self.lanes[lane]
+            .push(Command::Put(entry), &self.shared.closed)
+            .is_err()
+        {
             self.shared.release(1, size as u64);
             return Err(Error::Closed);
         }
@@ -190,13 +204,6 @@ impl Producer {
             return Err(Error::Overloaded);
         }
         Ok(())
-    }
-
-    fn broadcast(&self, make: impl Fn() -> Command) -> usize {
-        self.lanes
-            .iter()
-            .filter(|lane| lane.send(make()).is_ok())
-            .count()
     }
 }
 
@@ -257,10 +264,10 @@ fn producer_start(env: Env, client: ResourceArc<ClientResource>, options: Produc
     }
     let lanes = (0..options.max_in_flight.max(1))
         .map(|_| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let lane = Lane::new(shared.clone(), rx);
+            let inbox = Arc::new(Inbox::default());
+            let lane = Lane::new(shared.clone(), inbox.clone());
             runtime::spawn_guarded("producer lane", Some(options.owner), lane.run());
-            tx
+            inbox
         })
         .collect();
     ResourceArc::new(Producer { lanes, shared }).encode(env)
@@ -316,10 +323,12 @@ fn producer_flush(
             message: atoms::convoy_flushed,
         })
     });
-    let answered = producer.broadcast(|| Command::Flush(waiter.clone()));
-    if let Some(waiter) = &waiter {
-        // Lanes that are already gone cannot answer; count them as done.
-        for _ in answered..producer.lanes.len() {
+    for inbox in &producer.lanes {
+        let refused = inbox
+            .push(Command::Flush(waiter.clone()), &producer.shared.closed)
+            .is_err();
+        // A closed lane has sent (or failed) everything already.
+        if let (true, Some(waiter)) = (refused, &waiter) {
             waiter.done();
         }
     }
@@ -336,7 +345,7 @@ fn producer_close(
     pid: LocalPid,
     id: u64,
 ) -> rustler::Atom {
-    producer.shared.closed.store(true, Ordering::Relaxed);
+    let already_closed = producer.shared.closed.swap(true, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_millis(timeout_ms);
     let waiter = Arc::new(Waiter {
         remaining: AtomicUsize::new(producer.lanes.len()),
@@ -344,9 +353,12 @@ fn producer_close(
         id,
         message: atoms::convoy_closed,
     });
-    let answered = producer.broadcast(|| Command::Close(deadline, waiter.clone()));
-    for _ in answered..producer.lanes.len() {
-        waiter.done();
+    for inbox in &producer.lanes {
+        if already_closed {
+            waiter.done();
+        } else {
+            inbox.push_close(Command::Close(deadline, waiter.clone()));
+        }
     }
     atoms::ok()
 }

@@ -1,0 +1,88 @@
+//! A lane's inbox: puts leave records here without waking the lane for each
+//! one. Waking a parked runtime thread costs a system call, several times
+//! the rest of a put, so a put wakes its lane only when the lane has
+//! something to start on: the first record after the inbox went empty
+//! (which starts the batch timer), every `WAKE_EVERY` records (a request
+//! may be full), a large record, or a control command.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+
+use crossbeam_queue::SegQueue;
+use tokio::sync::Notify;
+
+use super::Command;
+
+const WAKE_EVERY: i64 = 128;
+const LARGE_RECORD: usize = 64 * 1024;
+
+#[derive(Default)]
+pub(super) struct Inbox {
+    queue: SegQueue<Command>,
+    /// Commands pushed minus commands taken. Only the lane decreases it, so
+    /// while the lane sleeps it only grows, and the push that brings it to 1
+    /// is the one that wakes the lane: no record is left behind unseen.
+    pending: AtomicI64,
+    /// Puts between their check of `closed` and their push; a closing lane
+    /// waits for none to remain before its last drain.
+    active: AtomicUsize,
+    /// Set when the producer resource is gone: no put can come any more.
+    dropped: AtomicBool,
+    pub wake: Notify,
+}
+
+impl Inbox {
+    /// Leaves a record, or a flush, unless the producer is closed. `closed`
+    /// is checked inside the `active` window (see `settle`), so whatever is
+    /// accepted here is seen by the lane before it finishes.
+    pub fn push(&self, command: Command, closed: &AtomicBool) -> Result<(), Command> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if closed.load(Ordering::SeqCst) {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            return Err(command);
+        }
+        let urgent = match &command {
+            Command::Put(entry) => entry.size >= LARGE_RECORD,
+            _ => true,
+        };
+        self.queue.push(command);
+        let pending = self.pending.fetch_add(1, Ordering::AcqRel) + 1;
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        if pending == 1 || pending % WAKE_EVERY == 0 || urgent {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The close command itself, sent once `closed` is set.
+    pub fn push_close(&self, command: Command) {
+        self.queue.push(command);
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
+    pub fn pop(&self) -> Option<Command> {
+        let command = self.queue.pop()?;
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        Some(command)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Once `closed` is set, waits for the puts that may still push.
+    pub async fn settle(&self) {
+        while self.active.load(Ordering::SeqCst) > 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    pub fn drop_producer(&self) {
+        self.dropped.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    pub fn dropped(&self) -> bool {
+        self.dropped.load(Ordering::SeqCst)
+    }
+}
