@@ -7,9 +7,13 @@
 
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+
+use axum::middleware::Next;
 use clap::{Parser, Subcommand};
 use ferrokinesis::store::StoreOptions;
 use tokio::io::AsyncReadExt;
+use tokio::sync::Semaphore;
 
 #[derive(Parser)]
 #[command(
@@ -90,6 +94,19 @@ async fn serve(
         ..StoreOptions::default()
     };
     let (app, _store) = ferrokinesis::create_app(options);
+    // One request at a time. ferrokinesis 0.7.0 deadlocks under concurrent
+    // PutRecords and GetRecords on one stream: GetRecords keeps a DashMap
+    // read guard across an await while PutRecords blocks its worker thread
+    // waiting for that shard exclusively. Each request is short, so
+    // serving them in turn costs little and cannot deadlock.
+    let gate = Arc::new(Semaphore::new(1));
+    let app = app.layer(axum::middleware::from_fn(move |request, next: Next| {
+        let gate = gate.clone();
+        async move {
+            let _turn = gate.acquire_owned().await.expect("never closed");
+            next.run(request).await
+        }
+    }));
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => listener,

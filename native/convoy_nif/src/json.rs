@@ -45,9 +45,7 @@ impl Serialize for JsonTerm<'_> {
                     .map_err(|_| S::Error::custom("bad float"))?,
             ),
             TermType::List => {
-                let items: Vec<Term> = term
-                    .decode()
-                    .map_err(|_| S::Error::custom("improper list"))?;
+                let items = proper_list(term).map_err(S::Error::custom)?;
                 let mut seq = s.serialize_seq(Some(items.len()))?;
                 for item in items {
                     seq.serialize_element(&JsonTerm(item))?;
@@ -79,6 +77,19 @@ impl Serialize for JsonTerm<'_> {
             TermType::Unknown => Err(S::Error::custom("a term of unknown type has no JSON form")),
         }
     }
+}
+
+/// The elements of a proper list; an improper one (`[1 | 2]`) has no JSON form.
+fn proper_list(mut term: Term) -> Result<Vec<Term>, &'static str> {
+    let mut items = Vec::new();
+    while !term.is_empty_list() {
+        let (head, tail) = term
+            .list_get_cell()
+            .map_err(|_| "an improper list has no JSON form")?;
+        items.push(head);
+        term = tail;
+    }
+    Ok(items)
 }
 
 fn binary_str<'a>(term: Term<'a>) -> Result<&'a str, String> {

@@ -250,15 +250,9 @@ pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
     stats.in_flight.fetch_sub(count, Ordering::Relaxed);
     shared.release(count, bytes);
 
+    // The owner first: once a caller learns of its failure, the owner has
+    // it too, so the log and `on_failure` never lag behind the caller.
     let mut env = OwnedEnv::new();
-    for (pid, id) in batch
-        .iter()
-        .flat_map(|o| o.members.iter().filter_map(|m| m.reply))
-    {
-        let _ = env.send_and_clear(&pid, |env| {
-            (atoms::convoy_put(), id, (atoms::error(), Reason(reason))).encode(env)
-        });
-    }
     let failed: Vec<(String, Vec<u8>)> = batch.iter().flat_map(Outgoing::user_records).collect();
     let _ = env.send_and_clear(&shared.owner, |env| {
         let failed: Vec<Term> = failed
@@ -272,4 +266,12 @@ pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
             .collect();
         (atoms::convoy_put_failed(), failed).encode(env)
     });
+    for (pid, id) in batch
+        .iter()
+        .flat_map(|o| o.members.iter().filter_map(|m| m.reply))
+    {
+        let _ = env.send_and_clear(&pid, |env| {
+            (atoms::convoy_put(), id, (atoms::error(), Reason(reason))).encode(env)
+        });
+    }
 }

@@ -1,0 +1,243 @@
+defmodule Convoy.BadInputTest do
+  use ExUnit.Case, async: true
+
+  import Convoy.TestSupport
+
+  @documented_put_errors [
+    :unknown_stream,
+    :closed,
+    :overloaded,
+    :invalid_partition_key,
+    :invalid_explicit_hash_key,
+    :invalid_data,
+    :record_too_large,
+    :unknown_options,
+    :invalid_options,
+    :invalid_await
+  ]
+
+  defp weird_values do
+    [
+      nil,
+      true,
+      :atom,
+      0,
+      -1,
+      1.5,
+      Integer.pow(2, 200),
+      -Integer.pow(2, 70),
+      "",
+      "ok",
+      <<0xFF, 0xFE>>,
+      <<1::3>>,
+      String.duplicate("k", 257),
+      String.duplicate("é", 300),
+      :binary.copy("x", 1024 * 1024 + 1),
+      {:tuple, 1},
+      [1 | 2],
+      [1, [2, [3, [4, %{"deep" => [nil]}]]]],
+      %{self() => 1},
+      %{"pid" => self()},
+      %{1 => :one, 2.5 => "two"},
+      self(),
+      make_ref(),
+      fn -> :f end,
+      hd(Port.list() ++ [nil])
+    ]
+  end
+
+  defp documented?(:ok), do: true
+  defp documented?({:ok, %{shard_id: _, sequence_number: _}}), do: true
+  defp documented?({:error, reason}) when is_atom(reason), do: reason in @documented_put_errors
+
+  defp documented?({:error, reason}) when is_tuple(reason),
+    do: elem(reason, 0) in @documented_put_errors
+
+  defp documented?(_), do: false
+
+  test "put/3 and put/4 with malformed values answer documented errors and lose nothing accepted" do
+    stream = create_stream!(unique_stream("bad-input"), 2)
+    pid = start_supervised!({Convoy.Queue, stream: stream, kinesis: kinesis(), batch_timeout: 50})
+    :ok = Convoy.Queue.put(stream, "marker", "before")
+    values = weird_values()
+
+    accepted =
+      for key <- values, data <- values, reduce: [] do
+        acc ->
+          result = Convoy.Queue.put(stream, key, data)
+
+          assert documented?(result),
+                 "put(#{inspect(key)}, #{inspect(data, limit: 5)}) -> #{inspect(result)}"
+
+          if result == :ok, do: [data | acc], else: acc
+      end
+
+    for opts <- [
+          [await: -1],
+          [await: :soon],
+          [explicit_hash_key: :x],
+          [explicit_hash_key: "1e5"],
+          :not_a_list,
+          [{1, 2}],
+          [bogus: 1]
+        ] do
+      result = Convoy.Queue.put(stream, "k", "v", opts)
+
+      assert match?({:error, _}, result) and documented?(result),
+             "opts #{inspect(opts)} -> #{inspect(result)}"
+    end
+
+    assert Process.alive?(pid)
+    assert :ok = Convoy.Queue.flush(stream, await: 30_000)
+    delivered = read_all(stream) |> Enum.map(& &1.data)
+    assert "before" in delivered
+    assert length(delivered) == length(accepted) + 1
+    assert %{failed: 0} = Convoy.Queue.stats(stream)
+  end
+
+  test "attach_handler/4,5, detach and get with malformed values return errors, the queue stays up" do
+    stream = create_stream!(unique_stream("bad-handler"), 1)
+
+    pid =
+      start_supervised!({Convoy.Queue, stream: stream, kinesis: kinesis(), poll_interval: 100})
+
+    for handler <- [
+          nil,
+          :atom,
+          "fun",
+          fn -> 0 end,
+          fn _ -> 1 end,
+          fn _, _, _ -> 3 end,
+          {:mod, :fun}
+        ] do
+      assert {:error, {:invalid_handler, ^handler}} =
+               Convoy.Queue.attach_handler(stream, :h, handler, nil)
+    end
+
+    ok = fn _, _ -> :ok end
+
+    for opts <- [
+          [partition_keys: 1],
+          [partition_keys: [1]],
+          [on_error: :ignore],
+          [on_error: {:retry, 0}],
+          [ack_timeout: -5],
+          [what: 1],
+          :bad
+        ] do
+      assert {:error, _} = Convoy.Queue.attach_handler(stream, :h, ok, nil, opts)
+    end
+
+    for limit <- [0, -1, 10_001, 1.5, :ten, nil] do
+      assert {:error, {:invalid_limit, ^limit}} = Convoy.Queue.get(stream, limit)
+    end
+
+    assert Convoy.Queue.detach_handler(stream, make_ref()) == {:error, :not_found}
+    assert Convoy.Queue.attach_handler(:nope, :h, ok, nil) == {:error, :unknown_stream}
+    assert Process.alive?(pid)
+    assert :ok = Convoy.Queue.attach_handler(stream, :h, ok, nil)
+  end
+
+  test "start_link with malformed options raises an ArgumentError naming the problem" do
+    for {opts, pattern} <- [
+          {[stream: nil], ~r/:stream is required/},
+          {[stream: {1}], ~r/:stream/},
+          {[stream: "s", batch_timeout: "5"], ~r/:batch_timeout/},
+          {[stream: "s", poll_interval: -1], ~r/:poll_interval/},
+          {[stream: "s", max_buffered_records: 0], ~r/:max_buffered_records/},
+          {[stream: "s", kinesis: [endpoint_url: 5]], ~r/:endpoint_url/},
+          {[stream: "s", kinesis: :nope], ~r/:kinesis/},
+          {[stream: "s", on_failure: fn -> 1 end], ~r/:on_failure/},
+          {[stream: "s", aggregation: "yes"], ~r/:aggregation/},
+          {[stream: "s", service_options: 3], ~r/:service_options/},
+          {%{stream: "s"}, ~r/keyword list/}
+        ] do
+      assert_raise ArgumentError, pattern, fn -> Convoy.Queue.start_link(opts) end
+    end
+  end
+end
+
+defmodule Convoy.SchedulerSafetyTest do
+  # system_monitor is VM-wide: this module runs alone.
+  use ExUnit.Case, async: false
+
+  import Convoy.TestSupport
+
+  @tag timeout: 300_000
+  test "under put and consume load no Convoy NIF causes a long schedule (> 5 ms)" do
+    stream = create_stream!(unique_stream("long-schedule"), 4)
+
+    start_supervised!(
+      {Convoy.Queue,
+       stream: stream,
+       kinesis: kinesis(),
+       batch_timeout: 20,
+       poll_interval: 20,
+       iterator_type: :trim_horizon}
+    )
+
+    counter = :counters.new(1, [])
+
+    :ok =
+      Convoy.Queue.attach_handler(
+        stream,
+        :count,
+        fn _, _ -> :counters.add(counter, 1, 1) end,
+        nil
+      )
+
+    previous = :erlang.system_monitor(self(), [{:long_schedule, 5}])
+
+    try do
+      1..4
+      |> Task.async_stream(
+        fn p ->
+          for i <- 1..10_000 do
+            data =
+              if rem(i, 10) == 0,
+                do: %{"p" => p, "i" => i, "list" => Enum.to_list(1..50)},
+                else: "r-#{p}-#{i}"
+
+            put_until_accepted(stream, "k#{rem(i, 32)}", data)
+          end
+        end,
+        timeout: :infinity
+      )
+      |> Stream.run()
+
+      eventually(fn -> :counters.get(counter, 1) == 40_000 end, 120_000)
+    after
+      :erlang.system_monitor(previous)
+    end
+
+    long = collect_long_schedules([])
+    convoy = Enum.filter(long, &convoy_nif?/1)
+    assert convoy == [], "long schedules in Convoy NIFs: #{inspect(convoy)}"
+  end
+
+  defp put_until_accepted(stream, key, data) do
+    case Convoy.Queue.put(stream, key, data) do
+      :ok ->
+        :ok
+
+      {:error, :overloaded} ->
+        Process.sleep(2)
+        put_until_accepted(stream, key, data)
+    end
+  end
+
+  defp collect_long_schedules(acc) do
+    receive do
+      {:monitor, _who, :long_schedule, info} -> collect_long_schedules([info | acc])
+    after
+      0 -> acc
+    end
+  end
+
+  defp convoy_nif?(info) do
+    Enum.any?([info[:in], info[:out]], fn
+      {Convoy.Native, _, _} -> true
+      _ -> false
+    end)
+  end
+end
