@@ -195,4 +195,55 @@ defmodule Convoy.AggregationTest do
     assert {:ok, _} = Convoy.Queue.put(id, "k", fake, await: 10_000)
     assert [%Convoy.Record{data: ^fake, sub_sequence_number: nil}] = consume!(stream, 1)
   end
+
+  @tag :tmp_dir
+  test "a restart never loses the tail of an aggregated record", %{tmp_dir: dir} do
+    stream = create_stream!(unique_stream("agg-checkpoint"), 1)
+
+    producer =
+      start_queue!(stream,
+        stream_id: {:producer, stream},
+        aggregation: true,
+        batch_timeout: 10_000,
+        max_in_flight: 1
+      )
+
+    for i <- 1..300, do: :ok = Convoy.Queue.put(producer, "k#{rem(i, 5)}", "u#{i}")
+    :ok = Convoy.Queue.flush(producer, await: 30_000)
+    for i <- 301..600, do: :ok = Convoy.Queue.put(producer, "k#{rem(i, 5)}", "u#{i}")
+    :ok = Convoy.Queue.flush(producer, await: 30_000)
+    assert length(raw_get!(stream)) == 2
+
+    consumer = [
+      stream: stream,
+      stream_id: {:consumer, stream},
+      kinesis: kinesis(),
+      iterator_type: :trim_horizon,
+      poll_interval: 50,
+      poll_limit: 1,
+      checkpoint: {Convoy.Checkpoint.File, dir: dir}
+    ]
+
+    # One Kinesis record per batch: the first aggregated record, unpacked.
+    {:ok, pid} = Convoy.Queue.start_link(consumer)
+    :ok = Convoy.Queue.attach_handler(consumer[:stream_id], :pid, self(), nil)
+    assert_receive {:convoy_batch, first}, 10_000
+    assert length(first.records) == 300
+    # Stopped before the batch is acknowledged: nothing is checkpointed inside it.
+    Process.unlink(pid)
+    GenServer.stop(pid)
+
+    {:ok, pid} = Convoy.Queue.start_link(consumer)
+    :ok = Convoy.Queue.attach_handler(consumer[:stream_id], :pid, self(), nil)
+    assert_receive {:convoy_batch, again}, 10_000
+    assert Enum.map(again.records, & &1.data) == Enum.map(first.records, & &1.data)
+    Convoy.Queue.ack(again)
+    assert_receive {:convoy_batch, second}, 10_000
+
+    assert Enum.map(again.records ++ second.records, & &1.data) |> Enum.sort() ==
+             Enum.sort(for i <- 1..600, do: "u#{i}")
+
+    Process.unlink(pid)
+    GenServer.stop(pid)
+  end
 end

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::middleware::Next;
 use clap::{Parser, Subcommand};
 use ferrokinesis::store::StoreOptions;
@@ -28,23 +29,30 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the Kinesis API on 127.0.0.1.
-    Serve {
-        /// Port to bind; 0 picks a free one (printed on start).
-        #[arg(long, default_value_t = 0)]
-        port: u16,
-        /// Enforce the per-shard write limits (1 MiB/s, 1,000 records/s).
-        #[arg(long)]
-        enforce_limits: bool,
-        /// Shard iterator lifetime in seconds (AWS: 300).
-        #[arg(long, default_value_t = 300)]
-        iterator_ttl_seconds: u64,
-        /// Maximum open shards across all streams.
-        #[arg(long, default_value_t = 1000)]
-        shard_limit: u32,
-        /// Keep running when standard input closes (for use from a shell).
-        #[arg(long)]
-        ignore_stdin: bool,
-    },
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Port to bind; 0 picks a free one (printed on start).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Enforce the per-shard write limits (1 MiB/s, 1,000 records/s).
+    #[arg(long)]
+    enforce_limits: bool,
+    /// Shard iterator lifetime in seconds (AWS: 300).
+    #[arg(long, default_value_t = 300)]
+    iterator_ttl_seconds: u64,
+    /// Maximum open shards across all streams.
+    #[arg(long, default_value_t = 1000)]
+    shard_limit: u32,
+    /// Largest request body in MiB. 7 fits a full PutRecords (5 MiB of
+    /// data, base64 in JSON), as ferrokinesis' own server allows.
+    #[arg(long, default_value_t = 7)]
+    max_request_body_mb: usize,
+    /// Keep running when standard input closes (for use from a shell).
+    #[arg(long)]
+    ignore_stdin: bool,
 }
 
 fn main() {
@@ -56,34 +64,21 @@ fn main() {
         .expect("tokio runtime");
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Serve {
-                port,
-                enforce_limits,
-                iterator_ttl_seconds,
-                shard_limit,
-                ignore_stdin,
-            } => {
-                serve(
-                    port,
-                    enforce_limits,
-                    iterator_ttl_seconds,
-                    shard_limit,
-                    ignore_stdin,
-                )
-                .await
-            }
+            Command::Serve(args) => serve(args).await,
         }
     });
     std::process::exit(code);
 }
 
-async fn serve(
-    port: u16,
-    enforce_limits: bool,
-    iterator_ttl_seconds: u64,
-    shard_limit: u32,
-    ignore_stdin: bool,
-) -> i32 {
+async fn serve(args: ServeArgs) -> i32 {
+    let ServeArgs {
+        port,
+        enforce_limits,
+        iterator_ttl_seconds,
+        shard_limit,
+        max_request_body_mb,
+        ignore_stdin,
+    } = args;
     let options = StoreOptions {
         create_stream_ms: 0,
         delete_stream_ms: 0,
@@ -94,6 +89,7 @@ async fn serve(
         ..StoreOptions::default()
     };
     let (app, _store) = ferrokinesis::create_app(options);
+    let app = app.layer(DefaultBodyLimit::max(max_request_body_mb * 1024 * 1024));
     // One request at a time. ferrokinesis 0.7.0 deadlocks under concurrent
     // PutRecords and GetRecords on one stream: GetRecords keeps a DashMap
     // read guard across an await while PutRecords blocks its worker thread

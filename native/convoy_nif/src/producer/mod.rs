@@ -208,7 +208,9 @@ impl Producer {
 }
 
 fn decode_explicit_hash_key(term: Term) -> Result<Option<String>, Error> {
-    if term.get_type() == TermType::Atom && term.atom_to_string().is_ok_and(|a| a == "nil") {
+    // An identity check against the atom, not a string comparison: this
+    // runs on every put.
+    if term == atoms::nil().to_term(term.get_env()) {
         return Ok(None);
     }
     let bin = Binary::from_term(term)
