@@ -39,6 +39,27 @@ defmodule Convoy.Consumer do
   @spec start_link(keyword) :: GenServer.on_start()
   def start_link(options), do: GenServer.start_link(__MODULE__, options)
 
+  @doc """
+  The consumer's share of validated `Convoy.Queue` options.
+
+  ## Example
+
+      Convoy.Consumer.start_link(Convoy.Consumer.queue_options(options) ++ [source: {MySource, state}])
+  """
+  @spec queue_options(keyword) :: keyword
+  def queue_options(options) do
+    Keyword.take(options, [
+      :stream_id,
+      :checkpoint,
+      :iterator_type,
+      :poll_interval,
+      :poll_limit,
+      :shard_refresh_interval,
+      :retry_backoff,
+      :max_backoff
+    ])
+  end
+
   @doc "Adds a handler; see `Convoy.Queue.attach_handler/5`."
   @spec attach(pid, term, Convoy.Queue.handler(), term, keyword) ::
           :ok | {:error, :already_exists}

@@ -59,7 +59,7 @@ defmodule Convoy.Services.Kinesis do
   end
 
   def put(%{producer: producer}, key, data, opts) do
-    with {:ok, hash_key, await} <- put_options(opts) do
+    with {:ok, hash_key, await} <- Convoy.Queue.PutOptions.parse(opts) do
       case await do
         nil ->
           native_put(producer, key, data, hash_key, nil)
@@ -83,26 +83,6 @@ defmodule Convoy.Services.Kinesis do
 
   defp native_put(producer, key, data, hash_key, reply),
     do: Native.producer_put_term(producer, key, data, hash_key, reply)
-
-  defp put_options(opts) do
-    if is_list(opts) and Keyword.keyword?(opts) do
-      case Keyword.split(opts, [:explicit_hash_key, :await]) do
-        {known, []} ->
-          check_await(Keyword.get(known, :explicit_hash_key), Keyword.get(known, :await))
-
-        {_, unknown} ->
-          {:error, {:unknown_options, Keyword.keys(unknown)}}
-      end
-    else
-      {:error, {:invalid_options, opts}}
-    end
-  end
-
-  defp check_await(hash_key, await)
-       when is_nil(await) or await == :infinity or (is_integer(await) and await >= 0),
-       do: {:ok, hash_key, await}
-
-  defp check_await(_hash_key, await), do: {:error, {:invalid_await, await}}
 
   @impl Convoy.Service
   def flush(%{producer: producer}, opts) do
@@ -149,16 +129,8 @@ defmodule Convoy.Services.Kinesis do
 
         {:ok, consumer} =
           Convoy.Consumer.start_link(
-            Keyword.take(options, [
-              :stream_id,
-              :checkpoint,
-              :iterator_type,
-              :poll_interval,
-              :poll_limit,
-              :shard_refresh_interval,
-              :retry_backoff,
-              :max_backoff
-            ]) ++ [source: {Source, %{client: client, stream: options[:stream]}}]
+            Convoy.Consumer.queue_options(options) ++
+              [source: {Source, %{client: client, stream: options[:stream]}}]
           )
 
         handle = %{producer: producer, consumer: consumer, stream_id: options[:stream_id]}

@@ -70,7 +70,7 @@ defmodule Convoy.Services.Memory do
 
   @impl Convoy.Service
   def put(%{server: server, max_record_bytes: max}, key, data, opts) do
-    with {:ok, hash_key, await} <- put_options(opts),
+    with {:ok, hash_key, await} <- Convoy.Queue.PutOptions.parse(opts),
          {:ok, key} <- check_key(key),
          {:ok, hash_key} <- check_hash_key(hash_key),
          {:ok, data} <- encode(data),
@@ -147,17 +147,6 @@ defmodule Convoy.Services.Memory do
 
   # ---------------------------------------------------------------------------
   # Validation, the same rules and error terms as the Kinesis service
-
-  defp put_options(opts) do
-    if is_list(opts) and Keyword.keyword?(opts) do
-      case Keyword.split(opts, [:explicit_hash_key, :await]) do
-        {known, []} -> {:ok, known[:explicit_hash_key], known[:await]}
-        {_, unknown} -> {:error, {:unknown_options, Keyword.keys(unknown)}}
-      end
-    else
-      {:error, {:invalid_options, opts}}
-    end
-  end
 
   defp check_key(key) when is_binary(key) do
     cond do
@@ -243,14 +232,7 @@ defmodule Convoy.Services.Memory do
 
     {:ok, consumer} =
       Convoy.Consumer.start_link(
-        Keyword.take(options, [
-          :stream_id,
-          :checkpoint,
-          :iterator_type,
-          :poll_interval,
-          :poll_limit
-        ]) ++
-          [source: {Source, self()}, shard_refresh_interval: 1_000]
+        Convoy.Consumer.queue_options(options) ++ [source: {Source, self()}]
       )
 
     handle = %{server: self(), consumer: consumer, max_record_bytes: options[:max_record_bytes]}
