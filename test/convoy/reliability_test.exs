@@ -241,3 +241,40 @@ defmodule Convoy.SchedulerSafetyTest do
     end)
   end
 end
+
+defmodule Convoy.KilledQueueTest do
+  use ExUnit.Case, async: true
+
+  import Convoy.TestSupport
+
+  test "a killed queue is restarted by its supervisor and the old buffer is still delivered" do
+    stream = create_stream!(unique_stream("killed"), 2)
+
+    {:ok, sup} =
+      Supervisor.start_link(
+        [{Convoy.Queue, stream: stream, kinesis: kinesis(), batch_timeout: 600_000}],
+        strategy: :one_for_one
+      )
+
+    for i <- 1..1_000, do: :ok = Convoy.Queue.put(stream, "k#{rem(i, 9)}", "before-kill-#{i}")
+    [{_, queue, _, _}] = Supervisor.which_children(sup)
+    Process.exit(queue, :kill)
+
+    # The supervisor starts a fresh queue; the killed one's records, which
+    # were only buffered, are sent by its producer once it is released.
+    eventually(fn ->
+      match?([{_, pid, _, _}] when is_pid(pid) and pid != queue, Supervisor.which_children(sup))
+    end)
+
+    eventually(fn -> Convoy.Queue.put(stream, "k", "after-restart") == :ok end)
+    :ok = Convoy.Queue.flush(stream, await: 30_000)
+
+    datas = fn -> read_all(stream) |> Enum.map(& &1.data) end
+    eventually(fn -> length(datas.()) == 1_001 end, 30_000)
+
+    assert Enum.sort(datas.()) ==
+             Enum.sort(["after-restart" | for(i <- 1..1_000, do: "before-kill-#{i}")])
+
+    Supervisor.stop(sup)
+  end
+end
