@@ -278,3 +278,46 @@ defmodule Convoy.KilledQueueTest do
     Supervisor.stop(sup)
   end
 end
+
+defmodule Convoy.CrashingHandlerTest do
+  use ExUnit.Case, async: true
+
+  import Convoy.TestSupport
+  import ExUnit.CaptureLog
+
+  test "a handler crashing on every 10th record, with on_error: :retry, handles each record exactly once" do
+    stream = create_stream!(unique_stream("every-nth"), 2)
+
+    start_supervised!(
+      {Convoy.Queue,
+       stream: stream, kinesis: kinesis(), iterator_type: :trim_horizon, poll_interval: 50}
+    )
+
+    me = self()
+    crashed = :ets.new(:crashed, [:public, :set])
+
+    handler = fn record, _ ->
+      n = record.data |> String.trim_leading("record-") |> String.to_integer()
+
+      # The first attempt at every 10th record crashes; the retry succeeds.
+      if rem(n, 10) == 0 and :ets.insert_new(crashed, {n}), do: raise("crash on #{n}")
+      send(me, {:handled, n})
+    end
+
+    capture_log(fn ->
+      :ok = Convoy.Queue.attach_handler(stream, :flaky, handler, nil, on_error: {:retry, 3})
+      raw_put!(stream, 500)
+
+      handled =
+        for _ <- 1..500 do
+          assert_receive {:handled, n}, 15_000
+          n
+        end
+
+      refute_receive {:handled, _}, 300
+      assert Enum.sort(handled) == Enum.to_list(0..499)
+      # 50 crashes, each retried once.
+      assert :ets.info(crashed, :size) == 50
+    end)
+  end
+end
