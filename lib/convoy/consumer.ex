@@ -115,6 +115,7 @@ defmodule Convoy.Consumer do
        ended: MapSet.new(),
        dispatchers: %{},
        stopping: %{},
+       restarts: %{},
        polling: false,
        refresh_ref: nil,
        started_at: System.system_time(:millisecond)
@@ -210,16 +211,22 @@ defmodule Convoy.Consumer do
       shard_id = find_dispatcher(state, pid) ->
         state = %{state | dispatchers: Map.delete(state.dispatchers, shard_id)}
 
-        if reason not in [:normal, :shutdown] do
+        if reason in [:normal, :shutdown] do
+          {:noreply, state}
+        else
+          # 1 s, 2 s, 4 s ... up to a minute, so a shard that keeps failing
+          # neither spins nor is given up.
+          restarts = Map.get(state.restarts, shard_id, 0)
+          delay = min(1_000 * Integer.pow(2, min(restarts, 6)), 60_000)
+
           Logger.error(
             "Convoy #{inspect(state.stream_id)}: dispatcher of #{shard_id} exited: " <>
-              "#{inspect(reason)}; restarting it from its checkpoint"
+              "#{inspect(reason)}; restarting it from its checkpoint in #{delay} ms"
           )
 
-          Process.send_after(self(), {:restart_shard, shard_id}, 1_000)
+          Process.send_after(self(), {:restart_shard, shard_id}, delay)
+          {:noreply, %{state | restarts: Map.put(state.restarts, shard_id, restarts + 1)}}
         end
-
-        {:noreply, state}
 
       true ->
         {:noreply, state}

@@ -321,3 +321,53 @@ defmodule Convoy.CrashingHandlerTest do
     end)
   end
 end
+
+defmodule Convoy.ConsumerOutageTest do
+  use ExUnit.Case, async: true
+
+  import Convoy.TestSupport
+
+  @moduletag :embedded_only
+
+  test "the emulator killed and restarted mid-consume: reading resumes and nothing new is missed" do
+    {:ok, local} = Convoy.Local.start()
+    endpoint = Convoy.Local.endpoint(local)
+    port = URI.parse(endpoint).port
+    stream = create_stream!(unique_stream("consume-outage"), 1, endpoint)
+
+    start_supervised!(
+      {Convoy.Queue,
+       stream: stream,
+       kinesis: kinesis(endpoint),
+       iterator_type: :trim_horizon,
+       poll_interval: 50,
+       retry_backoff: 50,
+       max_backoff: 500}
+    )
+
+    me = self()
+    :ok = Convoy.Queue.attach_handler(stream, :h, fn r, _ -> send(me, {:got, r.data}) end, nil)
+    raw_put!(stream, 100, endpoint: endpoint)
+
+    for i <- 0..99 do
+      expected = "record-#{i}"
+      assert_receive {:got, ^expected}, 10_000
+    end
+
+    # The emulator dies (with its data) and comes back empty on the same port.
+    Convoy.Local.stop(local)
+    Process.sleep(1_000)
+    {:ok, local} = Convoy.Local.start(port: port)
+    create_stream!(stream, 1, endpoint)
+    raw_put!(stream, 100, start: 100, endpoint: endpoint)
+
+    got =
+      for _ <- 100..199 do
+        assert_receive {:got, "record-" <> n}, 60_000
+        String.to_integer(n)
+      end
+
+    assert Enum.sort(got) == Enum.to_list(100..199)
+    Convoy.Local.stop(local)
+  end
+end

@@ -80,6 +80,22 @@ defmodule Convoy.Consumer.ShardDispatcher do
     {:noreply, state}
   end
 
+  def handle_info({:convoy_poller_stopped, _shard_id, reason}, state) do
+    # The reader gave up on an error retrying cannot cure. Stopping lets the
+    # consumer start this shard again from its checkpoint, after a pause.
+    Logger.error(
+      "Convoy #{inspect(state.stream_id)}: reading #{state.shard_id} stopped: #{inspect(reason)}"
+    )
+
+    Telemetry.execute([:convoy, :poller, :error], %{count: 1}, %{
+      stream_id: state.stream_id,
+      shard_id: state.shard_id,
+      reason: reason
+    })
+
+    {:stop, {:reader_stopped, reason}, state}
+  end
+
   def handle_info({:convoy_task_panic, what, message}, state) do
     Logger.error(
       "Convoy #{inspect(state.stream_id)}: #{what} of #{state.shard_id} panicked: #{message}"

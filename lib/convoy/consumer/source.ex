@@ -16,6 +16,9 @@ defmodule Convoy.Consumer.Source do
     * `{:convoy_shard_end, shard_id}` - a closed shard was read to its end.
     * `{:convoy_poller_error, shard_id, reason}` - an error worth logging;
       the reader retries transient ones itself.
+    * `{:convoy_poller_stopped, shard_id, reason}` - the reader gave up on
+      an error retrying cannot cure; the consumer restarts the shard from
+      its checkpoint after a pause.
 
   Sequence numbers are decimal strings that grow within a shard.
 

@@ -27,6 +27,7 @@ rustler::atoms! {
     convoy_records,
     convoy_shard_end,
     convoy_poller_error,
+    convoy_poller_stopped,
     convoy_task_panic,
     // record and shard fields
     shard_id,

@@ -217,6 +217,15 @@ impl ShardTask {
         })
     }
 
+    /// The task ends on an error retrying cannot cure; the dispatcher decides
+    /// what next (it restarts the shard from its checkpoint).
+    fn stopped_by(&self, error: &Error) -> bool {
+        let shard_id = self.options.shard_id.as_str();
+        delivery::send(&self.dispatcher, |env| {
+            (atoms::convoy_poller_stopped(), shard_id, Reason(error)).encode(env)
+        })
+    }
+
     /// An iterator for the resume position; transient failures are retried
     /// with backoff, a permanent one is reported and ends the task.
     async fn iterator(&mut self) -> Option<String> {
@@ -234,10 +243,17 @@ impl ShardTask {
             .await;
             match result {
                 Ok(iterator) => return Some(iterator),
+                Err(error) if self.foreign_position(&error) => {
+                    // The stream was deleted and created again: the position
+                    // names a record it never had. Reading from the start is
+                    // the only way not to miss what it holds now.
+                    self.report(&error);
+                    self.resume = Position::TrimHorizon;
+                }
                 Err(error) => {
                     failures += 1;
                     if !retry::error_is_retryable(&error) {
-                        self.report(&error);
+                        self.stopped_by(&error);
                         return None;
                     }
                     if failures == 1 {
@@ -250,6 +266,18 @@ impl ShardTask {
                 }
             }
         }
+    }
+
+    /// Whether Kinesis refused a sequence-number position as not from this
+    /// stream (the wording Kinesis and the emulators use).
+    fn foreign_position(&self, error: &Error) -> bool {
+        let by_sequence = matches!(
+            self.resume,
+            Position::AtSequenceNumber(_) | Position::AfterSequenceNumber(_)
+        );
+        by_sequence
+            && matches!(error, Error::Aws { code, message }
+                if code == "InvalidArgumentException" && message.contains("did not come from this stream"))
     }
 
     async fn run(mut self) {
@@ -317,7 +345,7 @@ impl ShardTask {
                     }
                     failures += 1;
                     if !retry::error_is_retryable(&error) {
-                        self.report(&error);
+                        self.stopped_by(&error);
                         return;
                     }
                     if failures == 1 {

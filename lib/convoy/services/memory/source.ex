@@ -56,7 +56,7 @@ defmodule Convoy.Services.Memory.Source do
         end
 
       {:error, reason} ->
-        send(dispatcher, {:convoy_poller_error, shard_id, reason})
+        send(dispatcher, {:convoy_poller_stopped, shard_id, reason})
     end
   end
 end
