@@ -169,7 +169,9 @@ defmodule Convoy.Queue do
       acknowledged the record and return `{:ok, %{shard_id: id,
       sequence_number: seq}}` (with `aggregation: true` also
       `sub_sequence_number`, the record's index inside its aggregated
-      record). On `{:error, :timeout}` the record may still arrive later.
+      record). On `{:error, :timeout}` the record may still arrive later,
+      and its outcome message (`{:convoy_put, id, result}`) may still reach
+      the caller's mailbox; a GenServer calling this should ignore it.
 
   ## Errors
 
@@ -200,7 +202,8 @@ defmodule Convoy.Queue do
   Sends everything buffered now instead of waiting for `batch_timeout`.
 
   With `await: timeout`, returns once every record buffered before the call
-  has an outcome (acknowledged or failed), or `{:error, :timeout}`.
+  has an outcome (acknowledged or failed), or `{:error, :timeout}`. Bad
+  options give `{:error, {:invalid_options | :unknown_options | :invalid_await, _}}`.
 
   ## Example
 

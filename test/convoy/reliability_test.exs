@@ -87,6 +87,10 @@ defmodule Convoy.BadInputTest do
              "opts #{inspect(opts)} -> #{inspect(result)}"
     end
 
+    for opts <- [:bad, [await: -1], [await: :soon], [bogus: 1]] do
+      assert {:error, _} = Convoy.Queue.flush(stream, opts)
+    end
+
     assert Process.alive?(pid)
     assert :ok = Convoy.Queue.flush(stream, await: 30_000)
     delivered = read_all(stream) |> Enum.map(& &1.data)

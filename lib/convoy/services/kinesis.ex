@@ -86,11 +86,11 @@ defmodule Convoy.Services.Kinesis do
 
   @impl Convoy.Service
   def flush(%{producer: producer}, opts) do
-    case Keyword.get(opts, :await) do
-      nil ->
+    case flush_timeout(opts) do
+      {:ok, nil} ->
         Native.producer_flush(producer, nil)
 
-      timeout ->
+      {:ok, timeout} ->
         id = System.unique_integer([:positive])
         :ok = Native.producer_flush(producer, {self(), id})
 
@@ -99,6 +99,22 @@ defmodule Convoy.Services.Kinesis do
         after
           timeout -> {:error, :timeout}
         end
+
+      {:error, _} = error ->
+        error
+    end
+  end
+
+  defp flush_timeout(opts) do
+    with true <- is_list(opts) and Keyword.keyword?(opts),
+         {known, []} <- Keyword.split(opts, [:await]),
+         await when is_nil(await) or await == :infinity or (is_integer(await) and await >= 0) <-
+           known[:await] do
+      {:ok, await}
+    else
+      false -> {:error, {:invalid_options, opts}}
+      {_, unknown} -> {:error, {:unknown_options, Keyword.keys(unknown)}}
+      await -> {:error, {:invalid_await, await}}
     end
   end
 
