@@ -56,7 +56,8 @@ defmodule Convoy.Consumer do
       :poll_limit,
       :shard_refresh_interval,
       :retry_backoff,
-      :max_backoff
+      :max_backoff,
+      :handlers
     ])
   end
 
@@ -94,6 +95,9 @@ defmodule Convoy.Consumer do
     {checkpoint_module, checkpoint_options} = Keyword.fetch!(options, :checkpoint)
     stream_id = Keyword.fetch!(options, :stream_id)
     {:ok, checkpoint} = checkpoint_module.init([{:stream_id, stream_id} | checkpoint_options])
+    # Handlers given at start are attached after init, so a slow or
+    # unreachable endpoint never holds up the queue's start.
+    send(self(), {:attach_initial, Keyword.get(options, :handlers, [])})
 
     {:ok,
      %{
@@ -176,6 +180,16 @@ defmodule Convoy.Consumer do
   end
 
   @impl true
+  def handle_info({:attach_initial, handlers}, state) do
+    state =
+      Enum.reduce(handlers, state, fn {id, handler, config, opts}, state ->
+        {:reply, _, state} = handle_call({:attach, id, handler, config, opts}, nil, state)
+        state
+      end)
+
+    {:noreply, state}
+  end
+
   def handle_info({:shard_ended, shard_id}, state) do
     state = %{state | ended: MapSet.put(state.ended, shard_id)}
     # Children appear in the shard list once their parent closed.

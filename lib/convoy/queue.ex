@@ -141,6 +141,9 @@ defmodule Convoy.Queue do
       Defaults to `10_000`.
     * `:shard_refresh_interval` - ms between ListShards calls that discover
       new shards. Defaults to `60_000`.
+    * `:handlers` - handlers attached as the queue starts, and again
+      whenever its supervisor restarts it: a list of `{id, handler, config}`
+      or `{id, handler, config, opts}` (see `attach_handler/5`). Defaults to `[]`.
 
   ## Example
 
@@ -286,46 +289,8 @@ defmodule Convoy.Queue do
   @spec attach_handler(stream_id, term, handler, term, keyword) :: :ok | {:error, reason}
   def attach_handler(stream_id, handler_id, handler, config, opts) do
     with {:ok, service, handle} <- lookup(stream_id),
-         {:ok, opts} <- handler_options(handler, opts) do
+         {:ok, opts} <- Options.handler(handler, opts) do
       service.attach_handler(handle, handler_id, handler, config, opts)
-    end
-  end
-
-  defp handler_options(handler, opts) do
-    cond do
-      not (is_function(handler, 2) or is_pid(handler)) ->
-        {:error, {:invalid_handler, handler}}
-
-      not (is_list(opts) and Keyword.keyword?(opts)) ->
-        {:error, {:invalid_options, opts}}
-
-      true ->
-        case Keyword.validate(opts, partition_keys: nil, on_error: :detach, ack_timeout: :infinity) do
-          {:ok, opts} -> check_handler_options(opts)
-          {:error, unknown} -> {:error, {:unknown_options, unknown}}
-        end
-    end
-  end
-
-  defp check_handler_options(opts) do
-    keys = opts[:partition_keys]
-    on_error = opts[:on_error]
-    ack_timeout = opts[:ack_timeout]
-
-    cond do
-      not (is_nil(keys) or is_binary(keys) or is_function(keys, 1) or
-               (is_list(keys) and Enum.all?(keys, &is_binary/1))) ->
-        {:error, {:invalid_partition_keys, keys}}
-
-      not (on_error in [:detach, :retry] or
-               match?({:retry, n} when is_integer(n) and n > 0, on_error)) ->
-        {:error, {:invalid_on_error, on_error}}
-
-      not (ack_timeout == :infinity or (is_integer(ack_timeout) and ack_timeout > 0)) ->
-        {:error, {:invalid_ack_timeout, ack_timeout}}
-
-      true ->
-        {:ok, opts}
     end
   end
 

@@ -375,3 +375,63 @@ defmodule Convoy.ConsumerOutageTest do
     Convoy.Local.stop(local)
   end
 end
+
+defmodule Convoy.RestartResumeTest do
+  use ExUnit.Case, async: true
+
+  import Convoy.TestSupport
+
+  @tag :tmp_dir
+  test "a killed queue comes back with its :handlers and resumes from the file checkpoint", %{
+    tmp_dir: dir
+  } do
+    stream = create_stream!(unique_stream("resume"), 2)
+    me = self()
+    handler = fn record, tag -> send(me, {tag, record.data}) end
+
+    {:ok, sup} =
+      Supervisor.start_link(
+        [
+          {Convoy.Queue,
+           stream: stream,
+           kinesis: kinesis(),
+           iterator_type: :trim_horizon,
+           poll_interval: 50,
+           checkpoint: {Convoy.Checkpoint.File, dir: dir},
+           handlers: [{:h, handler, :seen}]}
+        ],
+        strategy: :one_for_one
+      )
+
+    raw_put!(stream, 100)
+    first = for _ <- 1..100, do: assert_receive({:seen, data}, 10_000) && data
+    # Let the last batch's checkpoint be written before the kill.
+    Process.sleep(300)
+    [{_, queue, _, _}] = Supervisor.which_children(sup)
+    Process.exit(queue, :kill)
+
+    eventually(fn ->
+      match?([{_, pid, _, _}] when is_pid(pid) and pid != queue, Supervisor.which_children(sup))
+    end)
+
+    raw_put!(stream, 100, start: 100)
+    second = for _ <- 1..100, do: assert_receive({:seen, data}, 20_000) && data
+    refute_receive {:seen, _}, 500
+    assert Enum.sort(first) == Enum.sort(for i <- 0..99, do: "record-#{i}")
+    assert Enum.sort(second) == Enum.sort(for i <- 100..199, do: "record-#{i}")
+    Supervisor.stop(sup)
+  end
+
+  test "bad :handlers raise ArgumentError at start" do
+    assert_raise ArgumentError, ~r/:handlers/, fn ->
+      Convoy.Queue.child_spec(stream: "s", handlers: [{:h, :not_a_fun, nil}])
+    end
+
+    assert_raise ArgumentError, ~r/duplicate ids/, fn ->
+      Convoy.Queue.child_spec(
+        stream: "s",
+        handlers: [{:h, fn _, _ -> :ok end, nil}, {:h, fn _, _ -> :ok end, nil}]
+      )
+    end
+  end
+end

@@ -28,7 +28,8 @@ defmodule Convoy.Queue.Options do
     aggregation_max_bytes: 50 * 1024,
     shutdown: 30_000,
     poll_limit: 10_000,
-    shard_refresh_interval: 60_000
+    shard_refresh_interval: 60_000,
+    handlers: []
   ]
 
   @doc false
@@ -89,6 +90,12 @@ defmodule Convoy.Queue.Options do
     |> check(:shutdown, &pos_integer?/1, "a positive integer (ms)")
     |> check(:poll_limit, &(pos_integer?(&1) and &1 <= 10_000), "an integer in 1..10000")
     |> check(:shard_refresh_interval, &pos_integer?/1, "a positive integer (ms)")
+    |> check(
+      :handlers,
+      &is_list/1,
+      "a list of {id, handler, config} or {id, handler, config, opts}"
+    )
+    |> check_handlers!()
     |> check_aggregation_size!()
     |> Keyword.update!(:kinesis, &resolve_kinesis/1)
     |> Keyword.update!(:checkpoint, &normalize_checkpoint/1)
@@ -176,4 +183,80 @@ defmodule Convoy.Queue.Options do
   defp on_failure?(name) when is_atom(name), do: true
   defp on_failure?(fun) when is_function(fun, 1), do: true
   defp on_failure?(_), do: false
+
+  @doc false
+  # Checks a handler and its options; used by attach_handler/5 and :handlers.
+  @spec handler(term, term) :: {:ok, keyword} | {:error, term}
+  def handler(handler, opts) do
+    cond do
+      not (is_function(handler, 2) or is_pid(handler)) ->
+        {:error, {:invalid_handler, handler}}
+
+      not (is_list(opts) and Keyword.keyword?(opts)) ->
+        {:error, {:invalid_options, opts}}
+
+      true ->
+        case Keyword.validate(opts, partition_keys: nil, on_error: :detach, ack_timeout: :infinity) do
+          {:ok, opts} -> check_handler_options(opts)
+          {:error, unknown} -> {:error, {:unknown_options, unknown}}
+        end
+    end
+  end
+
+  defp check_handler_options(opts) do
+    keys = opts[:partition_keys]
+    on_error = opts[:on_error]
+    ack_timeout = opts[:ack_timeout]
+
+    cond do
+      not (is_nil(keys) or is_binary(keys) or is_function(keys, 1) or
+               (is_list(keys) and Enum.all?(keys, &is_binary/1))) ->
+        {:error, {:invalid_partition_keys, keys}}
+
+      not (on_error in [:detach, :retry] or
+               match?({:retry, n} when is_integer(n) and n > 0, on_error)) ->
+        {:error, {:invalid_on_error, on_error}}
+
+      not (ack_timeout == :infinity or (is_integer(ack_timeout) and ack_timeout > 0)) ->
+        {:error, {:invalid_ack_timeout, ack_timeout}}
+
+      true ->
+        {:ok, opts}
+    end
+  end
+
+  defp check_handlers!(options) do
+    handlers =
+      Enum.map(options[:handlers], fn
+        {id, handler, config} ->
+          start_handler!(id, handler, config, [])
+
+        {id, handler, config, opts} ->
+          start_handler!(id, handler, config, opts)
+
+        other ->
+          raise ArgumentError,
+                "invalid Convoy.Queue option :handlers: bad entry #{inspect(other)}"
+      end)
+
+    ids = Enum.map(handlers, &elem(&1, 0))
+
+    if length(Enum.uniq(ids)) != length(ids) do
+      raise ArgumentError,
+            "invalid Convoy.Queue option :handlers: duplicate ids in #{inspect(ids)}"
+    end
+
+    Keyword.put(options, :handlers, handlers)
+  end
+
+  defp start_handler!(id, handler, config, opts) do
+    case handler(handler, opts) do
+      {:ok, opts} ->
+        {id, handler, config, opts}
+
+      {:error, reason} ->
+        raise ArgumentError,
+              "invalid Convoy.Queue option :handlers: #{inspect(id)}: #{inspect(reason)}"
+    end
+  end
 end
