@@ -61,13 +61,25 @@ defmodule Convoy.Consumer do
     ])
   end
 
-  @doc "Adds a handler; see `Convoy.Queue.attach_handler/5`."
+  @doc """
+  Adds a handler; see `Convoy.Queue.attach_handler/5`.
+
+  ## Example
+
+      :ok = Convoy.Consumer.attach(consumer, :log, fn record, _ -> IO.inspect(record) end, nil, [])
+  """
   @spec attach(pid, term, Convoy.Queue.handler(), term, keyword) ::
           :ok | {:error, :already_exists}
   def attach(consumer, id, handler, config, opts),
     do: GenServer.call(consumer, {:attach, id, handler, config, opts})
 
-  @doc "Removes a handler."
+  @doc """
+  Removes a handler.
+
+  ## Example
+
+      :ok = Convoy.Consumer.detach(consumer, :log)
+  """
   @spec detach(pid, term) :: :ok | {:error, :not_found}
   def detach(consumer, id), do: GenServer.call(consumer, {:detach, id})
 
@@ -85,7 +97,13 @@ defmodule Convoy.Consumer do
     :exit, _ -> :ok
   end
 
-  @doc "Pull read; see `Convoy.Queue.get/2`."
+  @doc """
+  Pull read; see `Convoy.Queue.get/2`.
+
+  ## Example
+
+      records = Convoy.Consumer.get(consumer, 100)
+  """
   @spec get(pid, pos_integer) :: [Convoy.Record.t()] | {:error, term}
   def get(consumer, limit), do: GenServer.call(consumer, {:get, limit}, 60_000)
 
