@@ -193,17 +193,6 @@ defmodule Convoy.ProducerTest do
     end
   end
 
-  defp put_until_accepted(id, key, data) do
-    case Convoy.Queue.put(id, key, data) do
-      :ok ->
-        :ok
-
-      {:error, :overloaded} ->
-        Process.sleep(5)
-        put_until_accepted(id, key, data)
-    end
-  end
-
   test "graceful shutdown delivers a full buffer" do
     stream = create_stream!(unique_stream("shutdown"), 2)
 

@@ -219,17 +219,6 @@ defmodule Convoy.SchedulerSafetyTest do
     assert convoy == [], "long schedules in Convoy NIFs: #{inspect(convoy)}"
   end
 
-  defp put_until_accepted(stream, key, data) do
-    case Convoy.Queue.put(stream, key, data) do
-      :ok ->
-        :ok
-
-      {:error, :overloaded} ->
-        Process.sleep(2)
-        put_until_accepted(stream, key, data)
-    end
-  end
-
   defp collect_long_schedules(acc) do
     receive do
       {:monitor, _who, :long_schedule, info} -> collect_long_schedules([info | acc])

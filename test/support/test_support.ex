@@ -105,6 +105,18 @@ defmodule Convoy.TestSupport do
     :ok
   end
 
+  @doc "Puts a record, waiting out `:overloaded` answers (the buffer's bound at work)."
+  def put_until_accepted(stream_id, key, data) do
+    case Convoy.Queue.put(stream_id, key, data) do
+      :ok ->
+        :ok
+
+      {:error, :overloaded} ->
+        Process.sleep(2)
+        put_until_accepted(stream_id, key, data)
+    end
+  end
+
   @doc "Waits until `fun` returns a truthy value, checking every 50 ms."
   def eventually(fun, timeout \\ 60_000) do
     deadline = System.monotonic_time(:millisecond) + timeout
