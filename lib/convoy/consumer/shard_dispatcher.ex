@@ -67,32 +67,14 @@ defmodule Convoy.Consumer.ShardDispatcher do
   end
 
   def handle_info({:convoy_poller_error, _shard_id, reason}, state) do
-    Logger.warning(
-      "Convoy #{inspect(state.stream_id)}: reading #{state.shard_id}: #{inspect(reason)}"
-    )
-
-    Telemetry.execute([:convoy, :poller, :error], %{count: 1}, %{
-      stream_id: state.stream_id,
-      shard_id: state.shard_id,
-      reason: reason
-    })
-
+    reader_error(:warning, "reading #{state.shard_id}", reason, state)
     {:noreply, state}
   end
 
   def handle_info({:convoy_poller_stopped, _shard_id, reason}, state) do
     # The reader gave up on an error retrying cannot cure. Stopping lets the
     # consumer start this shard again from its checkpoint, after a pause.
-    Logger.error(
-      "Convoy #{inspect(state.stream_id)}: reading #{state.shard_id} stopped: #{inspect(reason)}"
-    )
-
-    Telemetry.execute([:convoy, :poller, :error], %{count: 1}, %{
-      stream_id: state.stream_id,
-      shard_id: state.shard_id,
-      reason: reason
-    })
-
+    reader_error(:error, "reading #{state.shard_id} stopped", reason, state)
     {:stop, {:reader_stopped, reason}, state}
   end
 
@@ -118,6 +100,16 @@ defmodule Convoy.Consumer.ShardDispatcher do
   end
 
   # ---------------------------------------------------------------------------
+
+  defp reader_error(level, what, reason, state) do
+    Logger.log(level, "Convoy #{inspect(state.stream_id)}: #{what}: #{inspect(reason)}")
+
+    Telemetry.execute([:convoy, :poller, :error], %{count: 1}, %{
+      stream_id: state.stream_id,
+      shard_id: state.shard_id,
+      reason: reason
+    })
+  end
 
   defp run_handler(handler, records, state) do
     if MapSet.member?(state.failed, handler.id) do
