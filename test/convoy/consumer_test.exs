@@ -33,17 +33,18 @@ defmodule Convoy.ConsumerTest do
   end
 
   @tag timeout: 600_000
-  test "50,000 records written by the raw SDK reach a function handler exactly once, in shard order" do
+  test "50,000 records (at full volume) written by the raw SDK reach a function handler exactly once, in shard order" do
     stream = create_stream!(unique_stream("consume"), 4)
-    raw_put!(stream, 50_000, keys: 64)
+    count = volume(50_000)
+    raw_put!(stream, count, keys: 64)
     id = start_queue!(stream, [])
     :ok = Convoy.Queue.attach_handler(id, :all, forward(:rec), :cfg)
 
-    records = collect(:rec, 50_000)
+    records = collect(:rec, count)
     refute_receive {:rec, _, _}, 500
 
     assert Enum.map(records, & &1.data) |> Enum.sort() ==
-             Enum.sort(for i <- 0..49_999, do: "record-#{i}")
+             Enum.sort(for i <- 0..(count - 1), do: "record-#{i}")
 
     for {_shard, group} <- Enum.group_by(records, & &1.shard_id) do
       seqs = Enum.map(group, &String.to_integer(&1.sequence_number))

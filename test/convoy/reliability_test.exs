@@ -190,13 +190,14 @@ defmodule Convoy.SchedulerSafetyTest do
         nil
       )
 
+    per_process = volume(10_000)
     previous = :erlang.system_monitor(self(), [{:long_schedule, 5}])
 
     try do
       1..4
       |> Task.async_stream(
         fn p ->
-          for i <- 1..10_000 do
+          for i <- 1..per_process do
             data =
               if rem(i, 10) == 0,
                 do: %{"p" => p, "i" => i, "list" => Enum.to_list(1..50)},
@@ -209,7 +210,7 @@ defmodule Convoy.SchedulerSafetyTest do
       )
       |> Stream.run()
 
-      eventually(fn -> :counters.get(counter, 1) == 40_000 end, 120_000)
+      eventually(fn -> :counters.get(counter, 1) == 4 * per_process end, 120_000)
     after
       :erlang.system_monitor(previous)
     end

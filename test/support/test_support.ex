@@ -25,6 +25,19 @@ defmodule Convoy.TestSupport do
     if embedded?(), do: [], else: [:embedded_only]
   end
 
+  # How many records a volume test uses: the full count by default, scaled by
+  # CONVOY_TEST_VOLUME (a fraction) against slower emulators. kinesis-mock,
+  # for one, holds each shard to the real 1,000 records/s write limit.
+  def volume(count) do
+    scale =
+      case Float.parse(System.get_env("CONVOY_TEST_VOLUME", "1")) do
+        {scale, ""} when scale > 0 -> scale
+        _ -> raise ArgumentError, "CONVOY_TEST_VOLUME must be a positive number"
+      end
+
+    max(1, round(count * scale))
+  end
+
   def endpoint, do: :persistent_term.get({__MODULE__, :endpoint})
   def embedded?, do: :persistent_term.get({__MODULE__, :embedded})
 
