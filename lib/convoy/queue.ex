@@ -172,7 +172,8 @@ defmodule Convoy.Queue do
       acknowledged the record and return `{:ok, %{shard_id: id,
       sequence_number: seq}}` (with `aggregation: true` also
       `sub_sequence_number`, the record's index inside its aggregated
-      record). On `{:error, :timeout}` the record may still arrive later,
+      record). The record still waits for its batch, up to `batch_timeout`
+      ms, so the timeout should allow more than that. On `{:error, :timeout}` the record may still arrive later,
       and its outcome message (`{:convoy_put, id, result}`) may still reach
       the caller's mailbox; a GenServer calling this should ignore it.
 
@@ -191,7 +192,7 @@ defmodule Convoy.Queue do
 
       :ok = Convoy.Queue.put("events", "user-1", ~s({"clicked":true}))
       {:ok, %{shard_id: _, sequence_number: _}} =
-        Convoy.Queue.put("events", "user-1", %{clicked: true}, await: 5_000)
+        Convoy.Queue.put("events", "user-1", %{clicked: true}, await: 10_000)
   """
   @spec put(stream_id, String.t(), term, keyword) :: :ok | {:ok, map} | {:error, reason}
   def put(stream_id, partition_key, data, opts \\ []) do

@@ -15,6 +15,11 @@ const listen = net.Server.prototype.listen;
 net.Server.prototype.listen = function (...args) {
   const callback = args.find((arg) => typeof arg === "function");
   const options = typeof args[0] === "object" && args[0] !== null ? args[0] : { port: args[0] };
+  // A port in use must stop the run, not leave a half-started emulator.
+  this.once("error", (error) => {
+    console.error(`kinesis-mock: ${error.message}`);
+    process.exit(1);
+  });
   if (Number(options.port) === plainPort) {
     this.once("listening", () => console.log(`kinesis-mock listening on http://127.0.0.1:${plainPort}`));
   }
@@ -34,6 +39,10 @@ Object.assign(process.env, {
 });
 
 // server.json (its TLS certificate) is looked up next to the working directory.
+// Its own shutdown hook can take long while it is busy; the tests are done
+// with it by then.
+for (const signal of ["SIGTERM", "SIGINT"]) process.on(signal, () => process.exit(0));
+
 const main = require.resolve("kinesis-local/main.js");
 process.chdir(path.dirname(main));
 require(main);
