@@ -21,6 +21,10 @@ defmodule Convoy.TestSupport do
     end
   end
 
+  # Tests tagged :embedded_only start an embedded emulator of their own, to
+  # stop and restart it or to shorten its iterator lifetime; no other
+  # emulator offers those controls, so a run against one would only repeat
+  # them. They run once, in the embedded run.
   def excluded_tags do
     if embedded?(), do: [], else: [:embedded_only]
   end
