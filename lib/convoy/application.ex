@@ -5,7 +5,8 @@ defmodule Convoy.Application do
   @impl true
   def start(_type, _args) do
     children = [
-      {Registry, keys: :unique, name: Convoy.Registry}
+      {Registry, keys: :unique, name: Convoy.Registry},
+      Convoy.Services.Kinesis.Heir
     ]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: Convoy.Supervisor)

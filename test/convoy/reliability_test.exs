@@ -240,6 +240,7 @@ defmodule Convoy.KilledQueueTest do
   use ExUnit.Case, async: true
 
   import Convoy.TestSupport
+  import ExUnit.CaptureLog
 
   test "a killed queue is restarted by its supervisor and the old buffer is still delivered" do
     stream = create_stream!(unique_stream("killed"), 2)
@@ -270,6 +271,62 @@ defmodule Convoy.KilledQueueTest do
              Enum.sort(["after-restart" | for(i <- 1..1_000, do: "before-kill-#{i}")])
 
     Supervisor.stop(sup)
+  end
+
+  test "a killed queue's producer sends its buffer at once, without waiting for a restart" do
+    stream = create_stream!(unique_stream("killed-alone"), 2)
+
+    {:ok, queue} =
+      Convoy.Queue.start_link(stream: stream, kinesis: kinesis(), batch_timeout: 600_000)
+
+    Process.unlink(queue)
+
+    for i <- 1..500, do: :ok = Convoy.Queue.put(stream, "k#{rem(i, 9)}", "orphan-#{i}")
+    Process.exit(queue, :kill)
+
+    # Nobody restarts it; the batch timeout is 10 minutes away.
+    datas = fn -> read_all(stream) |> Enum.map(& &1.data) end
+    eventually(fn -> length(datas.()) == 500 end, 30_000)
+    assert Enum.sort(datas.()) == Enum.sort(for i <- 1..500, do: "orphan-#{i}")
+    assert Convoy.Queue.put(stream, "k", "late") == {:error, :closed}
+  end
+
+  test "what a killed queue's producer finally fails still reaches on_failure and the log" do
+    me = self()
+    # The stream never exists: every attempt fails until the retries run out.
+    stream = unique_stream("killed-missing")
+
+    log =
+      capture_log(fn ->
+        {:ok, queue} =
+          Convoy.Queue.start_link(
+            stream: stream,
+            kinesis: kinesis(),
+            batch_timeout: 600_000,
+            max_retries: 1,
+            retry_backoff: 10,
+            on_failure: fn failure -> send(me, {:failed, failure}) end
+          )
+
+        Process.unlink(queue)
+        for i <- 1..20, do: :ok = Convoy.Queue.put(stream, "k", "doomed-#{i}")
+        Process.exit(queue, :kill)
+
+        failed =
+          for _ <- 1..20 do
+            assert_receive {:failed,
+                            %{data: data, reason: {:aws, "ResourceNotFoundException", _}}},
+                           10_000
+
+            data
+          end
+
+        assert Enum.sort(failed) == Enum.sort(for i <- 1..20, do: "doomed-#{i}")
+        # The heir forgets the queue once its producer is closed.
+        eventually(fn -> not heir_holds?(stream) end)
+      end)
+
+    assert log =~ "Convoy #{inspect(stream)}: 20 record(s) failed after retries"
   end
 end
 

@@ -42,6 +42,13 @@ defmodule Convoy.TestSupport do
     max(1, round(count * scale))
   end
 
+  @doc "Whether the heir still holds a queue of this stream_id (it forgets closed ones)."
+  def heir_holds?(stream_id) do
+    :sys.get_state(Convoy.Services.Kinesis.Heir)
+    |> Map.values()
+    |> Enum.any?(&match?({^stream_id, _}, &1))
+  end
+
   def endpoint, do: :persistent_term.get({__MODULE__, :endpoint})
   def embedded?, do: :persistent_term.get({__MODULE__, :embedded})
 

@@ -22,7 +22,7 @@ defmodule Convoy.Services.Kinesis do
   require Logger
 
   alias Convoy.{KinesisConfig, Native, Telemetry}
-  alias Convoy.Services.Kinesis.Source
+  alias Convoy.Services.Kinesis.{Heir, Source}
 
   @typedoc "The handle registered for the queue."
   @type t :: %{producer: reference, consumer: pid, stream_id: term}
@@ -141,7 +141,13 @@ defmodule Convoy.Services.Kinesis do
 
     case Native.call(&Native.client_new(KinesisConfig.to_native(kinesis), &1, &2)) do
       {:ok, client} ->
-        producer = Native.producer_start(client, producer_options(options))
+        {heir, heir_id} = Heir.register(options[:stream_id], options[:on_failure])
+
+        producer =
+          Native.producer_start(
+            client,
+            producer_options(options ++ [heir: heir, heir_id: heir_id])
+          )
 
         {:ok, consumer} =
           Convoy.Consumer.start_link(
@@ -181,9 +187,15 @@ defmodule Convoy.Services.Kinesis do
       aggregation_max_bytes:
         if(options[:aggregation], do: options[:aggregation_max_bytes], else: 0),
       shard_refresh_ms: options[:shard_refresh_interval],
-      owner: self()
+      owner: self(),
+      heir: options[:heir],
+      heir_id: options[:heir_id],
+      # As long as a normal stop would have allowed.
+      close_timeout_ms: close_timeout(options)
     }
   end
+
+  defp close_timeout(options), do: max(options[:shutdown] - 500, 100)
 
   @impl GenServer
   def handle_info({:convoy_put_failed, failures}, state) do
@@ -208,7 +220,7 @@ defmodule Convoy.Services.Kinesis do
   def terminate(_reason, state) do
     Convoy.Queue.unregister(state.stream_id)
     # Leave a little of the supervisor's shutdown time for the replies.
-    deadline = max(state.options[:shutdown] - 500, 100)
+    deadline = close_timeout(state.options)
     id = System.unique_integer([:positive])
     :ok = Native.producer_close(state.producer, deadline, self(), id)
     await_close(id, state, deadline + 1_000)
@@ -243,21 +255,27 @@ defmodule Convoy.Services.Kinesis do
   # ---------------------------------------------------------------------------
   # Failed records
 
-  defp report_failures(failures, state) do
+  defp report_failures(failures, state),
+    do: report_failures(failures, state.stream_id, state.options[:on_failure])
+
+  @doc false
+  # Logs records that finally failed, emits telemetry and calls `on_failure`;
+  # the heir reports for a killed queue the same way.
+  def report_failures(failures, stream_id, on_failure) do
     by_reason = Enum.group_by(failures, fn {_key, _data, reason} -> reason end)
 
     for {reason, group} <- by_reason do
       Logger.error(
-        "Convoy #{inspect(state.stream_id)}: #{length(group)} record(s) failed after retries: #{inspect(reason)}"
+        "Convoy #{inspect(stream_id)}: #{length(group)} record(s) failed after retries: #{inspect(reason)}"
       )
 
       Telemetry.execute([:convoy, :put, :failed], %{count: length(group)}, %{
-        stream_id: state.stream_id,
+        stream_id: stream_id,
         reason: reason
       })
     end
 
-    case state.options[:on_failure] do
+    case on_failure do
       nil ->
         :ok
 
@@ -280,7 +298,7 @@ defmodule Convoy.Services.Kinesis do
             %{partition_key: key, data: data, reason: reason}
           end)
 
-        send(dest, {:convoy_put_failed, state.stream_id, payload})
+        send(dest, {:convoy_put_failed, stream_id, payload})
     end
   rescue
     # A dead registered name must not take the queue down.

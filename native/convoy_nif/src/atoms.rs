@@ -22,6 +22,7 @@ rustler::atoms! {
     convoy_reply,
     convoy_put,
     convoy_put_failed,
+    convoy_orphan_put_failed,
     convoy_flushed,
     convoy_closed,
     convoy_records,

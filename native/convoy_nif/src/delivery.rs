@@ -1,7 +1,7 @@
 //! Sending terms from runtime threads to BEAM processes.
 //!
 //! `OwnedEnv::send_and_clear` may only run on a thread the VM does not manage;
-//! every caller here is a tokio worker. A failed send means the receiver is
+//! `send` is for tokio workers, `send_anywhere` for any thread. A failed send means the receiver is
 //! gone, which callers treat as "nobody is listening any more".
 
 use rustler::{Encoder, Env, LocalPid, OwnedEnv, Term};
@@ -17,6 +17,21 @@ where
 {
     let mut env = OwnedEnv::new();
     env.send_and_clear(pid, build).is_ok()
+}
+
+/// Like `send`, from any thread: on a scheduler thread (a NIF or a resource
+/// callback such as `down`) the send is handed to a runtime thread.
+pub fn send_anywhere<F>(pid: LocalPid, build: F)
+where
+    F: for<'a> FnOnce(Env<'a>) -> Term<'a> + Send + 'static,
+{
+    if rustler::thread::is_scheduler_thread() {
+        crate::runtime::handle().spawn(async move {
+            send(&pid, build);
+        });
+    } else {
+        send(&pid, build);
+    }
 }
 
 /// The reply to an asynchronous NIF call: `{:convoy_reply, id, {:ok, value} | {:error, reason}}`.

@@ -10,12 +10,16 @@
 //! Memory is bounded by a budget of records and bytes shared by the lanes and
 //! charged on `put`; it is paid back only when a record's outcome is final, so
 //! the bound holds while Kinesis is unreachable.
+//!
+//! The producer monitors the queue process that owns it. If that process dies
+//! without closing it (killed), the producer closes itself: it sends what it
+//! holds and reports what finally fails to the heir process instead.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustler::{Binary, Encoder, Env, LocalPid, ResourceArc, Term, TermType};
+use rustler::{Binary, Encoder, Env, LocalPid, Monitor, ResourceArc, Term, TermType};
 
 use crate::atoms;
 use crate::client::ClientResource;
@@ -60,6 +64,12 @@ pub struct ProducerOptions {
     /// Receives `{:convoy_put_failed, [{key, data, reason}]}` for records that
     /// finally failed, and panic reports.
     pub owner: LocalPid,
+    /// Receives `{:convoy_orphan_put_failed, heir_id, failures}` and then
+    /// `{:convoy_closed, heir_id}` once the owner died without closing.
+    pub heir: LocalPid,
+    pub heir_id: u64,
+    /// How long a producer whose owner died keeps sending what it holds.
+    pub close_timeout_ms: u64,
 }
 
 pub struct Producer {
@@ -77,7 +87,23 @@ impl Drop for Producer {
 }
 
 #[rustler::resource_impl]
-impl rustler::Resource for Producer {}
+impl rustler::Resource for Producer {
+    /// The owner died without closing the producer (it was killed): close it
+    /// now, so what it holds is sent at once and what fails is still reported.
+    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: Monitor) {
+        let shared = &self.shared;
+        shared.orphaned.store(true, Ordering::SeqCst);
+        self.close(
+            shared.close_timeout,
+            Arc::new(Waiter {
+                remaining: AtomicUsize::new(self.lanes.len()),
+                pid: shared.heir,
+                id: shared.heir_id,
+                message: atoms::convoy_closed,
+            }),
+        );
+    }
+}
 
 struct Shared {
     client: aws_sdk_kinesis::Client,
@@ -88,6 +114,11 @@ struct Shared {
     max_record_bytes: usize,
     policy: RetryPolicy,
     owner: LocalPid,
+    heir: LocalPid,
+    heir_id: u64,
+    /// Set once the owner is gone: failures go to the heir.
+    orphaned: AtomicBool,
+    close_timeout: Duration,
     closed: AtomicBool,
     stats: Stats,
     aggregation: Option<Arc<Aggregation>>,
@@ -133,7 +164,8 @@ impl Waiter {
     fn done(&self) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             let (message, id) = (self.message, self.id);
-            delivery::send(&self.pid, move |env| (message(), id).encode(env));
+            // The last lane may answer from a NIF or `down`: a scheduler thread.
+            delivery::send_anywhere(self.pid, move |env| (message(), id).encode(env));
         }
     }
 }
@@ -149,6 +181,20 @@ impl Shared {
 }
 
 impl Producer {
+    /// Stops taking records and has every lane send what it holds within
+    /// `timeout`; the waiter hears when all are done (at once if closed before).
+    fn close(&self, timeout: Duration, waiter: Arc<Waiter>) {
+        let already_closed = self.shared.closed.swap(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        for inbox in &self.lanes {
+            if already_closed {
+                waiter.done();
+            } else {
+                inbox.push_close(Command::Close(deadline, waiter.clone()));
+            }
+        }
+    }
+
     fn put(
         &self,
         key: Term,
@@ -248,6 +294,10 @@ fn producer_start(env: Env, client: ResourceArc<ClientResource>, options: Produc
             deadline: Duration::from_millis(options.retry_deadline_ms),
         },
         owner: options.owner,
+        heir: options.heir,
+        heir_id: options.heir_id,
+        orphaned: AtomicBool::new(false),
+        close_timeout: Duration::from_millis(options.close_timeout_ms),
         closed: AtomicBool::new(false),
         stats: Stats::default(),
         aggregation: (options.aggregation_max_bytes > 0)
@@ -272,7 +322,9 @@ fn producer_start(env: Env, client: ResourceArc<ClientResource>, options: Produc
             inbox
         })
         .collect();
-    ResourceArc::new(Producer { lanes, shared }).encode(env)
+    let producer = ResourceArc::new(Producer { lanes, shared });
+    producer.monitor(Some(env), &options.owner);
+    producer.encode(env)
 }
 
 /// The hot path: validate, charge the budget, enqueue, return. Binary data
@@ -347,21 +399,15 @@ fn producer_close(
     pid: LocalPid,
     id: u64,
 ) -> rustler::Atom {
-    let already_closed = producer.shared.closed.swap(true, Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-    let waiter = Arc::new(Waiter {
-        remaining: AtomicUsize::new(producer.lanes.len()),
-        pid,
-        id,
-        message: atoms::convoy_closed,
-    });
-    for inbox in &producer.lanes {
-        if already_closed {
-            waiter.done();
-        } else {
-            inbox.push_close(Command::Close(deadline, waiter.clone()));
-        }
-    }
+    producer.close(
+        Duration::from_millis(timeout_ms),
+        Arc::new(Waiter {
+            remaining: AtomicUsize::new(producer.lanes.len()),
+            pid,
+            id,
+            message: atoms::convoy_closed,
+        }),
+    );
     atoms::ok()
 }
 

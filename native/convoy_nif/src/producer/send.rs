@@ -10,7 +10,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use convoy_core::aggregation;
 use convoy_core::retry;
-use rustler::{Binary, Encoder, LocalPid, NewBinary, OwnedEnv, Term};
+use rustler::{Binary, Encoder, Env, LocalPid, NewBinary, OwnedEnv, Term};
 
 use super::{Entry, Shared};
 use crate::atoms;
@@ -237,8 +237,9 @@ fn acknowledge(env: &mut OwnedEnv, outgoing: &Outgoing, shard: &str, sequence: &
 }
 
 /// The failure path: every user record that will not be sent is answered to
-/// its awaiting caller, if any, and handed to the owner, which logs it,
-/// counts it, emits telemetry and calls `on_failure`.
+/// its awaiting caller, if any, and handed to the owner (or, once the owner
+/// is gone, the heir), which logs it, counts it, emits telemetry and calls
+/// `on_failure`.
 pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
     if batch.is_empty() {
         return;
@@ -254,7 +255,13 @@ pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
     // it too, so the log and `on_failure` never lag behind the caller.
     let mut env = OwnedEnv::new();
     let failed: Vec<(String, Vec<u8>)> = batch.iter().flat_map(Outgoing::user_records).collect();
-    let _ = env.send_and_clear(&shared.owner, |env| {
+    // `heir_id` is `Some` for the heir's message, `None` for the owner's.
+    fn report<'a>(
+        env: Env<'a>,
+        failed: &[(String, Vec<u8>)],
+        reason: &Error,
+        heir_id: Option<u64>,
+    ) -> Term<'a> {
         let failed: Vec<Term> = failed
             .iter()
             .map(|(key, data)| {
@@ -264,8 +271,21 @@ pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
                 (key.as_str(), bin, Reason(reason)).encode(env)
             })
             .collect();
-        (atoms::convoy_put_failed(), failed).encode(env)
-    });
+        match heir_id {
+            Some(id) => (atoms::convoy_orphan_put_failed(), id, failed).encode(env),
+            None => (atoms::convoy_put_failed(), failed).encode(env),
+        }
+    }
+    // A dead owner refuses the message even before its monitor has fired.
+    let told_owner = !shared.orphaned.load(Ordering::SeqCst)
+        && env
+            .send_and_clear(&shared.owner, |env| report(env, &failed, reason, None))
+            .is_ok();
+    if !told_owner {
+        let _ = env.send_and_clear(&shared.heir, |env| {
+            report(env, &failed, reason, Some(shared.heir_id))
+        });
+    }
     for (pid, id) in batch
         .iter()
         .flat_map(|o| o.members.iter().filter_map(|m| m.reply))
