@@ -6,6 +6,7 @@ defmodule Convoy.Application do
   def start(_type, _args) do
     children = [
       {Registry, keys: :unique, name: Convoy.Registry},
+      Convoy.Checkpoint.Memory,
       Convoy.Services.Kinesis.Heir
     ]
 

@@ -107,8 +107,8 @@ defmodule Convoy.Queue do
     * `:kinesis` - connection settings, see `Convoy.KinesisConfig`.
     * `:checkpoint` - where consumed positions are stored: a module
       implementing `Convoy.Checkpoint`, or `{module, options}`. Defaults to
-      `Convoy.Checkpoint.Memory`; `{Convoy.Checkpoint.File, dir: "..."}`
-      survives restarts.
+      `Convoy.Checkpoint.Memory`, which survives restarts of the queue
+      but not of the VM; `{Convoy.Checkpoint.File, dir: "..."}` survives both.
     * `:max_in_flight` - PutRecords requests in flight at once (1..256).
       Records of one partition key always share a request pipeline, so their
       order holds. Defaults to `8`.

@@ -432,6 +432,14 @@ defmodule Convoy.RestartResumeTest do
   test "a killed queue comes back with its :handlers and resumes from the file checkpoint", %{
     tmp_dir: dir
   } do
+    resumes_after_kill({Convoy.Checkpoint.File, dir: dir})
+  end
+
+  test "a killed queue comes back with its :handlers and resumes from the memory checkpoint" do
+    resumes_after_kill(Convoy.Checkpoint.Memory)
+  end
+
+  defp resumes_after_kill(checkpoint) do
     stream = create_stream!(unique_stream("resume"), 2)
     me = self()
     handler = fn record, tag -> send(me, {tag, record.data}) end
@@ -444,7 +452,7 @@ defmodule Convoy.RestartResumeTest do
            kinesis: kinesis(),
            iterator_type: :trim_horizon,
            poll_interval: 50,
-           checkpoint: {Convoy.Checkpoint.File, dir: dir},
+           checkpoint: checkpoint,
            handlers: [{:h, handler, :seen}]}
         ],
         strategy: :one_for_one
@@ -462,6 +470,7 @@ defmodule Convoy.RestartResumeTest do
     end)
 
     raw_put!(stream, 100, start: 100)
+    # Only the new records: a lost checkpoint would replay the first 100.
     second = for _ <- 1..100, do: assert_receive({:seen, data}, 20_000) && data
     refute_receive {:seen, _}, 500
     assert Enum.sort(first) == Enum.sort(for i <- 0..99, do: "record-#{i}")

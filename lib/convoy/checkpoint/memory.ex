@@ -1,7 +1,9 @@
 defmodule Convoy.Checkpoint.Memory do
   @moduledoc """
-  Checkpoints in an ETS table owned by the queue: they survive detaching and
-  re-attaching handlers, not a restart of the queue. The default store.
+  Checkpoints in an ETS table that lives as long as the `:convoy`
+  application: they survive detaching and re-attaching handlers and a restart
+  of the queue (even a killed one), not a restart of the VM. The default
+  store; use `Convoy.Checkpoint.File` to survive the VM too.
 
   ## Example
 
@@ -9,16 +11,32 @@ defmodule Convoy.Checkpoint.Memory do
   """
   @behaviour Convoy.Checkpoint
 
-  @impl true
-  @doc "Creates the table. The calling process (the queue) owns it."
-  @spec init(keyword) :: {:ok, :ets.tid()}
-  def init(_options) do
-    {:ok, :ets.new(__MODULE__, [:set, :public, read_concurrency: true])}
-  end
+  @table __MODULE__
 
   @impl true
-  @doc "Reads a shard's checkpoint."
-  @spec fetch(:ets.tid(), term, String.t()) :: {:ok, Convoy.Checkpoint.position()} | :error
+  @doc """
+  Returns the application's table. It is owned by a process of the
+  application, not by the queue, so a killed queue's checkpoints remain.
+
+  ## Example
+
+      {:ok, table} = Convoy.Checkpoint.Memory.init([])
+  """
+  @spec init(keyword) :: {:ok, atom}
+  def init(_options), do: {:ok, @table}
+
+  @impl true
+  @doc """
+  Reads a shard's checkpoint.
+
+  ## Example
+
+      case Convoy.Checkpoint.Memory.fetch(Convoy.Checkpoint.Memory, "events", "shardId-000000000000") do
+        {:ok, {:after_sequence_number, _} = position} -> position
+        :error -> :trim_horizon
+      end
+  """
+  @spec fetch(atom | :ets.tid(), term, String.t()) :: {:ok, Convoy.Checkpoint.position()} | :error
   def fetch(table, stream_id, shard_id) do
     case :ets.lookup(table, {stream_id, shard_id}) do
       [{_, position}] -> {:ok, position}
@@ -27,10 +45,32 @@ defmodule Convoy.Checkpoint.Memory do
   end
 
   @impl true
-  @doc "Stores a shard's checkpoint."
-  @spec store(:ets.tid(), term, String.t(), Convoy.Checkpoint.position()) :: :ok
+  @doc """
+  Stores a shard's checkpoint.
+
+  ## Example
+
+      :ok =
+        Convoy.Checkpoint.Memory.store(Convoy.Checkpoint.Memory, "events", "shardId-000000000000",
+          {:after_sequence_number, "49590338271490256608559692538361571095921575989136588898"})
+  """
+  @spec store(atom | :ets.tid(), term, String.t(), Convoy.Checkpoint.position()) :: :ok
   def store(table, stream_id, shard_id, position) do
     true = :ets.insert(table, {{stream_id, shard_id}, position})
     :ok
+  end
+
+  @doc false
+  # Started by Convoy.Application: creates the table and owns it.
+  def child_spec(_), do: %{id: __MODULE__, start: {Agent, :start_link, [&create_table/0]}}
+
+  defp create_table do
+    :ets.new(@table, [
+      :set,
+      :public,
+      :named_table,
+      read_concurrency: true,
+      write_concurrency: true
+    ])
   end
 end
