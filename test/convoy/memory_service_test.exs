@@ -16,6 +16,28 @@ defmodule Convoy.MemoryServiceTest do
     stream
   end
 
+  test "a queue started again under the same stream_id gets its new records despite old checkpoints" do
+    stream = "memory-again-#{System.unique_integer([:positive])}"
+    me = self()
+
+    options = [
+      stream: stream,
+      service: Convoy.Services.Memory,
+      iterator_type: :trim_horizon,
+      poll_interval: 10,
+      handlers: [{:h, fn record, _ -> send(me, {:got, record.data}) end, nil}]
+    ]
+
+    for round <- 1..2 do
+      start_supervised!({Convoy.Queue, options}, id: {:queue, round})
+      for i <- 1..20, do: :ok = Convoy.Queue.put(stream, "k", "#{round}-#{i}")
+      # In order, and only this round's: the memory stream starts empty again.
+      for i <- 1..20, do: assert_receive({:got, data}, 5_000) && assert(data == "#{round}-#{i}")
+      refute_receive {:got, _}, 200
+      stop_supervised!({:queue, round})
+    end
+  end
+
   test "fail_next_puts: the next N puts fail through the failure path, then puts work again" do
     id = open!()
     :ok = Convoy.Services.Memory.fail_next_puts(id, 2)

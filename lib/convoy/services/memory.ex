@@ -216,7 +216,8 @@ defmodule Convoy.Services.Memory do
       on_failure: options[:on_failure],
       shards: shards,
       next_shard: shard_count,
-      next_sequence: 1,
+      # The last sequence number given; 0 before the first record.
+      last_sequence: 0,
       fail_next: {0, nil},
       throttled: false,
       stats: %{
@@ -279,7 +280,10 @@ defmodule Convoy.Services.Memory do
             else: :binary.decode_unsigned(:erlang.md5(key))
 
         {id, shard} = Enum.find(state.shards, fn {_, s} -> open?(s) and in_range?(s, hash) end)
-        sequence = state.next_sequence
+        # Growing across every stream of the VM, as Kinesis' grow over time:
+        # a checkpoint kept from an earlier queue of the same stream_id never
+        # hides the records of a new one.
+        sequence = System.unique_integer([:positive, :monotonic])
 
         record =
           {data, key, sequence_string(sequence), System.system_time(:millisecond), nil, nil}
@@ -289,7 +293,7 @@ defmodule Convoy.Services.Memory do
         state = %{
           state
           | shards: Map.put(state.shards, id, shard),
-            next_sequence: sequence + 1,
+            last_sequence: sequence,
             stats: Map.update!(state.stats, :sent, &(&1 + 1))
         }
 
@@ -309,7 +313,7 @@ defmodule Convoy.Services.Memory do
         middle = first + div(last - first, 2)
         {left_id, left} = shard(shard_id(state.next_shard), first, middle, {id})
         {right_id, right} = shard(shard_id(state.next_shard + 1), middle + 1, last, {id})
-        parent = %{parent | ending_sequence_number: sequence_string(state.next_sequence - 1)}
+        parent = %{parent | ending_sequence_number: sequence_string(state.last_sequence)}
 
         shards =
           state.shards
