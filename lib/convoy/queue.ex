@@ -226,6 +226,11 @@ defmodule Convoy.Queue do
   queue's positions, so the next call continues where this one stopped.
   Returns `{:error, :polling}` while handlers are attached and polling.
 
+  `limit` counts the records Kinesis stores. An aggregated record (see
+  `:aggregation`) is returned whole, as all the user records it carries, so
+  a call can return more than `limit` of them; positions never fall inside
+  an aggregated record, which is what keeps the next call exact.
+
   ## Example
 
       records = Convoy.Queue.get("events", 100)
