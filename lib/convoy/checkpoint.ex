@@ -8,7 +8,14 @@ defmodule Convoy.Checkpoint do
 
   Implementations must accept calls from several processes at once (one per
   shard). Two ship with Convoy: `Convoy.Checkpoint.Memory` (the default, kept
-  for the queue's lifetime) and `Convoy.Checkpoint.File` (durable).
+  as long as the `:convoy` application runs, so across restarts of the queue)
+  and `Convoy.Checkpoint.File` (durable).
+
+  Checkpoints are keyed by `stream_id`. A `:shard_end` is trusted only for a
+  shard whose children are listed, so the open shards of a stream deleted
+  and created again under the same name start from `:iterator_type` instead
+  of being skipped; a stale sequence number there falls back to the shard's
+  start.
 
   ## Example
 

@@ -354,9 +354,18 @@ defmodule Convoy.Consumer do
     |> Enum.sort()
   end
 
+  # A stored :shard_end counts only for a shard with children listed: one
+  # that resharding closed. Checkpoints outlive queues, and a stream deleted
+  # and made again reuses shard ids, so an open shard may inherit a stale one.
   defp ended?(state, shard_id) do
     MapSet.member?(state.ended, shard_id) or
-      fetch_checkpoint(state, shard_id) == {:ok, :shard_end}
+      (fetch_checkpoint(state, shard_id) == {:ok, :shard_end} and has_children?(state, shard_id))
+  end
+
+  defp has_children?(state, shard_id) do
+    Enum.any?(state.shards, fn {_, shard} ->
+      shard_id in [shard.parent_shard_id, shard.adjacent_parent_shard_id]
+    end)
   end
 
   defp start_shards(%{polling: false} = state, _), do: state

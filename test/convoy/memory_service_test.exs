@@ -38,6 +38,33 @@ defmodule Convoy.MemoryServiceTest do
     end
   end
 
+  test "a stale :shard_end checkpoint from an earlier queue does not hide an open shard" do
+    stream = "memory-split-#{System.unique_integer([:positive])}"
+    me = self()
+
+    options = [
+      stream: stream,
+      service: Convoy.Services.Memory,
+      iterator_type: :trim_horizon,
+      poll_interval: 10,
+      handlers: [{:h, fn record, _ -> send(me, {:got, record.data}) end, nil}]
+    ]
+
+    # The first queue splits its only shard and reads it to its end.
+    start_supervised!({Convoy.Queue, options}, id: :first)
+    :ok = Convoy.Queue.put(stream, "k", "before-split")
+    assert_receive {:got, "before-split"}, 5_000
+    {:ok, _children} = Convoy.Services.Memory.split_shard(stream, "shardId-000000000000")
+    :ok = Convoy.Queue.put(stream, "k", "after-split")
+    assert_receive {:got, "after-split"}, 5_000
+    stop_supervised!(:first)
+
+    # A new memory stream under the same stream_id: its shard 0 is open.
+    start_supervised!({Convoy.Queue, options}, id: :second)
+    :ok = Convoy.Queue.put(stream, "k", "new-stream")
+    assert_receive {:got, "new-stream"}, 5_000
+  end
+
   test "fail_next_puts: the next N puts fail through the failure path, then puts work again" do
     id = open!()
     :ok = Convoy.Services.Memory.fail_next_puts(id, 2)

@@ -11,6 +11,7 @@ if (!plainPort || !tlsPort) {
   process.exit(2);
 }
 
+let listening = 0;
 const listen = net.Server.prototype.listen;
 net.Server.prototype.listen = function (...args) {
   const callback = args.find((arg) => typeof arg === "function");
@@ -20,9 +21,11 @@ net.Server.prototype.listen = function (...args) {
     console.error(`kinesis-mock: ${error.message}`);
     process.exit(1);
   });
-  if (Number(options.port) === plainPort) {
-    this.once("listening", () => console.log(`kinesis-mock listening on http://127.0.0.1:${plainPort}`));
-  }
+  // Ready once both its servers listen: the run starts on that line.
+  this.once("listening", () => {
+    listening += 1;
+    if (listening === 2) console.log(`kinesis-mock listening on http://127.0.0.1:${plainPort}`);
+  });
   return listen.call(this, { ...options, host: "127.0.0.1" }, callback);
 };
 

@@ -43,11 +43,7 @@ defmodule Convoy.TestSupport do
   end
 
   @doc "Whether the heir still holds a queue of this stream_id (it forgets closed ones)."
-  def heir_holds?(stream_id) do
-    :sys.get_state(Convoy.Services.Kinesis.Heir)
-    |> Map.values()
-    |> Enum.any?(&match?({^stream_id, _}, &1))
-  end
+  def heir_holds?(stream_id), do: Convoy.Services.Kinesis.Heir.holds?(stream_id)
 
   def endpoint, do: :persistent_term.get({__MODULE__, :endpoint})
   def embedded?, do: :persistent_term.get({__MODULE__, :embedded})

@@ -32,7 +32,8 @@ defmodule Convoy.Checkpoint.Memory do
   ## Example
 
       case Convoy.Checkpoint.Memory.fetch(Convoy.Checkpoint.Memory, "events", "shardId-000000000000") do
-        {:ok, {:after_sequence_number, _} = position} -> position
+        {:ok, :shard_end} -> :done
+        {:ok, sequence_number} -> {:after_sequence_number, sequence_number}
         :error -> :trim_horizon
       end
   """
@@ -52,7 +53,7 @@ defmodule Convoy.Checkpoint.Memory do
 
       :ok =
         Convoy.Checkpoint.Memory.store(Convoy.Checkpoint.Memory, "events", "shardId-000000000000",
-          {:after_sequence_number, "49590338271490256608559692538361571095921575989136588898"})
+          "49590338271490256608559692538361571095921575989136588898")
   """
   @spec store(atom | :ets.tid(), term, String.t(), Convoy.Checkpoint.position()) :: :ok
   def store(table, stream_id, shard_id, position) do

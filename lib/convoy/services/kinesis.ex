@@ -283,11 +283,11 @@ defmodule Convoy.Services.Kinesis do
         Enum.each(failures, fn {key, data, reason} ->
           try do
             fun.(%{partition_key: key, data: data, reason: reason})
-          rescue
-            e ->
+          catch
+            kind, reason ->
               Logger.error(
-                "Convoy on_failure callback raised: " <>
-                  Exception.format(:error, e, __STACKTRACE__)
+                "Convoy on_failure callback failed: " <>
+                  Exception.format(kind, reason, __STACKTRACE__)
               )
           end
         end)

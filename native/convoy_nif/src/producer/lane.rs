@@ -18,7 +18,7 @@ pub(super) struct Lane {
     buffer_bytes: usize,
     /// Flush waiters and how many buffered records stand before each.
     flushes: Vec<(usize, Option<Arc<Waiter>>)>,
-    closing: Option<(Instant, Arc<Waiter>)>,
+    closing: Option<(Instant, Option<Arc<Waiter>>)>,
     disconnected: bool,
 }
 
@@ -36,6 +36,8 @@ impl Lane {
     }
 
     pub(super) async fn run(mut self) {
+        // Counted as ended however the task ends, panics included.
+        let _ended = LaneEnded(self.shared.clone());
         if let Some(aggregation) = self.shared.aggregation.clone() {
             aggregation.await_first_load().await;
         }
@@ -75,7 +77,7 @@ impl Lane {
                 _ = sleep_until_opt(timer) => {}
             }
         }
-        if let Some((_, waiter)) = self.closing.take() {
+        if let Some((_, Some(waiter))) = self.closing.take() {
             waiter.done();
         }
     }
@@ -174,5 +176,16 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+struct LaneEnded(Arc<Shared>);
+
+impl Drop for LaneEnded {
+    fn drop(&mut self) {
+        self.0
+            .lanes_running
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.tell_heir_if_finished();
     }
 }

@@ -64,8 +64,9 @@ pub struct ProducerOptions {
     /// Receives `{:convoy_put_failed, [{key, data, reason}]}` for records that
     /// finally failed, and panic reports.
     pub owner: LocalPid,
-    /// Receives `{:convoy_orphan_put_failed, heir_id, failures}` and then
-    /// `{:convoy_closed, heir_id}` once the owner died without closing.
+    /// Receives `{:convoy_orphan_put_failed, heir_id, failures}` for what
+    /// fails once the owner is gone, then `{:convoy_closed, heir_id}` when the
+    /// owner is gone and every lane has ended.
     pub heir: LocalPid,
     pub heir_id: u64,
     /// How long a producer whose owner died keeps sending what it holds.
@@ -91,17 +92,9 @@ impl rustler::Resource for Producer {
     /// The owner died without closing the producer (it was killed): close it
     /// now, so what it holds is sent at once and what fails is still reported.
     fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: Monitor) {
-        let shared = &self.shared;
-        shared.orphaned.store(true, Ordering::SeqCst);
-        self.close(
-            shared.close_timeout,
-            Arc::new(Waiter {
-                remaining: AtomicUsize::new(self.lanes.len()),
-                pid: shared.heir,
-                id: shared.heir_id,
-                message: atoms::convoy_closed,
-            }),
-        );
+        self.shared.orphaned.store(true, Ordering::SeqCst);
+        self.close(self.shared.close_timeout, None);
+        self.shared.tell_heir_if_finished();
     }
 }
 
@@ -118,6 +111,9 @@ struct Shared {
     heir_id: u64,
     /// Set once the owner is gone: failures go to the heir.
     orphaned: AtomicBool,
+    /// Lanes whose task has not ended yet.
+    lanes_running: AtomicUsize,
+    heir_told: AtomicBool,
     close_timeout: Duration,
     closed: AtomicBool,
     stats: Stats,
@@ -148,7 +144,7 @@ struct Entry {
 enum Command {
     Put(Entry),
     Flush(Option<Arc<Waiter>>),
-    Close(Instant, Arc<Waiter>),
+    Close(Instant, Option<Arc<Waiter>>),
 }
 
 /// Counts down the lanes that still have to answer a flush or close; the last
@@ -171,6 +167,21 @@ impl Waiter {
 }
 
 impl Shared {
+    /// Called when a lane ends and when the owner goes: whichever comes last
+    /// tells the heir it can forget this producer. Every failure a lane
+    /// reports precedes its end, so none reaches the heir after this.
+    fn tell_heir_if_finished(&self) {
+        if self.orphaned.load(Ordering::SeqCst)
+            && self.lanes_running.load(Ordering::SeqCst) == 0
+            && !self.heir_told.swap(true, Ordering::SeqCst)
+        {
+            let id = self.heir_id;
+            delivery::send_anywhere(self.heir, move |env| {
+                (atoms::convoy_closed(), id).encode(env)
+            });
+        }
+    }
+
     /// Pays back the budget of records whose outcome is final.
     fn release(&self, records: u64, bytes: u64) {
         self.stats.buffered.fetch_sub(records, Ordering::Relaxed);
@@ -183,14 +194,14 @@ impl Shared {
 impl Producer {
     /// Stops taking records and has every lane send what it holds within
     /// `timeout`; the waiter hears when all are done (at once if closed before).
-    fn close(&self, timeout: Duration, waiter: Arc<Waiter>) {
+    fn close(&self, timeout: Duration, waiter: Option<Arc<Waiter>>) {
         let already_closed = self.shared.closed.swap(true, Ordering::SeqCst);
         let deadline = Instant::now() + timeout;
         for inbox in &self.lanes {
-            if already_closed {
-                waiter.done();
-            } else {
+            if !already_closed {
                 inbox.push_close(Command::Close(deadline, waiter.clone()));
+            } else if let Some(waiter) = &waiter {
+                waiter.done();
             }
         }
     }
@@ -297,6 +308,8 @@ fn producer_start(env: Env, client: ResourceArc<ClientResource>, options: Produc
         heir: options.heir,
         heir_id: options.heir_id,
         orphaned: AtomicBool::new(false),
+        lanes_running: AtomicUsize::new(options.max_in_flight.max(1)),
+        heir_told: AtomicBool::new(false),
         close_timeout: Duration::from_millis(options.close_timeout_ms),
         closed: AtomicBool::new(false),
         stats: Stats::default(),
@@ -401,12 +414,12 @@ fn producer_close(
 ) -> rustler::Atom {
     producer.close(
         Duration::from_millis(timeout_ms),
-        Arc::new(Waiter {
+        Some(Arc::new(Waiter {
             remaining: AtomicUsize::new(producer.lanes.len()),
             pid,
             id,
             message: atoms::convoy_closed,
-        }),
+        })),
     );
     atoms::ok()
 }
