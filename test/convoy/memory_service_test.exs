@@ -16,17 +16,22 @@ defmodule Convoy.MemoryServiceTest do
     stream
   end
 
-  test "a queue started again under the same stream_id gets its new records despite old checkpoints" do
-    stream = "memory-again-#{System.unique_integer([:positive])}"
+  # Queue options whose handler sends {:got, data} to the test process.
+  defp forwarding(stream) do
     me = self()
 
-    options = [
+    [
       stream: stream,
       service: Convoy.Services.Memory,
       iterator_type: :trim_horizon,
       poll_interval: 10,
       handlers: [{:h, fn record, _ -> send(me, {:got, record.data}) end, nil}]
     ]
+  end
+
+  test "a queue started again under the same stream_id gets its new records despite old checkpoints" do
+    stream = "memory-again-#{System.unique_integer([:positive])}"
+    options = forwarding(stream)
 
     for round <- 1..2 do
       start_supervised!({Convoy.Queue, options}, id: {:queue, round})
@@ -40,15 +45,7 @@ defmodule Convoy.MemoryServiceTest do
 
   test "a stale :shard_end checkpoint from an earlier queue does not hide an open shard" do
     stream = "memory-split-#{System.unique_integer([:positive])}"
-    me = self()
-
-    options = [
-      stream: stream,
-      service: Convoy.Services.Memory,
-      iterator_type: :trim_horizon,
-      poll_interval: 10,
-      handlers: [{:h, fn record, _ -> send(me, {:got, record.data}) end, nil}]
-    ]
+    options = forwarding(stream)
 
     # The first queue splits its only shard and reads it to its end.
     start_supervised!({Convoy.Queue, options}, id: :first)
