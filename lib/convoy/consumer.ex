@@ -140,25 +140,21 @@ defmodule Convoy.Consumer do
        restarts: %{},
        polling: false,
        refresh_ref: nil,
+       # The shard listing in flight (a task's ref), and whether another
+       # was asked for meanwhile.
+       listing: nil,
+       relist: false,
        started_at: System.system_time(:millisecond)
      }}
   end
 
   @impl true
+  # The reply goes before polling starts: listing shards is a network call,
+  # and a slow endpoint must not time out the caller.
   def handle_call({:attach, id, handler, config, opts}, _from, state) do
-    if Map.has_key?(state.handlers, id) do
-      {:reply, {:error, :already_exists}, state}
-    else
-      entry = %{id: id, handler: handler, config: config, opts: opts, order: state.next_order}
-      if is_pid(handler), do: Process.monitor(handler)
-
-      state = %{
-        state
-        | handlers: Map.put(state.handlers, id, entry),
-          next_order: state.next_order + 1
-      }
-
-      {:reply, :ok, state |> broadcast_handlers() |> update_polling()}
+    case add_handler(state, id, handler, config, opts) do
+      {:ok, state} -> {:reply, :ok, state, {:continue, :update_polling}}
+      error -> {:reply, error, state}
     end
   end
 
@@ -198,14 +194,19 @@ defmodule Convoy.Consumer do
   end
 
   @impl true
+  def handle_continue(:update_polling, state), do: {:noreply, update_polling(state)}
+
+  @impl true
   def handle_info({:attach_initial, handlers}, state) do
     state =
       Enum.reduce(handlers, state, fn {id, handler, config, opts}, state ->
-        {:reply, _, state} = handle_call({:attach, id, handler, config, opts}, nil, state)
-        state
+        case add_handler(state, id, handler, config, opts) do
+          {:ok, state} -> state
+          {:error, :already_exists} -> state
+        end
       end)
 
-    {:noreply, state}
+    {:noreply, update_polling(state)}
   end
 
   def handle_info({:shard_ended, shard_id}, state) do
@@ -226,6 +227,15 @@ defmodule Convoy.Consumer do
 
   def handle_info({:restart_shard, shard_id}, state) do
     {:noreply, start_shards(state, [shard_id])}
+  end
+
+  def handle_info({ref, result}, %{listing: ref} = state) when is_reference(ref) do
+    Process.demonitor(ref, [:flush])
+    {:noreply, listed(state, result)}
+  end
+
+  def handle_info({:DOWN, ref, :process, _pid, reason}, %{listing: ref} = state) do
+    {:noreply, listed(state, {:error, {:list_shards_crashed, reason}})}
   end
 
   def handle_info({:DOWN, _ref, :process, pid, _reason}, state) do
@@ -275,6 +285,23 @@ defmodule Convoy.Consumer do
   # ---------------------------------------------------------------------------
   # Handlers and polling
 
+  defp add_handler(state, id, handler, config, opts) do
+    if Map.has_key?(state.handlers, id) do
+      {:error, :already_exists}
+    else
+      entry = %{id: id, handler: handler, config: config, opts: opts, order: state.next_order}
+      if is_pid(handler), do: Process.monitor(handler)
+
+      state = %{
+        state
+        | handlers: Map.put(state.handlers, id, entry),
+          next_order: state.next_order + 1
+      }
+
+      {:ok, broadcast_handlers(state)}
+    end
+  end
+
   defp remove_handler(state, id) do
     %{state | handlers: Map.delete(state.handlers, id)}
     |> broadcast_handlers()
@@ -311,25 +338,46 @@ defmodule Convoy.Consumer do
     %{state | polling: false, dispatchers: %{}, stopping: stopping, refresh_ref: nil}
   end
 
+  # Shards are listed in a task: the call goes over the network, and a slow
+  # endpoint must not hold up attach, detach or stats. One listing at a time.
   defp refresh(%{polling: false} = state), do: state
+  defp refresh(%{listing: ref} = state) when ref != nil, do: %{state | relist: true}
 
   defp refresh(state) do
-    state =
-      case list_shards(state) do
-        {:ok, state} ->
-          start_shards(state, readable_shards(state))
+    {module, source} = state.source
+    task = Task.async(fn -> module.list_shards(source) end)
+    %{state | listing: task.ref, relist: false}
+  end
+
+  defp listed(state, result) do
+    state = %{state | listing: nil}
+
+    {state, next} =
+      case result do
+        {:ok, shards} ->
+          state = %{state | shards: Map.new(shards, &{&1.shard_id, &1})}
+          {start_shards(state, readable_shards(state)), state.shard_refresh_interval}
 
         {:error, reason} ->
           Logger.warning(
             "Convoy #{inspect(state.stream_id)}: listing shards failed: #{inspect(reason)}"
           )
 
-          state
+          # Try again soon: until it works, no shard is read.
+          {state, min(1_000, state.shard_refresh_interval)}
       end
 
-    if state.refresh_ref, do: Process.cancel_timer(state.refresh_ref)
-    ref = Process.send_after(self(), :refresh_shards, state.shard_refresh_interval)
-    %{state | refresh_ref: ref}
+    cond do
+      not state.polling ->
+        state
+
+      state.relist ->
+        refresh(state)
+
+      true ->
+        if state.refresh_ref, do: Process.cancel_timer(state.refresh_ref)
+        %{state | refresh_ref: Process.send_after(self(), :refresh_shards, next)}
+    end
   end
 
   defp list_shards(%{source: {module, source}} = state) do

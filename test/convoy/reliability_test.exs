@@ -373,6 +373,30 @@ defmodule Convoy.CrashingHandlerTest do
   end
 end
 
+defmodule Convoy.HangingEndpointTest do
+  use ExUnit.Case, async: true
+
+  import ExUnit.CaptureLog
+
+  test "attach_handler answers while listing shards hangs on an endpoint that never replies" do
+    # Accepts connections (the kernel does, into the backlog), never answers.
+    {:ok, listener} = :gen_tcp.listen(0, [:binary, active: false, ip: {127, 0, 0, 1}])
+    {:ok, port} = :inet.port(listener)
+    stream = "hanging-#{System.unique_integer([:positive])}"
+    # Longer than GenServer.call's 5 s: a blocking attach would exit the caller.
+    kinesis = Convoy.Local.kinesis_options("http://127.0.0.1:#{port}") ++ [request_timeout: 6_000]
+
+    capture_log(fn ->
+      start_supervised!({Convoy.Queue, stream: stream, kinesis: kinesis, poll_interval: 50})
+      assert :ok = Convoy.Queue.attach_handler(stream, :h, fn _, _ -> :ok end, nil)
+      assert :ok = Convoy.Queue.detach_handler(stream, :h)
+      assert %{sent: 0} = Convoy.Queue.stats(stream)
+    end)
+
+    :gen_tcp.close(listener)
+  end
+end
+
 defmodule Convoy.ConsumerOutageTest do
   use ExUnit.Case, async: true
 
