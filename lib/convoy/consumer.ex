@@ -339,7 +339,7 @@ defmodule Convoy.Consumer do
   end
 
   # Shards are listed in a task: the call goes over the network, and a slow
-  # endpoint must not hold up attach, detach or stats. One listing at a time.
+  # endpoint must not hold up attach or detach. One listing at a time.
   defp refresh(%{polling: false} = state), do: state
   defp refresh(%{listing: ref} = state) when ref != nil, do: %{state | relist: true}
 

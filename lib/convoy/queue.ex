@@ -173,8 +173,8 @@ defmodule Convoy.Queue do
       sequence_number: seq}}` (with `aggregation: true` also
       `sub_sequence_number`, the record's index inside its aggregated
       record). The record still waits for its batch, up to `batch_timeout`
-      ms, so the timeout should allow more than that. On `{:error, :timeout}` the record may still arrive later,
-      and its outcome message (`{:convoy_put, id, result}`) may still reach
+      ms, so the timeout should allow more than that. On `{:error,
+      :timeout}` the record may still arrive later, and its outcome message (`{:convoy_put, id, result}`) may still reach
       the caller's mailbox; a GenServer calling this should ignore it.
 
   ## Errors

@@ -75,7 +75,7 @@ defmodule Convoy.ProducerTest do
     # What was buffered before the stop was delivered by the shutdown.
     assert ["before"] == Enum.map(read_all(stream), & &1.data)
     # The heir, which reports for killed queues, has forgotten this one.
-    eventually(fn -> not heir_holds?(stream) end)
+    eventually(fn -> not Convoy.Services.Kinesis.Heir.holds?(stream) end)
     {:ok, pid} = Convoy.Queue.start_link(stream: stream, kinesis: kinesis())
     assert {:ok, _} = Convoy.Queue.put(stream, "k", "again", await: 10_000)
     GenServer.stop(pid)

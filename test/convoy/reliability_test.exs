@@ -323,7 +323,7 @@ defmodule Convoy.KilledQueueTest do
 
         assert Enum.sort(failed) == Enum.sort(for i <- 1..20, do: "doomed-#{i}")
         # The heir forgets the queue once its producer is closed.
-        eventually(fn -> not heir_holds?(stream) end)
+        eventually(fn -> not Convoy.Services.Kinesis.Heir.holds?(stream) end)
       end)
 
     assert log =~ "Convoy #{inspect(stream)}: 20 record(s) failed after retries"

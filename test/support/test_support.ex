@@ -42,9 +42,6 @@ defmodule Convoy.TestSupport do
     max(1, round(count * scale))
   end
 
-  @doc "Whether the heir still holds a queue of this stream_id (it forgets closed ones)."
-  def heir_holds?(stream_id), do: Convoy.Services.Kinesis.Heir.holds?(stream_id)
-
   def endpoint, do: :persistent_term.get({__MODULE__, :endpoint})
   def embedded?, do: :persistent_term.get({__MODULE__, :embedded})
 

@@ -143,11 +143,7 @@ defmodule Convoy.Services.Kinesis do
       {:ok, client} ->
         {heir, heir_id} = Heir.register(options[:stream_id], options[:on_failure])
 
-        producer =
-          Native.producer_start(
-            client,
-            producer_options(options ++ [heir: heir, heir_id: heir_id])
-          )
+        producer = Native.producer_start(client, producer_options(options, heir, heir_id))
 
         {:ok, consumer} =
           Convoy.Consumer.start_link(
@@ -172,7 +168,7 @@ defmodule Convoy.Services.Kinesis do
     end
   end
 
-  defp producer_options(options) do
+  defp producer_options(options, heir, heir_id) do
     %{
       stream_name: options[:stream],
       batch_timeout_ms: options[:batch_timeout],
@@ -188,8 +184,8 @@ defmodule Convoy.Services.Kinesis do
         if(options[:aggregation], do: options[:aggregation_max_bytes], else: 0),
       shard_refresh_ms: options[:shard_refresh_interval],
       owner: self(),
-      heir: options[:heir],
-      heir_id: options[:heir_id],
+      heir: heir,
+      heir_id: heir_id,
       # As long as a normal stop would have allowed.
       close_timeout_ms: close_timeout(options)
     }

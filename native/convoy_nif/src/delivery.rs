@@ -1,8 +1,8 @@
 //! Sending terms from runtime threads to BEAM processes.
 //!
-//! `OwnedEnv::send_and_clear` may only run on a thread the VM does not manage;
-//! `send` is for tokio workers, `send_anywhere` for any thread. A failed send means the receiver is
-//! gone, which callers treat as "nobody is listening any more".
+//! `OwnedEnv::send_and_clear` may only run on a thread the VM does not manage:
+//! `send` is for tokio workers, `send_anywhere` for any thread. A failed send
+//! means the receiver is gone, which callers treat as "nobody is listening".
 
 use rustler::{Encoder, Env, LocalPid, OwnedEnv, Term};
 

@@ -4,6 +4,7 @@
 //! key never overtake each other.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -183,9 +184,7 @@ struct LaneEnded(Arc<Shared>);
 
 impl Drop for LaneEnded {
     fn drop(&mut self) {
-        self.0
-            .lanes_running
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.lanes_running.fetch_sub(1, Ordering::SeqCst);
         self.0.tell_heir_if_finished();
     }
 }

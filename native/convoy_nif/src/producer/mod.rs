@@ -291,6 +291,7 @@ fn decode_reply(term: Term) -> Result<Option<(LocalPid, u64)>, Error> {
 /// `RefUnwindSafe`, which rustler asks of typed return values.
 #[rustler::nif]
 fn producer_start(env: Env, client: ResourceArc<ClientResource>, options: ProducerOptions) -> Term {
+    let lane_count = options.max_in_flight.max(1);
     let shared = Arc::new(Shared {
         client: client.client.clone(),
         stream_name: options.stream_name,
@@ -308,7 +309,7 @@ fn producer_start(env: Env, client: ResourceArc<ClientResource>, options: Produc
         heir: options.heir,
         heir_id: options.heir_id,
         orphaned: AtomicBool::new(false),
-        lanes_running: AtomicUsize::new(options.max_in_flight.max(1)),
+        lanes_running: AtomicUsize::new(lane_count),
         heir_told: AtomicBool::new(false),
         close_timeout: Duration::from_millis(options.close_timeout_ms),
         closed: AtomicBool::new(false),
@@ -327,7 +328,7 @@ fn producer_start(env: Env, client: ResourceArc<ClientResource>, options: Produc
             ),
         );
     }
-    let lanes = (0..options.max_in_flight.max(1))
+    let lanes = (0..lane_count)
         .map(|_| {
             let inbox = Arc::new(Inbox::default());
             let lane = Lane::new(shared.clone(), inbox.clone());

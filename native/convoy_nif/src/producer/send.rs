@@ -236,6 +236,29 @@ fn acknowledge(env: &mut OwnedEnv, outgoing: &Outgoing, shard: &str, sequence: &
     }
 }
 
+/// The failure report: `{:convoy_put_failed, failures}` for the owner, or
+/// `{:convoy_orphan_put_failed, heir_id, failures}` for the heir.
+fn failure_report<'a>(
+    env: Env<'a>,
+    failed: &[(String, Vec<u8>)],
+    reason: &Error,
+    heir_id: Option<u64>,
+) -> Term<'a> {
+    let failed: Vec<Term> = failed
+        .iter()
+        .map(|(key, data)| {
+            let mut bin = NewBinary::new(env, data.len());
+            bin.as_mut_slice().copy_from_slice(data);
+            let bin: Binary = bin.into();
+            (key.as_str(), bin, Reason(reason)).encode(env)
+        })
+        .collect();
+    match heir_id {
+        Some(id) => (atoms::convoy_orphan_put_failed(), id, failed).encode(env),
+        None => (atoms::convoy_put_failed(), failed).encode(env),
+    }
+}
+
 /// The failure path: every user record that will not be sent is answered to
 /// its awaiting caller, if any, and handed to the owner (or, once the owner
 /// is gone, the heir), which logs it, counts it, emits telemetry and calls
@@ -255,35 +278,16 @@ pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
     // it too, so the log and `on_failure` never lag behind the caller.
     let mut env = OwnedEnv::new();
     let failed: Vec<(String, Vec<u8>)> = batch.iter().flat_map(Outgoing::user_records).collect();
-    // `heir_id` is `Some` for the heir's message, `None` for the owner's.
-    fn report<'a>(
-        env: Env<'a>,
-        failed: &[(String, Vec<u8>)],
-        reason: &Error,
-        heir_id: Option<u64>,
-    ) -> Term<'a> {
-        let failed: Vec<Term> = failed
-            .iter()
-            .map(|(key, data)| {
-                let mut bin = NewBinary::new(env, data.len());
-                bin.as_mut_slice().copy_from_slice(data);
-                let bin: Binary = bin.into();
-                (key.as_str(), bin, Reason(reason)).encode(env)
-            })
-            .collect();
-        match heir_id {
-            Some(id) => (atoms::convoy_orphan_put_failed(), id, failed).encode(env),
-            None => (atoms::convoy_put_failed(), failed).encode(env),
-        }
-    }
     // A dead owner refuses the message even before its monitor has fired.
     let told_owner = !shared.orphaned.load(Ordering::SeqCst)
         && env
-            .send_and_clear(&shared.owner, |env| report(env, &failed, reason, None))
+            .send_and_clear(&shared.owner, |env| {
+                failure_report(env, &failed, reason, None)
+            })
             .is_ok();
     if !told_owner {
         let _ = env.send_and_clear(&shared.heir, |env| {
-            report(env, &failed, reason, Some(shared.heir_id))
+            failure_report(env, &failed, reason, Some(shared.heir_id))
         });
     }
     for (pid, id) in batch
