@@ -6,8 +6,7 @@ defmodule Convoy.Application do
   def start(_type, _args) do
     children = [
       {Registry, keys: :unique, name: Convoy.Registry},
-      Convoy.Checkpoint.Memory,
-      Convoy.Services.Kinesis.Heir
+      Convoy.Checkpoint.Memory
     ]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: Convoy.Supervisor)

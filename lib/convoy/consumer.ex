@@ -9,9 +9,14 @@ defmodule Convoy.Consumer do
   `poll_interval`) and stops when the last one is detached. Positions live in
   the checkpoint store, so stopping and starting again leaves no gap.
 
+  A consumer is a small tree (`Convoy.Consumer.Supervisor`): a store that
+  keeps the attached handlers across restarts, a `DynamicSupervisor` with one
+  `Convoy.Consumer.ShardDispatcher` per shard being read, and the consumer
+  process itself, named `Convoy.Consumer.name(stream_id)`.
+
   ## Example
 
-      {:ok, consumer} =
+      {:ok, _tree} =
         Convoy.Consumer.start_link(
           stream_id: "events",
           source: {Convoy.Services.Memory.Source, memory},
@@ -19,8 +24,10 @@ defmodule Convoy.Consumer do
           iterator_type: :trim_horizon,
           poll_interval: 100
         )
+
+      :ok = Convoy.Consumer.attach(Convoy.Consumer.name("events"), :log, fn r, _ -> IO.inspect(r) end, nil, [])
   """
-  use GenServer
+  use GenServer, shutdown: 30_000
 
   require Logger
 
@@ -36,8 +43,46 @@ defmodule Convoy.Consumer do
 
       Convoy.Consumer.start_link(stream_id: "events", source: {MySource, state}, checkpoint: {Convoy.Checkpoint.Memory, []})
   """
-  @spec start_link(keyword) :: GenServer.on_start()
-  def start_link(options), do: GenServer.start_link(__MODULE__, options)
+  @spec start_link(keyword) :: Supervisor.on_start()
+  def start_link(options), do: Convoy.Consumer.Supervisor.start_link(options)
+
+  @doc """
+  A child spec for the consumer's tree; options as for `start_link/1`.
+
+  ## Example
+
+      children = [{Convoy.Consumer, stream_id: "events", source: {MySource, state}}]
+  """
+  @spec child_spec(keyword) :: Supervisor.child_spec()
+  def child_spec(options) do
+    %{id: __MODULE__, start: {__MODULE__, :start_link, [options]}, type: :supervisor}
+  end
+
+  @doc """
+  The name the consumer process of `stream_id` is registered under; every
+  function of this module takes it.
+
+  ## Example
+
+      Convoy.Consumer.detach(Convoy.Consumer.name("events"), :log)
+  """
+  @spec name(term) :: GenServer.name()
+  def name(stream_id), do: Convoy.Queue.Topology.name(__MODULE__, stream_id)
+
+  @doc false
+  # Started by Convoy.Consumer.Supervisor, after the handler store and the
+  # dispatchers' supervisor.
+  def start_server(options) do
+    GenServer.start_link(__MODULE__, options, name: name(Keyword.fetch!(options, :stream_id)))
+  end
+
+  # A consumer restarting (or stopping) answers `{:error, :closed}`.
+  defp call(consumer, request, timeout \\ 5_000) do
+    GenServer.call(consumer, request, timeout)
+  catch
+    :exit, {reason, _} when reason in [:noproc, :normal, :shutdown] -> {:error, :closed}
+    :exit, {{:shutdown, _}, _} -> {:error, :closed}
+  end
 
   @doc """
   The consumer's share of validated `Convoy.Queue` options.
@@ -68,10 +113,10 @@ defmodule Convoy.Consumer do
 
       :ok = Convoy.Consumer.attach(consumer, :log, fn record, _ -> IO.inspect(record) end, nil, [])
   """
-  @spec attach(pid, term, Convoy.Queue.handler(), term, keyword) ::
+  @spec attach(GenServer.server(), term, Convoy.Queue.handler(), term, keyword) ::
           :ok | {:error, :already_exists}
   def attach(consumer, id, handler, config, opts),
-    do: GenServer.call(consumer, {:attach, id, handler, config, opts})
+    do: call(consumer, {:attach, id, handler, config, opts})
 
   @doc """
   Removes a handler.
@@ -80,22 +125,8 @@ defmodule Convoy.Consumer do
 
       :ok = Convoy.Consumer.detach(consumer, :log)
   """
-  @spec detach(pid, term) :: :ok | {:error, :not_found}
-  def detach(consumer, id), do: GenServer.call(consumer, {:detach, id})
-
-  @doc """
-  Stops the consumer and its dispatchers; returns once no handler runs any more.
-
-  ## Example
-
-      :ok = Convoy.Consumer.stop(consumer)
-  """
-  @spec stop(pid) :: :ok
-  def stop(consumer) do
-    GenServer.stop(consumer, :shutdown, 30_000)
-  catch
-    :exit, _ -> :ok
-  end
+  @spec detach(GenServer.server(), term) :: :ok | {:error, :not_found}
+  def detach(consumer, id), do: call(consumer, {:detach, id})
 
   @doc """
   Pull read; see `Convoy.Queue.get/2`.
@@ -104,8 +135,8 @@ defmodule Convoy.Consumer do
 
       records = Convoy.Consumer.get(consumer, 100)
   """
-  @spec get(pid, pos_integer) :: [Convoy.Record.t()] | {:error, term}
-  def get(consumer, limit), do: GenServer.call(consumer, {:get, limit}, 60_000)
+  @spec get(GenServer.server(), pos_integer) :: [Convoy.Record.t()] | {:error, term}
+  def get(consumer, limit), do: call(consumer, {:get, limit}, 60_000)
 
   @impl true
   def init(options) do
@@ -113,9 +144,23 @@ defmodule Convoy.Consumer do
     {checkpoint_module, checkpoint_options} = Keyword.fetch!(options, :checkpoint)
     stream_id = Keyword.fetch!(options, :stream_id)
     {:ok, checkpoint} = checkpoint_module.init([{:stream_id, stream_id} | checkpoint_options])
+    stop_orphan_dispatchers(stream_id)
+    watch_handler_store(stream_id)
+
     # Handlers given at start are attached after init, so a slow or
-    # unreachable endpoint never holds up the queue's start.
-    send(self(), {:attach_initial, Keyword.get(options, :handlers, [])})
+    # unreachable endpoint never holds up the queue's start. A consumer
+    # restarted alone takes over the handlers its predecessor had.
+    {handlers, next_order} =
+      case Convoy.Consumer.Handlers.fetch(stream_id) do
+        nil ->
+          send(self(), {:attach_initial, Keyword.get(options, :handlers, [])})
+          {%{}, 0}
+
+        {handlers, next_order} ->
+          for {_, %{handler: pid}} <- handlers, is_pid(pid), do: Process.monitor(pid)
+          send(self(), :resume)
+          {handlers, next_order}
+      end
 
     {:ok,
      %{
@@ -131,8 +176,8 @@ defmodule Convoy.Consumer do
          max_backoff: Keyword.get(options, :max_backoff, 5_000)
        },
        shard_refresh_interval: Keyword.get(options, :shard_refresh_interval, 60_000),
-       handlers: %{},
-       next_order: 0,
+       handlers: handlers,
+       next_order: next_order,
        shards: %{},
        ended: MapSet.new(),
        dispatchers: %{},
@@ -177,9 +222,7 @@ defmodule Convoy.Consumer do
          positions = Enum.map(readable_shards(state), &{&1, position(state, &1)}),
          {:ok, shards} <- module.fetch(source, positions, limit) do
       records =
-        Enum.flat_map(shards, fn {shard_id, raw} ->
-          records = Convoy.Record.from_native(raw, shard_id, state.stream_id)
-
+        Enum.flat_map(shards, fn {shard_id, records} ->
           if last = List.last(records) do
             store_checkpoint(state, shard_id, last.sequence_number)
           end
@@ -197,6 +240,23 @@ defmodule Convoy.Consumer do
   def handle_continue(:update_polling, state), do: {:noreply, update_polling(state)}
 
   @impl true
+  def handle_info(:resume, state), do: {:noreply, update_polling(state)}
+
+  # The handler store restarted empty: fill it again once it is back.
+  def handle_info({:DOWN, _ref, :process, {Convoy.Consumer.Handlers, _}, _reason}, state) do
+    send(self(), :store_handlers)
+    {:noreply, state}
+  end
+
+  def handle_info(:store_handlers, state) do
+    if watch_handler_store(state.stream_id) do
+      {:noreply, store_handlers(state)}
+    else
+      Process.send_after(self(), :store_handlers, 50)
+      {:noreply, state}
+    end
+  end
+
   def handle_info({:attach_initial, handlers}, state) do
     state =
       Enum.reduce(handlers, state, fn {id, handler, config, opts}, state ->
@@ -238,12 +298,7 @@ defmodule Convoy.Consumer do
     {:noreply, listed(state, {:error, {:list_shards_crashed, reason}})}
   end
 
-  def handle_info({:DOWN, _ref, :process, pid, _reason}, state) do
-    ids = for {id, %{handler: ^pid}} <- state.handlers, do: id
-    {:noreply, Enum.reduce(ids, state, &remove_handler(&2, &1))}
-  end
-
-  def handle_info({:EXIT, pid, reason}, state) do
+  def handle_info({:DOWN, _ref, :process, pid, reason}, state) do
     cond do
       Map.has_key?(state.stopping, pid) ->
         {shard_id, stopping} = Map.pop(state.stopping, pid)
@@ -271,7 +326,9 @@ defmodule Convoy.Consumer do
         end
 
       true ->
-        {:noreply, state}
+        # A pid handler went down.
+        ids = for {id, %{handler: ^pid}} <- state.handlers, do: id
+        {:noreply, Enum.reduce(ids, state, &remove_handler(&2, &1))}
     end
   end
 
@@ -298,14 +355,33 @@ defmodule Convoy.Consumer do
           next_order: state.next_order + 1
       }
 
-      {:ok, broadcast_handlers(state)}
+      {:ok, state |> store_handlers() |> broadcast_handlers()}
     end
   end
 
   defp remove_handler(state, id) do
     %{state | handlers: Map.delete(state.handlers, id)}
+    |> store_handlers()
     |> broadcast_handlers()
     |> update_polling()
+  end
+
+  # Monitors the handler store by name, so its DOWN message is told apart
+  # from a handler's or a dispatcher's; false when it is not running.
+  defp watch_handler_store(stream_id) do
+    case Convoy.Queue.Topology.whereis(Convoy.Consumer.Handlers, stream_id) do
+      nil ->
+        false
+
+      pid ->
+        Process.monitor(pid)
+        true
+    end
+  end
+
+  defp store_handlers(state) do
+    :ok = Convoy.Consumer.Handlers.store(state.stream_id, state.handlers, state.next_order)
+    state
   end
 
   defp handler_list(state), do: state.handlers |> Map.values() |> Enum.sort_by(& &1.order)
@@ -426,20 +502,37 @@ defmodule Convoy.Consumer do
         state
       else
         {:ok, pid} =
-          ShardDispatcher.start_link(%{
-            consumer: self(),
-            stream_id: state.stream_id,
-            shard_id: shard_id,
-            source: state.source,
-            position: position(state, shard_id),
-            handlers: handler_list(state),
-            checkpoint: state.checkpoint,
-            reader_options: state.reader_options
-          })
+          DynamicSupervisor.start_child(
+            dispatchers(state),
+            {ShardDispatcher,
+             %{
+               consumer: self(),
+               stream_id: state.stream_id,
+               shard_id: shard_id,
+               source: state.source,
+               position: position(state, shard_id),
+               handlers: handler_list(state),
+               checkpoint: state.checkpoint,
+               reader_options: state.reader_options
+             }}
+          )
 
+        Process.monitor(pid)
         %{state | dispatchers: Map.put(state.dispatchers, shard_id, pid)}
       end
     end)
+  end
+
+  defp dispatchers(state), do: Convoy.Consumer.Supervisor.dispatchers(state.stream_id)
+
+  # Dispatchers a crashed predecessor started still read their shards: stop
+  # them, so each shard has one reader.
+  defp stop_orphan_dispatchers(stream_id) do
+    sup = Convoy.Consumer.Supervisor.dispatchers(stream_id)
+
+    for {_, pid, _, _} <- DynamicSupervisor.which_children(sup), is_pid(pid) do
+      DynamicSupervisor.terminate_child(sup, pid)
+    end
   end
 
   defp find_dispatcher(state, pid) do

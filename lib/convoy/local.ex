@@ -105,7 +105,7 @@ defmodule Convoy.Local do
   @spec create_stream(String.t(), String.t(), pos_integer) :: :ok | {:error, term}
   def create_stream(endpoint, stream, shards \\ 1) do
     with {:ok, client} <- client(endpoint),
-         {:ok, :ok} <- Native.call(&Native.create_stream(client, stream, shards, &1, &2)) do
+         {:ok, :ok} <- Native.call(&Native.create_stream(client, stream, shards, &1)) do
       :ok
     end
   end
@@ -120,7 +120,7 @@ defmodule Convoy.Local do
   @spec delete_stream(String.t(), String.t()) :: :ok | {:error, term}
   def delete_stream(endpoint, stream) do
     with {:ok, client} <- client(endpoint),
-         {:ok, :ok} <- Native.call(&Native.delete_stream(client, stream, &1, &2)) do
+         {:ok, :ok} <- Native.call(&Native.delete_stream(client, stream, &1)) do
       :ok
     end
   end
@@ -137,7 +137,7 @@ defmodule Convoy.Local do
   @spec list_shards(String.t(), String.t()) :: {:ok, [map]} | {:error, term}
   def list_shards(endpoint, stream) do
     with {:ok, client} <- client(endpoint) do
-      Native.call(&Native.list_shards_nif(client, stream, &1, &2))
+      Native.call(&Native.list_shards_nif(client, stream, &1))
     end
   end
 
@@ -153,16 +153,14 @@ defmodule Convoy.Local do
   def split_shard(endpoint, stream, shard_id, new_starting_hash_key) do
     with {:ok, client} <- client(endpoint),
          {:ok, :ok} <-
-           Native.call(
-             &Native.split_shard(client, stream, shard_id, new_starting_hash_key, &1, &2)
-           ) do
+           Native.call(&Native.split_shard(client, stream, shard_id, new_starting_hash_key, &1)) do
       :ok
     end
   end
 
   defp client(endpoint) do
     config = Convoy.KinesisConfig.resolve(kinesis_options(endpoint))
-    Native.call(&Native.client_new(Convoy.KinesisConfig.to_native(config), &1, &2))
+    Native.call(&Native.client_new(Convoy.KinesisConfig.to_native(config), &1))
   end
 
   @doc """

@@ -33,28 +33,30 @@ defmodule Convoy.Native do
             "#{inspect(reason)}. Run `mix compile` with Rust (cargo) installed."
   end
 
+  # Asynchronous NIFs take `reply_to = {pid, ref}` and answer `{ref, result}`.
+
   # client
-  def client_new(_config, _pid, _id), do: not_loaded()
+  def client_new(_config, _reply_to), do: not_loaded()
 
   # producer
-  def producer_start(_client, _options), do: not_loaded()
-  def producer_put(_producer, _key, _data, _explicit_hash_key, _reply), do: not_loaded()
-  def producer_put_term(_producer, _key, _data, _explicit_hash_key, _reply), do: not_loaded()
-  def producer_flush(_producer, _reply), do: not_loaded()
-  def producer_close(_producer, _timeout_ms, _pid, _id), do: not_loaded()
+  def producer_start(_client, _options, _reporter), do: not_loaded()
+  def producer_put(_producer, _key, _data, _explicit_hash_key, _reply_to), do: not_loaded()
+  def producer_put_term(_producer, _key, _data, _explicit_hash_key, _reply_to), do: not_loaded()
+  def producer_flush(_producer, _reply_to), do: not_loaded()
+  def producer_close(_producer, _timeout_ms, _reply_to, _report_to), do: not_loaded()
   def producer_stats(_producer), do: not_loaded()
 
   # consumer
-  def poller_start(_client, _options, _position, _dispatcher), do: not_loaded()
+  def poller_start(_client, _stream_id, _options, _position, _dispatcher), do: not_loaded()
   def poller_ack(_poller), do: not_loaded()
   def poller_stop(_poller), do: not_loaded()
-  def fetch_records(_client, _stream, _positions, _limit, _pid, _id), do: not_loaded()
+  def fetch_records(_client, _stream, _stream_id, _positions, _limit, _reply_to), do: not_loaded()
 
   # administration
-  def list_shards_nif(_client, _stream, _pid, _id), do: not_loaded()
-  def create_stream(_client, _stream, _shards, _pid, _id), do: not_loaded()
-  def delete_stream(_client, _stream, _pid, _id), do: not_loaded()
-  def split_shard(_client, _stream, _shard_id, _hash_key, _pid, _id), do: not_loaded()
+  def list_shards_nif(_client, _stream, _reply_to), do: not_loaded()
+  def create_stream(_client, _stream, _shards, _reply_to), do: not_loaded()
+  def delete_stream(_client, _stream, _reply_to), do: not_loaded()
+  def split_shard(_client, _stream, _shard_id, _hash_key, _reply_to), do: not_loaded()
 
   # JSON as the producer encodes it
   def encode_json(_term), do: not_loaded()
@@ -65,14 +67,16 @@ defmodule Convoy.Native do
   def debug_echo_from_task(_pid, _payload), do: not_loaded()
 
   @doc false
-  # Runs an asynchronous NIF that replies `{:convoy_reply, id, result}` and
-  # waits for the reply. A late reply after a timeout is discarded on the next call.
+  # Runs an asynchronous NIF, giving it `{self(), ref}`, and waits for its
+  # `{ref, result}`. The fresh reference lets the VM skip the messages that
+  # were in the mailbox before the call. A late reply after a timeout stays
+  # in the mailbox, like a late GenServer reply.
   def call(fun, timeout \\ 30_000) do
-    id = System.unique_integer([:positive])
-    :ok = fun.(self(), id)
+    ref = make_ref()
+    :ok = fun.({self(), ref})
 
     receive do
-      {:convoy_reply, ^id, result} -> result
+      {^ref, result} -> result
     after
       timeout -> {:error, :timeout}
     end

@@ -35,7 +35,7 @@ defmodule Convoy.Queue do
       transient ones). Measurements: `%{count: 1}`. Metadata: `%{stream_id, shard_id, reason}`.
   """
 
-  alias Convoy.Queue.Options
+  alias Convoy.Queue.{Options, Topology}
 
   @typedoc "The identifier of a started queue: its `stream_id` option."
   @type stream_id :: term
@@ -74,8 +74,8 @@ defmodule Convoy.Queue do
     %{
       id: {__MODULE__, options[:stream_id]},
       start: {__MODULE__, :start_link, [options]},
-      type: :worker,
-      shutdown: options[:shutdown] + 1_000
+      type: :supervisor,
+      shutdown: :infinity
     }
   end
 
@@ -149,11 +149,9 @@ defmodule Convoy.Queue do
 
       {:ok, _pid} = Convoy.Queue.start_link(stream: "events", batch_timeout: 100)
   """
-  @spec start_link(keyword) :: GenServer.on_start()
+  @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(options) do
-    options = Options.validate!(options)
-    %{start: {module, function, args}} = options[:service].child_spec(options)
-    apply(module, function, args)
+    options |> Options.validate!() |> Topology.start_link()
   end
 
   @doc """
@@ -360,36 +358,44 @@ defmodule Convoy.Queue do
   end
 
   @doc """
-  Registers the handle of a started service under `stream_id`. Services call
-  this once they are ready; `put/4` and the other calls find the handle
-  without a process hop.
+  Registers the handle of a started service under `stream_id`, for the
+  calling process: `put/4` and the other calls find the handle without a
+  process hop, and the entry goes when that process ends. Services call this
+  from the process that owns what the handle refers to.
 
   ## Example
 
-      Convoy.Queue.register(options[:stream_id], __MODULE__, handle)
+      :ok = Convoy.Queue.register(options[:stream_id], __MODULE__, handle)
   """
-  @spec register(stream_id, module, Convoy.Service.handle()) :: :ok
+  @spec register(stream_id, module, Convoy.Service.handle()) :: :ok | {:error, term}
   def register(stream_id, service, handle) do
-    :persistent_term.put({__MODULE__, stream_id}, {service, handle})
+    case Registry.register(Convoy.Registry, {:handle, stream_id}, {service, handle}) do
+      {:ok, _owner} -> :ok
+      {:error, _} = error -> error
+    end
   end
 
   @doc """
-  Marks `stream_id` as stopped: calls then return `{:error, :closed}`.
+  Removes the calling process's handle for `stream_id`: calls then return
+  `{:error, :closed}` while the queue's tree is still up (stopping or
+  restarting), and `{:error, :unknown_stream}` once it is gone.
 
   ## Example
 
-      Convoy.Queue.unregister(options[:stream_id])
+      :ok = Convoy.Queue.unregister(options[:stream_id])
   """
   @spec unregister(stream_id) :: :ok
-  def unregister(stream_id) do
-    :persistent_term.put({__MODULE__, stream_id}, :stopped)
-  end
+  def unregister(stream_id), do: Registry.unregister(Convoy.Registry, {:handle, stream_id})
 
   defp lookup(stream_id) do
-    case :persistent_term.get({__MODULE__, stream_id}, nil) do
-      {service, handle} -> {:ok, service, handle}
-      :stopped -> {:error, :closed}
-      nil -> {:error, :unknown_stream}
+    case Registry.lookup(Convoy.Registry, {:handle, stream_id}) do
+      [{_owner, {service, handle}}] ->
+        {:ok, service, handle}
+
+      [] ->
+        if Topology.whereis(__MODULE__, stream_id),
+          do: {:error, :closed},
+          else: {:error, :unknown_stream}
     end
   end
 end

@@ -13,6 +13,9 @@ defmodule Convoy.Record do
     * `explicit_hash_key` - the explicit hash key an aggregated user record
       was put with, if any; `nil` otherwise
 
+  Records are built in Rust (a rustler `NifStruct`) as they are read, so
+  handlers receive them without a conversion in Elixir.
+
   ## Example
 
       %Convoy.Record{data: data, partition_key: "device-42"} = record
@@ -40,26 +43,4 @@ defmodule Convoy.Record do
           sub_sequence_number: non_neg_integer | nil,
           explicit_hash_key: String.t() | nil
         }
-
-  @doc false
-  # Builds records from the tuples the NIF sends:
-  # {data, key, sequence, arrival_ms, sub_sequence_number, explicit_hash_key}.
-  @spec from_native([tuple], String.t(), term) :: [t]
-  def from_native(raw, shard_id, stream_id) do
-    Enum.map(raw, fn {data, key, sequence, arrival_ms, sub_sequence, hash_key} ->
-      %__MODULE__{
-        data: data,
-        partition_key: key,
-        sequence_number: sequence,
-        shard_id: shard_id,
-        approximate_arrival_timestamp: timestamp(arrival_ms),
-        stream_id: stream_id,
-        sub_sequence_number: sub_sequence,
-        explicit_hash_key: hash_key
-      }
-    end)
-  end
-
-  defp timestamp(ms) when is_integer(ms) and ms > 0, do: DateTime.from_unix!(ms, :millisecond)
-  defp timestamp(_), do: nil
 end

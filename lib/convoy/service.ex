@@ -18,34 +18,46 @@ defmodule Convoy.Service do
       order. `c:get/2`, `c:attach_handler/5` and `c:detach_handler/2` then
       delegate to it.
 
-  The service is started from `c:child_spec/1` with the options
+  The service's tree is started from `c:child_spec/1`, with the options
   `Convoy.Queue.start_link/1` validated (service-specific ones arrive in
-  `:service_options`). Once ready it registers its handle with
-  `Convoy.Queue.register/3`, and on stop calls `Convoy.Queue.unregister/1`.
+  `:service_options`), as a child of the queue's supervisor, after the
+  queue's failure reporter. Once ready, the process that owns what the
+  handle refers to registers it with `Convoy.Queue.register/3`; the entry
+  goes when that process ends, and `put/4` answers `{:error, :closed}`
+  until a new one registers.
 
   ## Example
 
-  A complete service over an Agent that keeps one shard in a list:
+  A complete service over an Agent that keeps one shard in a list. Its tree
+  is the Agent (which registers the queue's handle) and the consumer:
 
       defmodule MyApp.ListService do
         @behaviour Convoy.Service
         @behaviour Convoy.Consumer.Source
 
-        def child_spec(options), do: %{id: __MODULE__, start: {__MODULE__, :start_link, [options]}}
-
-        def start_link(options) do
-          {:ok, agent} = Agent.start_link(fn -> [] end)
+        def child_spec(options) do
+          id = options[:stream_id]
+          agent = Module.concat(__MODULE__, to_string(id))
           consumer_options = Keyword.take(options, [:stream_id, :checkpoint, :iterator_type, :poll_interval])
-          {:ok, consumer} = Convoy.Consumer.start_link([source: {__MODULE__, agent}] ++ consumer_options)
-          Convoy.Queue.register(options[:stream_id], __MODULE__, %{agent: agent, consumer: consumer})
-          {:ok, agent}
+
+          children = [
+            %{id: :records, start: {Agent, :start_link, [fn -> register(id, agent) end, [name: agent]]}},
+            {Convoy.Consumer, [source: {__MODULE__, agent}] ++ consumer_options}
+          ]
+
+          %{id: __MODULE__, type: :supervisor, start: {Supervisor, :start_link, [children, [strategy: :rest_for_one]]}}
+        end
+
+        defp register(id, agent) do
+          :ok = Convoy.Queue.register(id, __MODULE__, %{agent: agent, stream_id: id, consumer: Convoy.Consumer.name(id)})
+          []
         end
 
         # producing
-        def put(%{agent: agent}, key, data, _opts) when is_binary(data) do
+        def put(%{agent: agent, stream_id: id}, key, data, _opts) when is_binary(data) do
           Agent.update(agent, fn records ->
             seq = Integer.to_string(length(records) + 1)
-            records ++ [{data, key, seq, System.system_time(:millisecond), nil, nil}]
+            records ++ [%Convoy.Record{data: data, partition_key: key, sequence_number: seq, shard_id: "only", stream_id: id}]
           end)
         end
 
@@ -73,7 +85,7 @@ defmodule Convoy.Service do
 
             records ->
               send(dispatcher, {:convoy_records, "only", records, 0})
-              receive do: (:ack -> read(agent, {:after_sequence_number, elem(List.last(records), 2)}, dispatcher, options))
+              receive do: (:ack -> read(agent, {:after_sequence_number, List.last(records).sequence_number}, dispatcher, options))
           end
         end
 

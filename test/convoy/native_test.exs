@@ -32,10 +32,9 @@ defmodule Convoy.NativeTest do
   test "an asynchronous call that fails replies {:error, reason}" do
     config = Convoy.KinesisConfig.resolve(Convoy.Local.kinesis_options("http://127.0.0.1:1"))
 
-    {:ok, client} =
-      Native.call(&Native.client_new(Convoy.KinesisConfig.to_native(config), &1, &2))
+    {:ok, client} = Native.call(&Native.client_new(Convoy.KinesisConfig.to_native(config), &1))
 
     assert {:error, {:aws, "DispatchFailure", _}} =
-             Native.call(&Native.list_shards_nif(client, "nope", &1, &2))
+             Native.call(&Native.list_shards_nif(client, "nope", &1))
   end
 end

@@ -61,9 +61,7 @@ defmodule Convoy.TestSupport do
     config = Convoy.KinesisConfig.resolve(kinesis(endpoint))
 
     {:ok, client} =
-      Convoy.Native.call(
-        &Convoy.Native.client_new(Convoy.KinesisConfig.to_native(config), &1, &2)
-      )
+      Convoy.Native.call(&Convoy.Native.client_new(Convoy.KinesisConfig.to_native(config), &1))
 
     {:ok, shards} = Convoy.Local.list_shards(endpoint, stream)
 
@@ -75,10 +73,10 @@ defmodule Convoy.TestSupport do
   defp read_shard(client, stream, shard_id, position, acc) do
     {:ok, [{^shard_id, raw}]} =
       Convoy.Native.call(
-        &Convoy.Native.fetch_records(client, stream, [{shard_id, position}], 10_000, &1, &2)
+        &Convoy.Native.fetch_records(client, stream, stream, [{shard_id, position}], 10_000, &1)
       )
 
-    records = Convoy.Record.from_native(raw, shard_id, stream)
+    records = raw
 
     case List.last(records) do
       nil ->

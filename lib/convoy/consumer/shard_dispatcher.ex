@@ -12,7 +12,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
   require Logger
 
-  alias Convoy.{Record, Telemetry}
+  alias Convoy.Telemetry
 
   def start_link(args), do: GenServer.start_link(__MODULE__, args)
 
@@ -39,7 +39,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
   @impl true
   def handle_info({:convoy_records, _shard_id, raw, millis_behind}, state) do
     started = System.monotonic_time()
-    records = Record.from_native(raw, state.shard_id, state.stream_id)
+    records = raw
     state = Enum.reduce(state.handlers, state, &run_handler(&1, records, &2))
     last = List.last(records)
     {module, checkpoint} = state.checkpoint

@@ -9,10 +9,10 @@ defmodule Convoy.Consumer.Source do
 
   A reader started with `c:start_reader/5` sends its dispatcher process:
 
-    * `{:convoy_records, shard_id, records, millis_behind_latest}` - a batch,
-      where each record is `{data, partition_key, sequence_number,
-      arrival_ms, sub_sequence_number | nil, explicit_hash_key | nil}`. The
-      reader sends nothing more until `c:ack/1` is called for it.
+    * `{:convoy_records, shard_id, records, millis_behind_latest}` - a batch
+      of `%Convoy.Record{}` structs, complete (with `shard_id` and the
+      queue's `stream_id`). The reader sends nothing more until `c:ack/1`
+      is called for it.
     * `{:convoy_shard_end, shard_id}` - a closed shard was read to its end.
     * `{:convoy_poller_error, shard_id, reason}` - an error worth logging;
       the reader retries transient ones itself.
@@ -74,5 +74,5 @@ defmodule Convoy.Consumer.Source do
 
   @doc "Reads up to `limit` records in total from the shards, in order, each from its position."
   @callback fetch(source :: term, [{String.t(), position}], limit :: pos_integer) ::
-              {:ok, [{String.t(), [tuple]}]} | {:error, term}
+              {:ok, [{String.t(), [Convoy.Record.t()]}]} | {:error, term}
 end

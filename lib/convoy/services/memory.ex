@@ -45,7 +45,19 @@ defmodule Convoy.Services.Memory do
 
   @impl Convoy.Service
   def child_spec(options) do
-    %{id: {__MODULE__, options[:stream_id]}, start: {__MODULE__, :start_link, [options]}}
+    # The stream's server, then the consumer that reads it.
+    source = {Source, Convoy.Queue.Topology.name(__MODULE__, options[:stream_id])}
+
+    children = [
+      %{id: __MODULE__, start: {__MODULE__, :start_link, [options]}},
+      {Convoy.Consumer, Convoy.Consumer.queue_options(options) ++ [source: source]}
+    ]
+
+    %{
+      id: __MODULE__,
+      start: {Supervisor, :start_link, [children, [strategy: :rest_for_one]]},
+      type: :supervisor
+    }
   end
 
   @doc """
@@ -64,7 +76,7 @@ defmodule Convoy.Services.Memory do
             "invalid Convoy.Services.Memory option :shards: expected 1..1024, got: #{inspect(shards)}"
     end
 
-    name = {:via, Registry, {Convoy.Registry, options[:stream_id]}}
+    name = Convoy.Queue.Topology.name(__MODULE__, options[:stream_id])
     GenServer.start_link(__MODULE__, {options, shards}, name: name)
   end
 
@@ -139,9 +151,9 @@ defmodule Convoy.Services.Memory do
   def split_shard(stream_id, shard_id), do: GenServer.call(server!(stream_id), {:split, shard_id})
 
   defp server!(stream_id) do
-    case Registry.lookup(Convoy.Registry, stream_id) do
-      [{pid, _}] -> pid
-      [] -> raise ArgumentError, "no queue is started with stream_id #{inspect(stream_id)}"
+    case Convoy.Queue.Topology.whereis(__MODULE__, stream_id) do
+      pid when is_pid(pid) -> pid
+      nil -> raise ArgumentError, "no queue is started with stream_id #{inspect(stream_id)}"
     end
   end
 
@@ -231,14 +243,14 @@ defmodule Convoy.Services.Memory do
       }
     }
 
-    {:ok, consumer} =
-      Convoy.Consumer.start_link(
-        Convoy.Consumer.queue_options(options) ++ [source: {Source, self()}]
-      )
+    handle = %{
+      server: self(),
+      consumer: Convoy.Consumer.name(options[:stream_id]),
+      max_record_bytes: options[:max_record_bytes]
+    }
 
-    handle = %{server: self(), consumer: consumer, max_record_bytes: options[:max_record_bytes]}
-    Convoy.Queue.register(options[:stream_id], __MODULE__, handle)
-    {:ok, Map.put(state, :consumer, consumer)}
+    :ok = Convoy.Queue.register(options[:stream_id], __MODULE__, handle)
+    {:ok, state}
   end
 
   defp shard_id(i), do: "shardId-" <> String.pad_leading(Integer.to_string(i), 12, "0")
@@ -285,8 +297,14 @@ defmodule Convoy.Services.Memory do
         # hides the records of a new one.
         sequence = System.unique_integer([:positive, :monotonic])
 
-        record =
-          {data, key, sequence_string(sequence), System.system_time(:millisecond), nil, nil}
+        record = %Convoy.Record{
+          data: data,
+          partition_key: key,
+          sequence_number: sequence_string(sequence),
+          shard_id: id,
+          approximate_arrival_timestamp: DateTime.utc_now() |> DateTime.truncate(:millisecond),
+          stream_id: state.stream_id
+        }
 
         shard = %{shard | records: :gb_trees.insert(sequence, record, shard.records)}
 
@@ -342,16 +360,10 @@ defmodule Convoy.Services.Memory do
   end
 
   @impl GenServer
-  def handle_info({:EXIT, consumer, reason}, %{consumer: consumer} = state),
-    do: {:stop, {:consumer_exited, reason}, state}
-
   def handle_info(_other, state), do: {:noreply, state}
 
   @impl GenServer
-  def terminate(_reason, state) do
-    Convoy.Queue.unregister(state.stream_id)
-    Convoy.Consumer.stop(state.consumer)
-  end
+  def terminate(_reason, state), do: Convoy.Queue.unregister(state.stream_id)
 
   defp open?(shard), do: is_nil(shard.ending_sequence_number)
   defp in_range?(%{range: {first, last}}, hash), do: hash >= first and hash <= last
@@ -360,24 +372,12 @@ defmodule Convoy.Services.Memory do
   defp sequence_string(n), do: String.pad_leading(Integer.to_string(n), 21, "0")
 
   defp failed(state, key, data, reason, counter) do
-    Logger.error("Convoy #{inspect(state.stream_id)}: 1 record(s) failed: #{inspect(reason)}")
-
-    notify_failure(state.on_failure, state.stream_id, %{
-      partition_key: key,
-      data: data,
-      reason: reason
-    })
+    Convoy.Queue.Reporter.report([{key, data, reason}], state.stream_id, state.on_failure)
 
     stats = Map.update!(state.stats, :failed, &(&1 + 1))
     stats = if counter, do: Map.update!(stats, counter, &(&1 + 1)), else: stats
     {:reply, {:error, reason}, %{state | stats: stats}}
   end
-
-  defp notify_failure(nil, _stream_id, _failure), do: :ok
-  defp notify_failure(fun, _stream_id, failure) when is_function(fun, 1), do: fun.(failure)
-
-  defp notify_failure(dest, stream_id, failure),
-    do: send(dest, {:convoy_put_failed, stream_id, [failure]})
 
   # Records of a shard from a position: {records, at_end_of_closed_shard?}.
   defp read(state, shard_id, position, limit) do
@@ -400,11 +400,12 @@ defmodule Convoy.Services.Memory do
   defp after_position?(_record, :trim_horizon), do: true
   defp after_position?(_record, :latest), do: false
 
-  defp after_position?({_, _, seq, _, _, _}, {:at_sequence_number, s}),
-    do: String.to_integer(seq) >= String.to_integer(s)
+  defp after_position?(record, {:at_sequence_number, s}),
+    do: String.to_integer(record.sequence_number) >= String.to_integer(s)
 
-  defp after_position?({_, _, seq, _, _, _}, {:after_sequence_number, s}),
-    do: String.to_integer(seq) > String.to_integer(s)
+  defp after_position?(record, {:after_sequence_number, s}),
+    do: String.to_integer(record.sequence_number) > String.to_integer(s)
 
-  defp after_position?({_, _, _, at, _, _}, {:at_timestamp, ms}), do: at >= ms
+  defp after_position?(record, {:at_timestamp, ms}),
+    do: DateTime.to_unix(record.approximate_arrival_timestamp, :millisecond) >= ms
 end

@@ -3,6 +3,7 @@
 //! symbols the VM provides).
 
 pub mod aggregation;
+pub mod civil;
 pub mod error;
 pub mod lanes;
 pub mod retry;

@@ -5,11 +5,12 @@
 use std::time::Duration;
 
 use aws_sdk_kinesis::types::{Shard, StreamStatus};
-use rustler::{Encoder, Env, LocalPid, ResourceArc, Term};
+use rustler::{Encoder, Env, ResourceArc, Term};
 
 use crate::atoms;
 use crate::client::ClientResource;
 use crate::error::Error;
+use crate::reply::ReplyTo;
 use crate::runtime;
 use convoy_core::retry::{self, RetryPolicy};
 
@@ -90,11 +91,10 @@ pub async fn list_shards(
 fn list_shards_nif(
     client: ResourceArc<ClientResource>,
     stream_name: String,
-    pid: LocalPid,
-    id: u64,
+    reply: ReplyTo,
 ) -> rustler::Atom {
     let client = client.client.clone();
-    runtime::spawn_reply(pid, id, async move {
+    runtime::spawn_reply(reply, async move {
         list_shards(&client, &stream_name).await.map(Shards)
     });
     atoms::ok()
@@ -125,11 +125,10 @@ fn create_stream(
     client: ResourceArc<ClientResource>,
     stream_name: String,
     shard_count: i32,
-    pid: LocalPid,
-    id: u64,
+    reply: ReplyTo,
 ) -> rustler::Atom {
     let client = client.client.clone();
-    runtime::spawn_reply(pid, id, async move {
+    runtime::spawn_reply(reply, async move {
         let created = client
             .create_stream()
             .stream_name(&stream_name)
@@ -155,11 +154,10 @@ fn create_stream(
 fn delete_stream(
     client: ResourceArc<ClientResource>,
     stream_name: String,
-    pid: LocalPid,
-    id: u64,
+    reply: ReplyTo,
 ) -> rustler::Atom {
     let client = client.client.clone();
-    runtime::spawn_reply(pid, id, async move {
+    runtime::spawn_reply(reply, async move {
         client
             .delete_stream()
             .stream_name(&stream_name)
@@ -180,11 +178,10 @@ fn split_shard(
     stream_name: String,
     shard_id: String,
     new_starting_hash_key: String,
-    pid: LocalPid,
-    id: u64,
+    reply: ReplyTo,
 ) -> rustler::Atom {
     let client = client.client.clone();
-    runtime::spawn_reply(pid, id, async move {
+    runtime::spawn_reply(reply, async move {
         client
             .split_shard()
             .stream_name(&stream_name)

@@ -1,9 +1,10 @@
 //! The Kinesis client as a resource: built once per queue on the runtime,
 //! then shared by its producer, pollers and admin calls.
 
-use rustler::{LocalPid, ResourceArc};
+use rustler::ResourceArc;
 
 use crate::config::KinesisConfig;
+use crate::reply::ReplyTo;
 use crate::runtime;
 
 pub struct ClientResource {
@@ -13,12 +14,12 @@ pub struct ClientResource {
 #[rustler::resource_impl]
 impl rustler::Resource for ClientResource {}
 
-/// Builds a client; replies `{:convoy_reply, id, {:ok, client}}`. Resolving
+/// Builds a client; replies `{ref, {:ok, client}}`. Resolving
 /// credentials may read files or call an instance-metadata endpoint, so it
 /// runs on the runtime, never on a scheduler.
 #[rustler::nif]
-fn client_new(config: KinesisConfig, pid: LocalPid, id: u64) -> rustler::Atom {
-    runtime::spawn_reply(pid, id, async move {
+fn client_new(config: KinesisConfig, reply: ReplyTo) -> rustler::Atom {
+    runtime::spawn_reply(reply, async move {
         let client = config.build_client().await;
         Ok(ResourceArc::new(ClientResource { client }))
     });

@@ -13,48 +13,32 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{Record, ShardIteratorType};
-use rustler::{Binary, Decoder, Encoder, Env, LocalPid, NewBinary, NifResult, ResourceArc, Term};
+use rustler::{Binary, Encoder, Env, LocalPid, NewBinary, ResourceArc, Term};
 use tokio::sync::{watch, Semaphore};
 
 use crate::atoms;
 use crate::client::ClientResource;
 use crate::delivery;
 use crate::error::{Error, Reason};
+use crate::reply::ReplyTo;
 use crate::runtime;
+use crate::timestamp;
 use convoy_core::aggregation;
 use convoy_core::retry::{self, RetryPolicy};
 
 /// Kinesis allows 5 GetRecords calls per second per shard.
 const MIN_CALL_SPACING: Duration = Duration::from_millis(200);
 
-/// Where a shard's reading begins, as the Elixir side names it.
-#[derive(Debug, Clone, PartialEq)]
+/// Where a shard's reading begins, as the Elixir side names it: `:latest`,
+/// `:trim_horizon`, `{:at_sequence_number, s}`, `{:after_sequence_number, s}`
+/// or `{:at_timestamp, unix_ms}`.
+#[derive(Debug, Clone, PartialEq, rustler::NifTaggedEnum)]
 pub enum Position {
     Latest,
     TrimHorizon,
     AtSequenceNumber(String),
     AfterSequenceNumber(String),
     AtTimestamp(i64),
-}
-
-impl<'a> Decoder<'a> for Position {
-    fn decode(term: Term<'a>) -> NifResult<Self> {
-        if let Ok(atom) = term.atom_to_string() {
-            return match atom.as_str() {
-                "latest" => Ok(Position::Latest),
-                "trim_horizon" => Ok(Position::TrimHorizon),
-                _ => Err(rustler::Error::BadArg),
-            };
-        }
-        let (tag, value): (rustler::Atom, Term) = term.decode()?;
-        let tag = format!("{tag:?}");
-        match tag.as_str() {
-            "at_sequence_number" => Ok(Position::AtSequenceNumber(value.decode()?)),
-            "after_sequence_number" => Ok(Position::AfterSequenceNumber(value.decode()?)),
-            "at_timestamp" => Ok(Position::AtTimestamp(value.decode()?)),
-            _ => Err(rustler::Error::BadArg),
-        }
-    }
 }
 
 async fn shard_iterator(
@@ -132,44 +116,82 @@ fn expand(record: &Record) -> Vec<Delivered<'_>> {
     }]
 }
 
-impl Encoder for Delivered<'_> {
-    /// `{data, partition_key, sequence_number, arrival_ms, sub_sequence_number, explicit_hash_key}`
-    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+/// `%Convoy.Record{}`, built here so Elixir receives records ready to use.
+#[derive(rustler::NifStruct)]
+#[module = "Convoy.Record"]
+struct RecordStruct<'a> {
+    data: Binary<'a>,
+    partition_key: Term<'a>,
+    sequence_number: Term<'a>,
+    shard_id: Term<'a>,
+    approximate_arrival_timestamp: Term<'a>,
+    stream_id: Term<'a>,
+    sub_sequence_number: Option<u64>,
+    explicit_hash_key: Term<'a>,
+}
+
+/// What every record of a batch shares: its shard and the queue's `stream_id`.
+pub struct Origin<'a> {
+    pub shard_id: Term<'a>,
+    pub stream_id: Term<'a>,
+}
+
+impl Delivered<'_> {
+    fn to_struct<'a>(&self, env: Env<'a>, origin: &Origin<'a>) -> RecordStruct<'a> {
         let mut data = NewBinary::new(env, self.data.len());
         data.as_mut_slice().copy_from_slice(&self.data);
-        let data: Binary = data.into();
-        (
-            data,
-            self.partition_key.as_ref(),
-            self.sequence_number,
-            self.arrival_ms,
-            self.sub_sequence_number,
-            self.explicit_hash_key.as_deref(),
-        )
-            .encode(env)
+        RecordStruct {
+            data: data.into(),
+            partition_key: self.partition_key.as_ref().encode(env),
+            sequence_number: self.sequence_number.encode(env),
+            shard_id: origin.shard_id,
+            approximate_arrival_timestamp: timestamp::utc_datetime(env, self.arrival_ms),
+            stream_id: origin.stream_id,
+            sub_sequence_number: self.sub_sequence_number,
+            explicit_hash_key: self.explicit_hash_key.as_deref().encode(env),
+        }
     }
 }
 
-fn encode_records<'a>(env: Env<'a>, records: &[Record]) -> Term<'a> {
-    let terms: Vec<Term> = records
-        .iter()
-        .flat_map(expand)
-        .map(|d| d.encode(env))
-        .collect();
+/// A list of `%Convoy.Record{}`, aggregated records expanded.
+pub fn encode_records<'a>(env: Env<'a>, records: &[Record], origin: &Origin<'a>) -> Term<'a> {
+    let mut terms: Vec<Term<'a>> = Vec::with_capacity(records.len());
+    for record in records {
+        for delivered in expand(record) {
+            terms.push(delivered.to_struct(env, origin).encode(env));
+        }
+    }
     terms.encode(env)
+}
+
+/// A term kept outside any env (the queue's `stream_id`), rebuilt in the env
+/// of each message.
+pub struct KeptTerm(Box<[u8]>);
+
+impl KeptTerm {
+    pub fn new(term: Term) -> Self {
+        KeptTerm(term.to_binary().as_slice().into())
+    }
+
+    pub fn load<'a>(&self, env: Env<'a>) -> Term<'a> {
+        env.binary_to_term(&self.0)
+            .map(|(term, _)| term)
+            .expect("a term encoded by the VM decodes")
+    }
 }
 
 // ---------------------------------------------------------------------------
 // Shard pollers
 
+/// A shard reader's options, under their `Convoy.Queue` names.
 #[derive(rustler::NifMap)]
 pub struct PollerOptions {
-    pub stream_name: String,
+    pub stream: String,
     pub shard_id: String,
-    pub limit: i32,
-    pub poll_interval_ms: u64,
-    pub retry_base_ms: u64,
-    pub max_backoff_ms: u64,
+    pub poll_limit: i32,
+    pub poll_interval: u64,
+    pub retry_backoff: u64,
+    pub max_backoff: u64,
 }
 
 /// Held by the shard's dispatcher. Dropping it (the dispatcher died) or
@@ -187,6 +209,7 @@ struct ShardTask {
     options: PollerOptions,
     resume: Position,
     dispatcher: LocalPid,
+    stream_id: KeptTerm,
     credits: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
     policy: RetryPolicy,
@@ -236,7 +259,7 @@ impl ShardTask {
             }
             let result = shard_iterator(
                 &self.client,
-                &self.options.stream_name,
+                &self.options.stream,
                 &self.options.shard_id,
                 &self.resume,
             )
@@ -301,7 +324,7 @@ impl ShardTask {
                 .client
                 .get_records()
                 .shard_iterator(&iterator)
-                .limit(self.options.limit)
+                .limit(self.options.poll_limit)
                 .send()
                 .await;
             match response {
@@ -327,7 +350,7 @@ impl ShardTask {
                         }
                     }
                     if records.is_empty() {
-                        let interval = Duration::from_millis(self.options.poll_interval_ms);
+                        let interval = Duration::from_millis(self.options.poll_interval);
                         if !self.pause(interval).await {
                             return;
                         }
@@ -370,11 +393,16 @@ impl ShardTask {
     /// Sends one batch and waits for its acknowledgement.
     async fn deliver(&mut self, records: &[Record], millis_behind: Option<i64>) -> Flow {
         let shard_id = self.options.shard_id.as_str();
+        let stream_id = &self.stream_id;
         let sent = delivery::send(&self.dispatcher, |env| {
+            let origin = Origin {
+                shard_id: shard_id.encode(env),
+                stream_id: stream_id.load(env),
+            };
             (
                 atoms::convoy_records(),
-                shard_id,
-                encode_records(env, records),
+                origin.shard_id,
+                encode_records(env, records, &origin),
                 millis_behind.unwrap_or(-1),
             )
                 .encode(env)
@@ -398,6 +426,7 @@ impl ShardTask {
 #[rustler::nif]
 fn poller_start(
     client: ResourceArc<ClientResource>,
+    stream_id: Term,
     options: PollerOptions,
     position: Position,
     dispatcher: LocalPid,
@@ -407,13 +436,14 @@ fn poller_start(
     let task = ShardTask {
         client: client.client.clone(),
         policy: RetryPolicy {
-            base: Duration::from_millis(options.retry_base_ms),
-            max_backoff: Duration::from_millis(options.max_backoff_ms),
+            base: Duration::from_millis(options.retry_backoff),
+            max_backoff: Duration::from_millis(options.max_backoff),
             ..RetryPolicy::default()
         },
         options,
         resume: position,
         dispatcher,
+        stream_id: KeptTerm::new(stream_id),
         credits: credits.clone(),
         stop: stop_rx,
     };
@@ -449,13 +479,14 @@ struct ShardRecords {
 fn fetch_records(
     client: ResourceArc<ClientResource>,
     stream_name: String,
+    stream_id: Term,
     positions: Vec<(String, Position)>,
     limit: i32,
-    pid: LocalPid,
-    id: u64,
+    reply: ReplyTo,
 ) -> rustler::Atom {
     let client = client.client.clone();
-    runtime::spawn_reply(pid, id, async move {
+    let stream_id = KeptTerm::new(stream_id);
+    runtime::spawn_reply(reply, async move {
         let mut remaining = limit.max(1);
         let mut out = Vec::new();
         for (shard_id, position) in positions {
@@ -474,20 +505,31 @@ fn fetch_records(
             remaining -= records.len() as i32;
             out.push(ShardRecords { shard_id, records });
         }
-        Ok(EncodedShards(out))
+        Ok(EncodedShards(out, stream_id))
     });
     atoms::ok()
 }
 
-/// Records travel as the same tuples the pollers send.
-struct EncodedShards(Vec<ShardRecords>);
+/// `[{shard_id, [%Convoy.Record{}]}]`, records built as the pollers build them.
+struct EncodedShards(Vec<ShardRecords>, KeptTerm);
 
 impl Encoder for EncodedShards {
     fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let stream_id = self.1.load(env);
         let shards: Vec<Term> = self
             .0
             .iter()
-            .map(|shard| (shard.shard_id.as_str(), encode_records(env, &shard.records)).encode(env))
+            .map(|shard| {
+                let origin = Origin {
+                    shard_id: shard.shard_id.as_str().encode(env),
+                    stream_id,
+                };
+                (
+                    origin.shard_id,
+                    encode_records(env, &shard.records, &origin),
+                )
+                    .encode(env)
+            })
             .collect();
         shards.encode(env)
     }

@@ -11,6 +11,8 @@ mod diagnostics;
 mod error;
 mod json;
 mod producer;
+mod reply;
 mod runtime;
+mod timestamp;
 
 rustler::init!("Elixir.Convoy.Native");

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use rustler::LocalPid;
 
 use crate::delivery;
+use crate::reply::ReplyTo;
 
 static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
 
@@ -63,10 +64,10 @@ pub fn panic_message(payload: Box<dyn Any + Send>) -> String {
     }
 }
 
-/// Runs `future` on the runtime and sends its result to `pid` as
-/// `{:convoy_reply, id, result}`. A panic becomes `{:error, {:panic, msg}}`,
+/// Runs `future` on the runtime and answers the caller with `{ref, {:ok,
+/// value} | {:error, reason}}`. A panic becomes `{:error, {:panic, msg}}`,
 /// so the caller waiting for the reply is never left hanging.
-pub fn spawn_reply<F, T>(pid: LocalPid, id: u64, future: F)
+pub fn spawn_reply<F, T>(reply: ReplyTo, future: F)
 where
     F: Future<Output = Result<T, crate::error::Error>> + Send + 'static,
     T: rustler::Encoder + Send + 'static,
@@ -81,6 +82,8 @@ where
             }
             Err(_) => Err(crate::error::Error::Shutdown),
         };
-        delivery::reply(&pid, id, result);
+        reply.send_with(&mut rustler::OwnedEnv::new(), |env| {
+            crate::error::encode_result(env, result)
+        });
     });
 }

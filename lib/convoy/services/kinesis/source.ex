@@ -8,24 +8,14 @@ defmodule Convoy.Services.Kinesis.Source do
 
   @impl true
   def list_shards(%{client: client, stream: stream}) do
-    Native.call(&Native.list_shards_nif(client, stream, &1, &2))
+    Native.call(&Native.list_shards_nif(client, stream, &1))
   end
 
   @impl true
-  def start_reader(%{client: client, stream: stream}, shard_id, position, dispatcher, options) do
-    Native.poller_start(
-      client,
-      %{
-        stream_name: stream,
-        shard_id: shard_id,
-        limit: options.poll_limit,
-        poll_interval_ms: options.poll_interval,
-        retry_base_ms: options.retry_backoff,
-        max_backoff_ms: options.max_backoff
-      },
-      position,
-      dispatcher
-    )
+  def start_reader(source, shard_id, position, dispatcher, options) do
+    %{client: client, stream: stream, stream_id: stream_id} = source
+    options = Map.merge(options, %{stream: stream, shard_id: shard_id})
+    Native.poller_start(client, stream_id, options, position, dispatcher)
   end
 
   @impl true
@@ -35,7 +25,7 @@ defmodule Convoy.Services.Kinesis.Source do
   def stop_reader(poller), do: Native.poller_stop(poller)
 
   @impl true
-  def fetch(%{client: client, stream: stream}, positions, limit) do
-    Native.call(&Native.fetch_records(client, stream, positions, limit, &1, &2), 55_000)
+  def fetch(%{client: client, stream: stream, stream_id: stream_id}, positions, limit) do
+    Native.call(&Native.fetch_records(client, stream, stream_id, positions, limit, &1), 55_000)
   end
 end

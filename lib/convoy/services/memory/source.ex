@@ -49,7 +49,7 @@ defmodule Convoy.Services.Memory.Source do
 
       {:ok, records, _ended} ->
         send(dispatcher, {:convoy_records, shard_id, records, 0})
-        {_, _, last, _, _, _} = List.last(records)
+        last = List.last(records).sequence_number
 
         receive do
           :ack -> read_loop(server, shard_id, {:after_sequence_number, last}, dispatcher, options)

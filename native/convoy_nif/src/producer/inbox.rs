@@ -77,6 +77,14 @@ impl Inbox {
         }
     }
 
+    /// `settle` for a thread that cannot await (a lane being dropped). Puts
+    /// hold the window for a few instructions only.
+    pub fn settle_blocking(&self) {
+        while self.active.load(Ordering::SeqCst) > 0 {
+            std::thread::yield_now();
+        }
+    }
+
     pub fn drop_producer(&self) {
         self.dropped.store(true, Ordering::SeqCst);
         self.wake.notify_one();

@@ -2,6 +2,10 @@
 //! records routed to it, cuts a request when one is due, and sends it
 //! (retries included) before cutting the next, so records of one partition
 //! key never overtake each other.
+//!
+//! A lane that ends abnormally (a panic in a task is contained by the
+//! runtime, which then drops the lane) closes the producer so no put is
+//! routed to it, and reports every record it held as failed.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -9,8 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::inbox::Inbox;
-use super::send::{deliver, Outgoing};
+use super::send::{deliver, fail, Outgoing};
 use super::{aggregate, Command, Entry, Shared, Waiter, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS};
+use crate::error::Error;
 
 pub(super) struct Lane {
     shared: Arc<Shared>,
@@ -21,6 +26,11 @@ pub(super) struct Lane {
     flushes: Vec<(usize, Option<Arc<Waiter>>)>,
     closing: Option<(Instant, Option<Arc<Waiter>>)>,
     disconnected: bool,
+    /// The request being sent, kept here across its awaits so a lane that
+    /// dies mid-request still accounts for it.
+    sending: Vec<Outgoing>,
+    /// Set when `run` returns normally; a lane dropped without it ended abnormally.
+    finished: bool,
 }
 
 impl Lane {
@@ -33,12 +43,12 @@ impl Lane {
             flushes: Vec::new(),
             closing: None,
             disconnected: false,
+            sending: Vec::new(),
+            finished: false,
         }
     }
 
     pub(super) async fn run(mut self) {
-        // Counted as ended however the task ends, panics included.
-        let _ended = LaneEnded(self.shared.clone());
         if let Some(aggregation) = self.shared.aggregation.clone() {
             aggregation.await_first_load().await;
         }
@@ -52,7 +62,8 @@ impl Lane {
             if self.due() {
                 let (request, taken) = self.cut();
                 let deadline = self.closing.as_ref().map(|(d, _)| *d);
-                deliver(&self.shared, request, deadline).await;
+                self.sending = request;
+                deliver(&self.shared, &mut self.sending, deadline).await;
                 self.completed(taken);
                 continue;
             }
@@ -81,6 +92,7 @@ impl Lane {
         if let Some((_, Some(waiter))) = self.closing.take() {
             waiter.done();
         }
+        self.finished = true;
     }
 
     fn drain_commands(&mut self) {
@@ -180,11 +192,33 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-struct LaneEnded(Arc<Shared>);
-
-impl Drop for LaneEnded {
+impl Drop for Lane {
+    /// A lane dropped before `run` finished ended abnormally: close the
+    /// producer so puts answer `{:error, :closed}` instead of reaching this
+    /// lane, and report every record it held, or that reached its inbox
+    /// before the close, as failed. Waiting callers are answered.
     fn drop(&mut self) {
-        self.0.lanes_running.fetch_sub(1, Ordering::SeqCst);
-        self.0.tell_heir_if_finished();
+        if self.finished {
+            return;
+        }
+        self.shared.closed.store(true, Ordering::SeqCst);
+        self.inbox.settle_blocking();
+        self.drain_commands();
+        let reason = Error::Panic("the producer lane ended abnormally".into());
+        // Buffered records join the in-flight count `fail` pays back.
+        let buffered = self.buffer.len() as u64;
+        let stats = &self.shared.stats;
+        stats.in_flight.fetch_add(buffered, Ordering::Relaxed);
+        let mut lost: Vec<Outgoing> = std::mem::take(&mut self.sending);
+        lost.extend(self.buffer.drain(..).map(Outgoing::single));
+        fail(&self.shared, lost, &reason);
+        for (_, waiter) in self.flushes.drain(..) {
+            if let Some(waiter) = waiter {
+                waiter.done();
+            }
+        }
+        if let Some((_, Some(waiter))) = self.closing.take() {
+            waiter.done();
+        }
     }
 }

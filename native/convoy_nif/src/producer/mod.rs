@@ -11,21 +11,24 @@
 //! charged on `put`; it is paid back only when a record's outcome is final, so
 //! the bound holds while Kinesis is unreachable.
 //!
-//! The producer monitors the queue process that owns it. If that process dies
-//! without closing it (killed), the producer closes itself: it sends what it
-//! holds and reports what finally fails to the heir process instead.
+//! The producer lives as long as its resource: when the process that owns it
+//! stops holding it (the owner stopped or was killed), the resource is
+//! dropped and the lanes send what they hold, then end. Records that finally
+//! fail are reported to the queue's reporter process, which outlives the
+//! owner; a lane that panics reports its records as failed and closes the
+//! producer, so no put is routed to a dead lane.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rustler::{Binary, Encoder, Env, LocalPid, Monitor, ResourceArc, Term, TermType};
+use rustler::{Binary, Encoder, Env, LocalPid, ResourceArc, Term, TermType};
 
 use crate::atoms;
 use crate::client::ClientResource;
-use crate::delivery;
 use crate::error::{Error, Reason};
 use crate::json;
+use crate::reply::ReplyTo;
 use crate::runtime;
 use convoy_core::lanes::lane_of;
 use convoy_core::retry::RetryPolicy;
@@ -45,32 +48,25 @@ pub const MAX_REQUEST_RECORDS: usize = 500;
 /// ...and at most this many bytes of data and partition keys.
 pub const MAX_REQUEST_BYTES: usize = 5 * 1024 * 1024;
 
+/// The producer's share of the queue options, under their `Convoy.Queue`
+/// names (times in ms, sizes in bytes).
 #[derive(rustler::NifMap)]
 pub struct ProducerOptions {
-    pub stream_name: String,
-    pub batch_timeout_ms: u64,
+    pub stream: String,
+    pub batch_timeout: u64,
     pub max_in_flight: usize,
     pub max_buffered_records: u64,
     pub max_buffered_bytes: u64,
     pub max_record_bytes: u64,
     pub max_retries: u32,
-    pub retry_deadline_ms: u64,
-    pub retry_base_ms: u64,
-    pub max_backoff_ms: u64,
-    /// Pack user records into KPL aggregated records of at most this many
-    /// bytes; 0 disables aggregation.
+    pub retry_deadline: u64,
+    pub retry_backoff: u64,
+    pub max_backoff: u64,
+    /// Pack user records into KPL aggregated records...
+    pub aggregation: bool,
+    /// ...of at most this many bytes.
     pub aggregation_max_bytes: u64,
-    pub shard_refresh_ms: u64,
-    /// Receives `{:convoy_put_failed, [{key, data, reason}]}` for records that
-    /// finally failed, and panic reports.
-    pub owner: LocalPid,
-    /// Receives `{:convoy_orphan_put_failed, heir_id, failures}` for what
-    /// fails once the owner is gone, then `{:convoy_closed, heir_id}` when the
-    /// owner is gone and every lane has ended.
-    pub heir: LocalPid,
-    pub heir_id: u64,
-    /// How long a producer whose owner died keeps sending what it holds.
-    pub close_timeout_ms: u64,
+    pub shard_refresh_interval: u64,
 }
 
 pub struct Producer {
@@ -88,15 +84,7 @@ impl Drop for Producer {
 }
 
 #[rustler::resource_impl]
-impl rustler::Resource for Producer {
-    /// The owner died without closing the producer (it was killed): close it
-    /// now, so what it holds is sent at once and what fails is still reported.
-    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: Monitor) {
-        self.shared.orphaned.store(true, Ordering::SeqCst);
-        self.close(self.shared.close_timeout, None);
-        self.shared.tell_heir_if_finished();
-    }
-}
+impl rustler::Resource for Producer {}
 
 struct Shared {
     client: aws_sdk_kinesis::Client,
@@ -106,15 +94,10 @@ struct Shared {
     max_buffered_bytes: u64,
     max_record_bytes: usize,
     policy: RetryPolicy,
-    owner: LocalPid,
-    heir: LocalPid,
-    heir_id: u64,
-    /// Set once the owner is gone: failures go to the heir.
-    orphaned: AtomicBool,
-    /// Lanes whose task has not ended yet.
-    lanes_running: AtomicUsize,
-    heir_told: AtomicBool,
-    close_timeout: Duration,
+    /// Receives `{:convoy_put_failed, [{key, data, reason}]}` for records
+    /// that finally failed: the queue's reporter, or whoever closed the
+    /// producer and waits for its end.
+    reporter: Mutex<LocalPid>,
     closed: AtomicBool,
     stats: Stats,
     aggregation: Option<Arc<Aggregation>>,
@@ -137,7 +120,7 @@ struct Entry {
     data: Vec<u8>,
     /// Bytes charged to the budget and to the request size.
     size: usize,
-    reply: Option<(LocalPid, u64)>,
+    reply: Option<ReplyTo>,
     enqueued: Instant,
 }
 
@@ -148,38 +131,34 @@ enum Command {
 }
 
 /// Counts down the lanes that still have to answer a flush or close; the last
-/// one tells the waiting process.
+/// one answers the waiting caller with `{ref, :ok}`.
 struct Waiter {
     remaining: AtomicUsize,
-    pid: LocalPid,
-    id: u64,
-    message: fn() -> rustler::Atom,
+    reply: Mutex<Option<ReplyTo>>,
 }
 
 impl Waiter {
+    fn new(lanes: usize, reply: ReplyTo) -> Arc<Self> {
+        Arc::new(Waiter {
+            remaining: AtomicUsize::new(lanes),
+            reply: Mutex::new(Some(reply)),
+        })
+    }
+
     fn done(&self) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let (message, id) = (self.message, self.id);
-            // The last lane may answer from a NIF or `down`: a scheduler thread.
-            delivery::send_anywhere(self.pid, move |env| (message(), id).encode(env));
+            let reply = self.reply.lock().unwrap_or_else(|e| e.into_inner()).take();
+            // The last lane may answer from a NIF: a scheduler thread.
+            if let Some(reply) = reply {
+                reply.send_anywhere(atoms::ok());
+            }
         }
     }
 }
 
 impl Shared {
-    /// Called when a lane ends and when the owner goes: whichever comes last
-    /// tells the heir it can forget this producer. Every failure a lane
-    /// reports precedes its end, so none reaches the heir after this.
-    fn tell_heir_if_finished(&self) {
-        if self.orphaned.load(Ordering::SeqCst)
-            && self.lanes_running.load(Ordering::SeqCst) == 0
-            && !self.heir_told.swap(true, Ordering::SeqCst)
-        {
-            let id = self.heir_id;
-            delivery::send_anywhere(self.heir, move |env| {
-                (atoms::convoy_closed(), id).encode(env)
-            });
-        }
+    fn reporter(&self) -> LocalPid {
+        *self.reporter.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Pays back the budget of records whose outcome is final.
@@ -275,56 +254,63 @@ fn decode_explicit_hash_key(term: Term) -> Result<Option<String>, Error> {
     validate::explicit_hash_key(bin.as_slice()).map(|s| Some(s.to_owned()))
 }
 
-fn decode_reply(term: Term) -> Result<Option<(LocalPid, u64)>, Error> {
+fn decode_reply(term: Term) -> Result<Option<ReplyTo>, Error> {
     if term.get_type() == TermType::Atom {
         return Ok(None);
     }
-    term.decode::<(LocalPid, u64)>()
+    term.decode::<ReplyTo>()
         .map(Some)
-        .map_err(|_| Error::InvalidArgument("reply must be nil or {pid, id}".into()))
+        .map_err(|_| Error::InvalidArgument("reply must be nil or {pid, ref}".into()))
 }
 
 // ---------------------------------------------------------------------------
 // NIFs
 
-/// Returns the producer as a term: the SDK client inside is not
-/// `RefUnwindSafe`, which rustler asks of typed return values.
+/// Starts a producer. Failure reports go to `reporter`; a panicking task is
+/// reported to the calling process, its owner. Returns the producer as a
+/// term: the SDK client inside is not `RefUnwindSafe`, which rustler asks
+/// of typed return values.
 #[rustler::nif]
-fn producer_start(env: Env, client: ResourceArc<ClientResource>, options: ProducerOptions) -> Term {
+fn producer_start(
+    env: Env,
+    client: ResourceArc<ClientResource>,
+    options: ProducerOptions,
+    reporter: LocalPid,
+) -> Term {
+    let owner = env.pid();
     let lane_count = options.max_in_flight.max(1);
+    let aggregation_max_bytes = if options.aggregation {
+        options.aggregation_max_bytes
+    } else {
+        0
+    };
     let shared = Arc::new(Shared {
         client: client.client.clone(),
-        stream_name: options.stream_name,
-        batch_timeout: Duration::from_millis(options.batch_timeout_ms),
+        stream_name: options.stream,
+        batch_timeout: Duration::from_millis(options.batch_timeout),
         max_buffered_records: options.max_buffered_records,
         max_buffered_bytes: options.max_buffered_bytes,
         max_record_bytes: options.max_record_bytes as usize,
         policy: RetryPolicy {
             max_retries: options.max_retries,
-            base: Duration::from_millis(options.retry_base_ms),
-            max_backoff: Duration::from_millis(options.max_backoff_ms),
-            deadline: Duration::from_millis(options.retry_deadline_ms),
+            base: Duration::from_millis(options.retry_backoff),
+            max_backoff: Duration::from_millis(options.max_backoff),
+            deadline: Duration::from_millis(options.retry_deadline),
         },
-        owner: options.owner,
-        heir: options.heir,
-        heir_id: options.heir_id,
-        orphaned: AtomicBool::new(false),
-        lanes_running: AtomicUsize::new(lane_count),
-        heir_told: AtomicBool::new(false),
-        close_timeout: Duration::from_millis(options.close_timeout_ms),
+        reporter: Mutex::new(reporter),
         closed: AtomicBool::new(false),
         stats: Stats::default(),
-        aggregation: (options.aggregation_max_bytes > 0)
-            .then(|| Arc::new(Aggregation::new(options.aggregation_max_bytes as usize))),
+        aggregation: (aggregation_max_bytes > 0)
+            .then(|| Arc::new(Aggregation::new(aggregation_max_bytes as usize))),
     });
     if let Some(aggregation) = &shared.aggregation {
         runtime::spawn_guarded(
             "shard map refresh",
-            Some(options.owner),
+            Some(owner),
             aggregate::refresh_shard_map(
                 Arc::downgrade(&shared),
                 aggregation.clone(),
-                Duration::from_millis(options.shard_refresh_ms.max(1_000)),
+                Duration::from_millis(options.shard_refresh_interval.max(1_000)),
             ),
         );
     }
@@ -332,13 +318,11 @@ fn producer_start(env: Env, client: ResourceArc<ClientResource>, options: Produc
         .map(|_| {
             let inbox = Arc::new(Inbox::default());
             let lane = Lane::new(shared.clone(), inbox.clone());
-            runtime::spawn_guarded("producer lane", Some(options.owner), lane.run());
+            runtime::spawn_guarded("producer lane", Some(owner), lane.run());
             inbox
         })
         .collect();
-    let producer = ResourceArc::new(Producer { lanes, shared });
-    producer.monitor(Some(env), &options.owner);
-    producer.encode(env)
+    ResourceArc::new(Producer { lanes, shared }).encode(env)
 }
 
 /// The hot path: validate, charge the budget, enqueue, return. Binary data
@@ -376,21 +360,11 @@ fn put_result(env: Env, result: Result<(), Error>) -> Term {
     }
 }
 
-/// Sends everything buffered now. With a `{pid, id}`, `{:convoy_flushed, id}`
-/// follows once every record buffered before the call has an outcome.
+/// Sends everything buffered now. With `{pid, ref}`, `{ref, :ok}` follows
+/// once every record buffered before the call has an outcome.
 #[rustler::nif]
-fn producer_flush(
-    producer: ResourceArc<Producer>,
-    reply: Option<(LocalPid, u64)>,
-) -> rustler::Atom {
-    let waiter = reply.map(|(pid, id)| {
-        Arc::new(Waiter {
-            remaining: AtomicUsize::new(producer.lanes.len()),
-            pid,
-            id,
-            message: atoms::convoy_flushed,
-        })
-    });
+fn producer_flush(producer: ResourceArc<Producer>, reply: Option<ReplyTo>) -> rustler::Atom {
+    let waiter = reply.map(|reply| Waiter::new(producer.lanes.len(), reply));
     for inbox in &producer.lanes {
         let refused = inbox
             .push(Command::Flush(waiter.clone()), &producer.shared.closed)
@@ -405,23 +379,23 @@ fn producer_flush(
 
 /// Stops taking records and sends what is buffered, giving up at the
 /// deadline: records still unsent then go through the failure path with
-/// reason `:shutdown`. `{:convoy_closed, id}` follows when every lane is done.
+/// reason `:shutdown`. From now on failures are reported to `report_to` (the
+/// closing process, which may outlive the reporter); `{ref, :ok}` follows
+/// when every lane is done.
 #[rustler::nif]
 fn producer_close(
     producer: ResourceArc<Producer>,
     timeout_ms: u64,
-    pid: LocalPid,
-    id: u64,
+    reply: ReplyTo,
+    report_to: LocalPid,
 ) -> rustler::Atom {
-    producer.close(
-        Duration::from_millis(timeout_ms),
-        Some(Arc::new(Waiter {
-            remaining: AtomicUsize::new(producer.lanes.len()),
-            pid,
-            id,
-            message: atoms::convoy_closed,
-        })),
-    );
+    *producer
+        .shared
+        .reporter
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = report_to;
+    let waiter = Waiter::new(producer.lanes.len(), reply);
+    producer.close(Duration::from_millis(timeout_ms), Some(waiter));
     atoms::ok()
 }
 

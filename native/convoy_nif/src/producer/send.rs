@@ -10,15 +10,16 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use convoy_core::aggregation;
 use convoy_core::retry;
-use rustler::{Binary, Encoder, Env, LocalPid, NewBinary, OwnedEnv, Term};
+use rustler::{Binary, Encoder, Env, NewBinary, OwnedEnv, Term};
 
 use super::{Entry, Shared};
 use crate::atoms;
 use crate::error::{Error, Reason};
+use crate::reply::ReplyTo;
 
 /// A user record's share of an outgoing Kinesis record.
 pub(super) struct Member {
-    pub reply: Option<(LocalPid, u64)>,
+    pub reply: Option<ReplyTo>,
     /// Bytes charged to the buffer budget.
     pub size: usize,
 }
@@ -78,10 +79,12 @@ fn records(batch: &[Outgoing]) -> u64 {
 }
 
 /// Sends one request and retries its failed entries until each has an
-/// outcome. With a close deadline, whatever is unsent then fails as `:shutdown`.
+/// outcome; `pending` is empty on return. With a close deadline, whatever is
+/// unsent then fails as `:shutdown`. The entries stay in `pending` (owned by
+/// the lane) across every await.
 pub(super) async fn deliver(
     shared: &Shared,
-    mut pending: Vec<Outgoing>,
+    pending: &mut Vec<Outgoing>,
     close_deadline: Option<Instant>,
 ) {
     let stats = &shared.stats;
@@ -89,25 +92,22 @@ pub(super) async fn deliver(
     let mut attempts = 0u32;
     stats
         .in_flight
-        .fetch_add(records(&pending), Ordering::Relaxed);
+        .fetch_add(records(pending), Ordering::Relaxed);
     loop {
         if close_deadline.is_some_and(|d| Instant::now() >= d) {
-            fail(shared, pending, &Error::Shutdown);
+            fail(shared, std::mem::take(pending), &Error::Shutdown);
             return;
         }
         attempts += 1;
-        let (retry, last_error) = attempt(shared, pending).await;
-        pending = retry;
+        let last_error = attempt(shared, pending).await;
         if pending.is_empty() {
             return;
         }
         if !shared.policy.allows(attempts, started) {
-            fail(shared, pending, &last_error);
+            fail(shared, std::mem::take(pending), &last_error);
             return;
         }
-        stats
-            .retried
-            .fetch_add(records(&pending), Ordering::Relaxed);
+        stats.retried.fetch_add(records(pending), Ordering::Relaxed);
         let mut wait = shared.policy.backoff(attempts);
         if let Some(deadline) = close_deadline {
             wait = wait.min(deadline.saturating_duration_since(Instant::now()));
@@ -116,9 +116,9 @@ pub(super) async fn deliver(
     }
 }
 
-/// One PutRecords call. Returns the entries worth retrying and the error that
-/// stopped them.
-async fn attempt(shared: &Shared, pending: Vec<Outgoing>) -> (Vec<Outgoing>, Error) {
+/// One PutRecords call. Leaves in `pending` the entries worth retrying and
+/// returns the error that stopped them.
+async fn attempt(shared: &Shared, pending: &mut Vec<Outgoing>) -> Error {
     let stats = &shared.stats;
     // The SDK takes the entries by value; a retry needs the data again, so
     // each attempt sends copies.
@@ -149,24 +149,24 @@ async fn attempt(shared: &Shared, pending: Vec<Outgoing>) -> (Vec<Outgoing>, Err
                 if retry::is_throttling_code(code) {
                     stats
                         .throttled
-                        .fetch_add(records(&pending), Ordering::Relaxed);
+                        .fetch_add(records(pending), Ordering::Relaxed);
                 }
             }
-            if retry::error_is_retryable(&error) {
-                return (pending, error);
+            if !retry::error_is_retryable(&error) {
+                fail(shared, std::mem::take(pending), &error);
             }
-            fail(shared, pending, &error);
-            return (Vec::new(), error);
+            return error;
         }
     };
 
     let results = output.records();
-    let mut retry_later = Vec::new();
     let mut fatal = Vec::new();
     let mut last_error = Error::aws("InternalFailure", "no result for the record");
     let mut acknowledged = (0u64, 0u64);
     let mut env = OwnedEnv::new();
-    for (index, outgoing) in pending.into_iter().enumerate() {
+    // No await from here on: the entries are back in `pending` before the
+    // lane can be suspended again.
+    for (index, outgoing) in std::mem::take(pending).into_iter().enumerate() {
         let result = results.get(index);
         let failure = match result {
             None => Some(("InternalFailure", None)),
@@ -197,7 +197,7 @@ async fn attempt(shared: &Shared, pending: Vec<Outgoing>) -> (Vec<Outgoing>, Err
                 }
                 let error = Error::aws(code, message.unwrap_or_default());
                 if retry::error_is_retryable(&error) {
-                    retry_later.push(outgoing);
+                    pending.push(outgoing);
                     last_error = error;
                 } else {
                     fatal.push((outgoing, error));
@@ -211,17 +211,17 @@ async fn attempt(shared: &Shared, pending: Vec<Outgoing>) -> (Vec<Outgoing>, Err
     for (outgoing, error) in fatal {
         fail(shared, vec![outgoing], &error);
     }
-    (retry_later, last_error)
+    last_error
 }
 
 /// Tells every awaiting caller of the record's members where it landed.
 /// Members of an aggregated record also learn their sub-sequence number.
 fn acknowledge(env: &mut OwnedEnv, outgoing: &Outgoing, shard: &str, sequence: &str) {
     for (index, member) in outgoing.members.iter().enumerate() {
-        let Some((pid, id)) = member.reply else {
+        let Some(reply) = &member.reply else {
             continue;
         };
-        let _ = env.send_and_clear(&pid, |env| {
+        reply.send_with(env, |env| {
             let mut outcome = rustler::types::map::map_new(env)
                 .map_put(atoms::shard_id(), shard)
                 .and_then(|m| m.map_put(atoms::sequence_number(), sequence))
@@ -231,19 +231,13 @@ fn acknowledge(env: &mut OwnedEnv, outgoing: &Outgoing, shard: &str, sequence: &
                     .map_put(atoms::sub_sequence_number(), index as u64)
                     .expect("map");
             }
-            (atoms::convoy_put(), id, (atoms::ok(), outcome)).encode(env)
+            (atoms::ok(), outcome).encode(env)
         });
     }
 }
 
-/// The failure report: `{:convoy_put_failed, failures}` for the owner, or
-/// `{:convoy_orphan_put_failed, heir_id, failures}` for the heir.
-fn failure_report<'a>(
-    env: Env<'a>,
-    failed: &[(String, Vec<u8>)],
-    reason: &Error,
-    heir_id: Option<u64>,
-) -> Term<'a> {
+/// The failure report: `{:convoy_put_failed, [{key, data, reason}]}`.
+fn failure_report<'a>(env: Env<'a>, failed: &[(String, Vec<u8>)], reason: &Error) -> Term<'a> {
     let failed: Vec<Term> = failed
         .iter()
         .map(|(key, data)| {
@@ -253,16 +247,12 @@ fn failure_report<'a>(
             (key.as_str(), bin, Reason(reason)).encode(env)
         })
         .collect();
-    match heir_id {
-        Some(id) => (atoms::convoy_orphan_put_failed(), id, failed).encode(env),
-        None => (atoms::convoy_put_failed(), failed).encode(env),
-    }
+    (atoms::convoy_put_failed(), failed).encode(env)
 }
 
-/// The failure path: every user record that will not be sent is answered to
-/// its awaiting caller, if any, and handed to the owner (or, once the owner
-/// is gone, the heir), which logs it, counts it, emits telemetry and calls
-/// `on_failure`.
+/// The failure path: every user record that will not be sent is handed to
+/// the reporter, which logs it, counts it, emits telemetry and calls
+/// `on_failure`, and answered to its awaiting caller, if any.
 pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
     if batch.is_empty() {
         return;
@@ -274,28 +264,28 @@ pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
     stats.in_flight.fetch_sub(count, Ordering::Relaxed);
     shared.release(count, bytes);
 
-    // The owner first: once a caller learns of its failure, the owner has
-    // it too, so the log and `on_failure` never lag behind the caller.
+    // The reporter first: once a caller learns of its failure, the reporter
+    // has it too, so the log and `on_failure` never lag behind the caller.
     let mut env = OwnedEnv::new();
     let failed: Vec<(String, Vec<u8>)> = batch.iter().flat_map(Outgoing::user_records).collect();
-    // A dead owner refuses the message even before its monitor has fired.
-    let told_owner = !shared.orphaned.load(Ordering::SeqCst)
-        && env
-            .send_and_clear(&shared.owner, |env| {
-                failure_report(env, &failed, reason, None)
-            })
-            .is_ok();
-    if !told_owner {
-        let _ = env.send_and_clear(&shared.heir, |env| {
-            failure_report(env, &failed, reason, Some(shared.heir_id))
-        });
+    let reported = env
+        .send_and_clear(&shared.reporter(), |env| {
+            failure_report(env, &failed, reason)
+        })
+        .is_ok();
+    if !reported {
+        // Only when the reporter was killed while this producer still sent
+        // the records of an owner killed before it: say so where we can.
+        eprintln!(
+            "convoy: {} record(s) of stream {} failed ({reason:?}) and no reporter is alive",
+            failed.len(),
+            shared.stream_name
+        );
     }
-    for (pid, id) in batch
+    for reply in batch
         .iter()
-        .flat_map(|o| o.members.iter().filter_map(|m| m.reply))
+        .flat_map(|o| o.members.iter().filter_map(|m| m.reply.as_ref()))
     {
-        let _ = env.send_and_clear(&pid, |env| {
-            (atoms::convoy_put(), id, (atoms::error(), Reason(reason))).encode(env)
-        });
+        reply.send_with(&mut env, |env| (atoms::error(), Reason(reason)).encode(env));
     }
 }

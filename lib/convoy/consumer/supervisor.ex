@@ -1,0 +1,42 @@
+defmodule Convoy.Consumer.Supervisor do
+  @moduledoc false
+  # The consumer's tree (one_for_one):
+  #
+  #   Convoy.Consumer.Handlers   the attached handlers, kept when the consumer restarts
+  #   DynamicSupervisor          one Convoy.Consumer.ShardDispatcher per shard being read
+  #   Convoy.Consumer            shards, polling, checkpoints; starts the dispatchers
+  #
+  # Each restarts alone. A consumer that restarts finds its handlers in the
+  # store and stops the dispatchers of its predecessor before it starts its
+  # own; they resume from their checkpoints. A store that restarts is filled
+  # again by the consumer; dispatchers that die with their supervisor are
+  # started again by the consumer, as after any dispatcher failure.
+
+  use Supervisor
+
+  alias Convoy.Queue.Topology
+
+  @spec start_link(keyword) :: Supervisor.on_start()
+  def start_link(options), do: Supervisor.start_link(__MODULE__, options)
+
+  @doc "The DynamicSupervisor of a queue's shard dispatchers."
+  @spec dispatchers(term) :: GenServer.name()
+  def dispatchers(stream_id), do: Topology.name(Convoy.Consumer.ShardDispatcher, stream_id)
+
+  @impl true
+  def init(options) do
+    stream_id = Keyword.fetch!(options, :stream_id)
+
+    children = [
+      {Convoy.Consumer.Handlers, stream_id},
+      {DynamicSupervisor, name: dispatchers(stream_id), strategy: :one_for_one},
+      %{
+        id: Convoy.Consumer,
+        start: {Convoy.Consumer, :start_server, [options]},
+        shutdown: 30_000
+      }
+    ]
+
+    Supervisor.init(children, strategy: :one_for_one)
+  end
+end

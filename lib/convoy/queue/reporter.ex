@@ -1,0 +1,90 @@
+defmodule Convoy.Queue.Reporter do
+  @moduledoc false
+  # Receives the reports of records that finally failed to be sent, and
+  # reports them: a log line and a telemetry event per reason, then the
+  # queue's `on_failure`. It is the first process of a queue's tree, so a
+  # producer whose owner was killed still reports to a live process.
+  #
+  # Reports arrive as `{:convoy_put_failed, [{partition_key, data, reason}]}`.
+
+  use GenServer
+
+  require Logger
+
+  alias Convoy.Telemetry
+
+  @spec start_link(keyword) :: GenServer.on_start()
+  def start_link(options) do
+    name = Convoy.Queue.Topology.name(__MODULE__, options[:stream_id])
+    GenServer.start_link(__MODULE__, {options[:stream_id], options[:on_failure]}, name: name)
+  end
+
+  @doc "The reporter of a queue, or nil."
+  @spec whereis(term) :: pid | nil
+  def whereis(stream_id), do: Convoy.Queue.Topology.whereis(__MODULE__, stream_id)
+
+  @impl true
+  def init({stream_id, on_failure}), do: {:ok, %{stream_id: stream_id, on_failure: on_failure}}
+
+  @impl true
+  def handle_info({:convoy_put_failed, failures}, state) do
+    report(failures, state.stream_id, state.on_failure)
+    {:noreply, state}
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
+
+  @doc """
+  Logs records that finally failed, emits `[:convoy, :put, :failed]` and
+  calls `on_failure`. Every service reports through here.
+  """
+  @spec report([{String.t(), binary, term}], term, (map -> any) | pid | atom | nil) :: :ok
+  def report([], _stream_id, _on_failure), do: :ok
+
+  def report(failures, stream_id, on_failure) do
+    by_reason = Enum.group_by(failures, fn {_key, _data, reason} -> reason end)
+
+    for {reason, group} <- by_reason do
+      Logger.error(
+        "Convoy #{inspect(stream_id)}: #{length(group)} record(s) failed after retries: #{inspect(reason)}"
+      )
+
+      Telemetry.execute([:convoy, :put, :failed], %{count: length(group)}, %{
+        stream_id: stream_id,
+        reason: reason
+      })
+    end
+
+    notify(on_failure, failures, stream_id)
+  end
+
+  defp notify(nil, _failures, _stream_id), do: :ok
+
+  defp notify(fun, failures, _stream_id) when is_function(fun, 1) do
+    Enum.each(failures, fn {key, data, reason} ->
+      try do
+        fun.(%{partition_key: key, data: data, reason: reason})
+      catch
+        kind, reason ->
+          Logger.error(
+            "Convoy on_failure callback failed: " <>
+              Exception.format(kind, reason, __STACKTRACE__)
+          )
+      end
+    end)
+  end
+
+  defp notify(dest, failures, stream_id) do
+    payload =
+      Enum.map(failures, fn {key, data, reason} ->
+        %{partition_key: key, data: data, reason: reason}
+      end)
+
+    send(dest, {:convoy_put_failed, stream_id, payload})
+    :ok
+  rescue
+    # A dead registered name must not take the reporter down.
+    e in ArgumentError ->
+      Logger.error("Convoy on_failure destination unreachable: #{Exception.message(e)}")
+  end
+end

@@ -1,0 +1,117 @@
+defmodule Convoy.Services.Kinesis.Producer do
+  @moduledoc false
+  # Owns a queue's native producer (the batcher lanes in Rust) and registers
+  # the queue's handle, so `put/4` reaches the producer without a process hop.
+  #
+  # The producer lives as long as this process holds it. On a normal stop,
+  # `terminate/2` closes it and waits, within the `shutdown` time, for every
+  # buffered record to be sent or to fail. If this process is killed, the
+  # handle's Registry entry goes with it, nobody holds the producer any more,
+  # and dropping it makes the lanes send what they hold and end; records that
+  # finally fail are reported to the queue's `Convoy.Queue.Reporter`, which
+  # outlives this process.
+
+  use GenServer, shutdown: :infinity
+
+  require Logger
+
+  alias Convoy.Native
+  alias Convoy.Queue.Reporter
+
+  # Producer options, passed to Rust under their Convoy.Queue names.
+  @native_options [
+    :stream,
+    :batch_timeout,
+    :max_in_flight,
+    :max_buffered_records,
+    :max_buffered_bytes,
+    :max_record_bytes,
+    :max_retries,
+    :retry_deadline,
+    :retry_backoff,
+    :max_backoff,
+    :aggregation,
+    :aggregation_max_bytes,
+    :shard_refresh_interval
+  ]
+
+  def child_spec({options, _client} = args) do
+    %{
+      id: __MODULE__,
+      start: {__MODULE__, :start_link, [args]},
+      # The shutdown option is the time to send the buffer; a little more
+      # lets terminate/2 hear the outcome.
+      shutdown: options[:shutdown] + 1_000
+    }
+  end
+
+  @spec start_link({keyword, reference}) :: GenServer.on_start()
+  def start_link(args), do: GenServer.start_link(__MODULE__, args)
+
+  @impl true
+  def init({options, client}) do
+    Process.flag(:trap_exit, true)
+    stream_id = options[:stream_id]
+    reporter = Reporter.whereis(stream_id) || exit(:no_reporter)
+    native_options = Map.new(Keyword.take(options, @native_options))
+    producer = Native.producer_start(client, native_options, reporter)
+
+    handle = %{producer: producer, consumer: Convoy.Consumer.name(stream_id)}
+    :ok = Convoy.Queue.register(stream_id, Convoy.Services.Kinesis, handle)
+
+    {:ok, %{stream_id: stream_id, producer: producer, options: options}}
+  end
+
+  @impl true
+  def handle_info({:convoy_task_panic, what, message}, state) do
+    # A lane that panicked has reported its records as failed and closed the
+    # producer; a new one takes over.
+    Logger.error("Convoy #{inspect(state.stream_id)}: #{what} panicked: #{message}")
+    {:stop, {:producer_panic, message}, state}
+  end
+
+  def handle_info({:convoy_put_failed, failures}, state) do
+    report(failures, state)
+    {:noreply, state}
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
+
+  @impl true
+  def terminate(_reason, state) do
+    Convoy.Queue.unregister(state.stream_id)
+    # Failures from now on are reported here, so none is lost if the
+    # reporter is what is stopping.
+    deadline = max(state.options[:shutdown] - 500, 100)
+    ref = make_ref()
+    :ok = Native.producer_close(state.producer, deadline, {self(), ref}, self())
+    await_close(ref, state, deadline + 1_000)
+  end
+
+  defp await_close(ref, state, timeout) do
+    receive do
+      {^ref, :ok} ->
+        drain_failures(state)
+
+      {:convoy_put_failed, failures} ->
+        report(failures, state)
+        await_close(ref, state, timeout)
+    after
+      timeout ->
+        Logger.error("Convoy #{inspect(state.stream_id)}: producer did not close in time")
+    end
+  end
+
+  defp drain_failures(state) do
+    receive do
+      {:convoy_put_failed, failures} ->
+        report(failures, state)
+        drain_failures(state)
+    after
+      0 -> :ok
+    end
+  end
+
+  defp report(failures, state),
+    do: Reporter.report(failures, state.stream_id, state.options[:on_failure])
+end
