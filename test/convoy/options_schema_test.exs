@@ -119,6 +119,17 @@ defmodule Convoy.OptionsSchemaTest do
         assert options[key] == spec[:default], "#{inspect(key)}"
       end
 
+      defaults = Options.defaults()
+      assert Keyword.keys(defaults) == Keyword.keys(Options.schema())
+
+      assert Keyword.take(defaults, [:service, :batch_timeout, :poll_interval, :iterator_type]) ==
+               [
+                 service: Convoy.Services.Kinesis,
+                 batch_timeout: 5000,
+                 poll_interval: nil,
+                 iterator_type: :latest
+               ]
+
       assert options[:stream_id] == "s"
       assert options[:checkpoint] == {Convoy.Checkpoint.Memory, []}
       assert %Convoy.KinesisConfig{} = options[:kinesis]

@@ -275,6 +275,12 @@ defmodule Convoy.Queue.Options do
     ]
   end
 
+  @doc false
+  # Every option with its default (`nil` for `:stream` and `:stream_id`), as
+  # the schema gives it: for code that needs a default without validating.
+  @spec defaults() :: keyword
+  def defaults, do: for({key, spec} <- schema(), do: {key, spec[:default]})
+
   ## Validation
 
   @doc false
