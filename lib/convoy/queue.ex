@@ -82,72 +82,36 @@ defmodule Convoy.Queue do
   @doc """
   Starts a queue.
 
+  The options are checked here (and already in `child_spec/1`): a bad one
+  raises `ArgumentError` naming the option and the value.
+
   ## Options
 
-    * `:stream` - required. The stream name (a string or an atom).
-    * `:stream_id` - the identifier every call uses. Defaults to `:stream`.
-      Needed to open one stream twice.
-    * `:service` - a module implementing `Convoy.Service`. Defaults to
-      `Convoy.Services.Kinesis`; `Convoy.Services.Memory` runs without any
-      Kinesis, for tests.
-    * `:service_options` - options for the service itself (for example
-      `shards:` of `Convoy.Services.Memory`). Defaults to `[]`.
-    * `:batch_timeout` - ms a record may wait in the buffer before its batch
-      is sent; a full request (500 records or 5 MiB) goes at once. `0`
-      disables batching. Defaults to `5000`.
-    * `:poll_interval` - ms between polls that found no new records. `nil`
-      (the default) disables polling: records are read only with `get/2`.
-      Polling starts when a handler is attached and stops when the last one
-      is detached.
-    * `:iterator_type` - where a shard starts when it has no checkpoint:
-      `:latest` (the default), `:trim_horizon`, `{:at_sequence_number, s}`,
-      `{:after_sequence_number, s}` or `{:at_timestamp, %DateTime{}}`.
-      `:latest` means "records that arrive after the queue started": it is
-      pinned to the start time, so detaching and re-attaching leaves no gap.
-    * `:kinesis` - connection settings, see `Convoy.KinesisConfig`.
-    * `:checkpoint` - where consumed positions are stored: a module
-      implementing `Convoy.Checkpoint`, or `{module, options}`. Defaults to
-      `Convoy.Checkpoint.Memory`, which survives restarts of the queue
-      but not of the VM; `{Convoy.Checkpoint.File, dir: "..."}` survives both.
-    * `:max_in_flight` - PutRecords requests in flight at once (1..256).
-      Records of one partition key always share a request pipeline, so their
-      order holds. Defaults to `8`.
-    * `:max_buffered_records` - records accepted but not yet acknowledged,
-      at most. Past it `put` returns `{:error, :overloaded}`. Defaults to `100_000`.
-    * `:max_buffered_bytes` - the same bound in bytes. Defaults to 64 MiB.
-    * `:max_record_bytes` - largest record (data plus partition key).
-      Defaults to 1 MiB, the Kinesis limit; raise it for streams whose limit
-      was raised (up to 10 MiB).
-    * `:max_retries` - retries of a rejected record before it fails.
-      Defaults to `10`.
-    * `:retry_deadline` - ms after its first attempt when a record stops
-      being retried. Defaults to `60_000`.
-    * `:retry_backoff` - ms before the first retry; it doubles each time, with
-      jitter. Defaults to `100`.
-    * `:max_backoff` - the longest wait between retries, in ms. Defaults to `5_000`.
-    * `:on_failure` - told about records that finally failed: a 1-arity
-      function called with `%{partition_key: k, data: d, reason: r}`, or a
-      pid or registered name sent `{:convoy_put_failed, stream_id, [failure]}`.
-      Failures are logged and counted whether or not this is set.
-    * `:aggregation` - pack records into KPL aggregated records, so one
-      Kinesis record carries many user records bound for the same shard
-      (compatible with the AWS KPL and KCL; Convoy's consumer unpacks them
-      transparently). Defaults to `false`.
-    * `:aggregation_max_bytes` - the largest aggregated record, at most
-      `:max_record_bytes`. Defaults to 50 KiB, as the KPL.
-    * `:shutdown` - ms the queue has, when it stops, to send what it buffered.
-      Records still unsent then take the failure path. Defaults to `30_000`.
-    * `:poll_limit` - most records one GetRecords call returns (1..10000).
-      Defaults to `10_000`.
-    * `:shard_refresh_interval` - ms between ListShards calls that discover
-      new shards. Defaults to `60_000`.
-    * `:handlers` - handlers attached as the queue starts, and again
-      whenever its supervisor restarts it: a list of `{id, handler, config}`
-      or `{id, handler, config, opts}` (see `attach_handler/5`). Defaults to `[]`.
-
-  ## Example
+  #{Options.docs()}
+  ## Examples
 
       {:ok, _pid} = Convoy.Queue.start_link(stream: "events", batch_timeout: 100)
+
+  A second queue on the same stream, for replaying it from its oldest record
+  through a handler attached at start:
+
+      {:ok, _pid} =
+        Convoy.Queue.start_link(
+          stream: "events",
+          stream_id: :events_replay,
+          iterator_type: :trim_horizon,
+          poll_interval: 1_000,
+          handlers: [{:printer, &MyApp.Printer.handle/2, %{}, on_error: :retry}]
+        )
+
+  A queue for tests, with no Kinesis at all:
+
+      {:ok, _pid} =
+        Convoy.Queue.start_link(
+          stream: "events",
+          service: Convoy.Services.Memory,
+          service_options: [shards: 2]
+        )
   """
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(options) do

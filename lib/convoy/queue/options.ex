@@ -1,188 +1,318 @@
 defmodule Convoy.Queue.Options do
   @moduledoc false
-  # Validation of `Convoy.Queue.start_link/1` options, done once at start.
-  # Every failure raises an ArgumentError naming the key and the value.
+  # The options of `Convoy.Queue.start_link/1` and of `attach_handler/5`, as
+  # one schema each. A schema is the only place an option's type, default
+  # and documentation live; it drives:
+  #
+  #   * validation, done once at start (`validate!/1`, `handler/2`): every
+  #     failure names the key and the value;
+  #   * the `## Options` section of `Convoy.Queue.start_link/1` (`docs/0`),
+  #     rendered when `Convoy.Queue` is compiled;
+  #   * the options table of README.md (`readme_table/0`), which
+  #     test/convoy/options_schema_test.exs keeps in step.
+  #
+  # To add an option, add an entry to `schema/0`; nothing else. An entry is
+  # `{key, spec}` where spec has:
+  #
+  #   * `:type` - one of
+  #       :any | :boolean | :keyword
+  #       {:integer, min, max}     (max may be :infinity)
+  #       {:in, [value, ...]}      (exactly these terms)
+  #       {:or, [type, ...]}       (the first type that accepts the value)
+  #       {:custom, fun, "description"}
+  #     A custom `fun` gets the value and returns `{:ok, value}` (possibly
+  #     normalized: options pass through here twice, in child_spec/1 and in
+  #     start_link/1, so it must accept what it returns), `:error` (the
+  #     message says "expected <description>") or `{:error, message}`.
+  #     Descriptions are Markdown: backticks are dropped in error messages.
+  #   * `:default` - the value when the option is absent (`nil` if omitted);
+  #     `:required` - `true` when there is no default;
+  #   * `:unit` - `:ms` or `:bytes`, shown with the type and the default;
+  #   * `:default_doc` - Markdown shown instead of the default's value;
+  #   * `:doc` - Markdown prose; its first sentence is the option's line in
+  #     the README table, so keep it short and self-contained.
+  #
+  # Rules across options (`:stream_id` from `:stream`, `:aggregation_max_bytes`
+  # within `:max_record_bytes`) are applied at the end of `validate!/1` and
+  # stated in the entries' docs.
 
+  @kib 1024
   @mib 1024 * 1024
 
-  @defaults [
-    stream: nil,
-    stream_id: nil,
-    service: Convoy.Services.Kinesis,
-    service_options: [],
-    batch_timeout: 5_000,
-    poll_interval: nil,
-    iterator_type: :latest,
-    kinesis: [],
-    checkpoint: Convoy.Checkpoint.Memory,
-    max_in_flight: 8,
-    max_buffered_records: 100_000,
-    max_buffered_bytes: 64 * @mib,
-    max_record_bytes: @mib,
-    max_retries: 10,
-    retry_deadline: 60_000,
-    retry_backoff: 100,
-    max_backoff: 5_000,
-    on_failure: nil,
-    aggregation: false,
-    aggregation_max_bytes: 50 * 1024,
-    shutdown: 30_000,
-    poll_limit: 10_000,
-    shard_refresh_interval: 60_000,
-    handlers: []
-  ]
+  @doc false
+  @spec schema() :: [{atom, keyword}]
+  def schema do
+    [
+      stream: [
+        type: {:custom, &stream/1, "a stream name of 1..128 characters, as a string or an atom"},
+        required: true,
+        doc: "The name of the stream."
+      ],
+      stream_id: [
+        type: :any,
+        default_doc: "the `:stream` name",
+        doc: """
+        The identifier every call uses. Give each queue its own to open one
+        stream twice.
+        """
+      ],
+      service: [
+        type: {:custom, &service/1, "a module implementing `Convoy.Service`"},
+        default: Convoy.Services.Kinesis,
+        doc: """
+        The module that does the work. `Convoy.Services.Memory` runs without
+        any Kinesis, for tests.
+        """
+      ],
+      service_options: [
+        type: :keyword,
+        default: [],
+        doc: """
+        Options of the service itself. For example `shards:` of
+        `Convoy.Services.Memory`.
+        """
+      ],
+      batch_timeout: [
+        type: {:integer, 0, :infinity},
+        unit: :ms,
+        default: 5000,
+        doc: """
+        How long a record may wait in the buffer for its batch; `0` disables
+        batching. A full request (500 records or 5 MiB) goes at once.
+        """
+      ],
+      poll_interval: [
+        type: {:or, [{:in, [nil]}, {:integer, 1, :infinity}]},
+        unit: :ms,
+        default: nil,
+        doc: """
+        The time between polls that found no new records; `nil` disables
+        polling. Without polling, records are read only with
+        `Convoy.Queue.get/2`. Polling starts when a handler is attached and
+        stops when the last one is detached.
+        """
+      ],
+      iterator_type: [
+        type:
+          {:custom, &iterator_type/1,
+           "`:latest`, `:trim_horizon`, `{:at_sequence_number, s}`, " <>
+             "`{:after_sequence_number, s}` or `{:at_timestamp, %DateTime{}}`"},
+        default: :latest,
+        doc: """
+        Where a shard starts when it has no checkpoint. `s` is a sequence
+        number, a string of digits. `:latest` means "records that arrive after
+        the queue started": it is pinned to the start time, so detaching and
+        re-attaching leaves no gap.
+        """
+      ],
+      kinesis: [
+        type: {:custom, &kinesis/1, "a keyword list"},
+        default: [],
+        doc: """
+        Connection settings (see `Convoy.KinesisConfig`). They win over
+        `config :convoy, :kinesis`, which wins over the AWS default chain.
+        """
+      ],
+      checkpoint: [
+        type:
+          {:custom, &checkpoint/1,
+           "a module implementing `Convoy.Checkpoint`, or `{module, options}`"},
+        default: Convoy.Checkpoint.Memory,
+        doc: """
+        Where consumed positions are stored. The default survives restarts of
+        the queue but not of the VM; `{Convoy.Checkpoint.File, dir: "..."}`
+        survives both.
+        """
+      ],
+      max_in_flight: [
+        type: {:integer, 1, 256},
+        default: 8,
+        doc: """
+        PutRecords requests in flight at once. Records of one partition key
+        always share a request pipeline, so their order holds.
+        """
+      ],
+      max_buffered_records: [
+        type: {:integer, 1, :infinity},
+        default: 100_000,
+        doc: """
+        Records accepted but not yet acknowledged, at most; past it `put`
+        returns `{:error, :overloaded}`.
+        """
+      ],
+      max_buffered_bytes: [
+        type: {:integer, 1, :infinity},
+        unit: :bytes,
+        default: 64 * @mib,
+        doc: "The same bound as `:max_buffered_records`, in bytes."
+      ],
+      max_record_bytes: [
+        type: {:integer, 1, 10 * @mib},
+        unit: :bytes,
+        default: @mib,
+        doc: """
+        The largest record (data plus partition key). The default is the
+        Kinesis limit; raise it for streams whose limit was raised.
+        """
+      ],
+      max_retries: [
+        type: {:integer, 0, :infinity},
+        default: 10,
+        doc: "Retries of a rejected record before it fails."
+      ],
+      retry_deadline: [
+        type: {:integer, 1, :infinity},
+        unit: :ms,
+        default: 60_000,
+        doc: "How long after its first attempt a record stops being retried."
+      ],
+      retry_backoff: [
+        type: {:integer, 1, :infinity},
+        unit: :ms,
+        default: 100,
+        doc: """
+        The wait before the first retry; it doubles each time, with jitter.
+        Shard pollers back off the same way after an error.
+        """
+      ],
+      max_backoff: [
+        type: {:integer, 1, :infinity},
+        unit: :ms,
+        default: 5000,
+        doc: "The longest wait between retries."
+      ],
+      on_failure: [
+        type: {:custom, &on_failure/1, "`nil`, a pid, a registered name or a 1-arity function"},
+        default: nil,
+        doc: """
+        Who is told about records that finally failed; they are logged and
+        counted either way. A function is called with `%{partition_key: k,
+        data: d, reason: r}`; a pid or registered name is sent
+        `{:convoy_put_failed, stream_id, [failure]}`.
+        """
+      ],
+      aggregation: [
+        type: :boolean,
+        default: false,
+        doc: """
+        Packs records into KPL aggregated records, many user records bound for
+        one shard in one Kinesis record. Compatible with the AWS KPL and KCL;
+        Convoy's consumer unpacks them transparently.
+        """
+      ],
+      aggregation_max_bytes: [
+        type: {:integer, @kib, :infinity},
+        unit: :bytes,
+        default: 50 * @kib,
+        doc: """
+        The largest aggregated record, at most `:max_record_bytes`. The KPL
+        uses the same default.
+        """
+      ],
+      shutdown: [
+        type: {:integer, 1, :infinity},
+        unit: :ms,
+        default: 30_000,
+        doc: """
+        How long the queue has, when it stops, to send what it buffered.
+        Records still unsent then take the failure path.
+        """
+      ],
+      poll_limit: [
+        type: {:integer, 1, 10_000},
+        default: 10_000,
+        doc: "The most records one GetRecords call returns."
+      ],
+      shard_refresh_interval: [
+        type: {:integer, 1, :infinity},
+        unit: :ms,
+        default: 60_000,
+        doc: "The time between ListShards calls that discover new shards."
+      ],
+      handlers: [
+        type:
+          {:custom, &handlers/1,
+           "a list of `{id, handler, config}` or `{id, handler, config, opts}`"},
+        default: [],
+        doc: """
+        Handlers attached as the queue starts, and again whenever its
+        supervisor restarts it. `handler`, `config` and `opts` are those of
+        `Convoy.Queue.attach_handler/5`; ids must be unique.
+        """
+      ]
+    ]
+  end
 
   @doc false
-  def defaults, do: @defaults
+  @spec handler_schema() :: [{atom, keyword}]
+  def handler_schema do
+    [
+      partition_keys: [
+        type:
+          {:custom, &partition_keys/1,
+           "`nil`, a string, a list of strings or a 1-arity predicate on the key"},
+        default: nil,
+        doc: "Only records with these partition keys; `nil` means every record."
+      ],
+      on_error: [
+        type:
+          {:custom, &on_error/1,
+           "`:detach`, `:retry` or `{:retry, n}` with `n` a positive integer"},
+        default: :detach,
+        doc: """
+        What happens when a function handler raises, throws or exits.
+        `:detach` logs the error with its stacktrace and detaches the handler,
+        as the original Convoy did; `:retry` calls it again with backoff, up
+        to 5 attempts, then detaches; `{:retry, n}` allows `n` attempts.
+        """
+      ],
+      ack_timeout: [
+        type: {:or, [{:integer, 1, :infinity}, {:in, [:infinity]}]},
+        unit: :ms,
+        default: :infinity,
+        doc: "How long a pid handler has to ack a batch before it is detached."
+      ]
+    ]
+  end
 
-  @spec validate!(keyword) :: keyword
+  @doc false
+  # Every option with its default (`nil` for `:stream` and `:stream_id`), as
+  # the schema gives it: for code that needs a default without validating.
+  @spec defaults() :: keyword
+  def defaults, do: for({key, spec} <- schema(), do: {key, spec[:default]})
+
+  ## Validation
+
+  @doc false
+  # Validates and normalizes the options of `Convoy.Queue.start_link/1`;
+  # raises ArgumentError naming the bad key and value.
+  @spec validate!(term) :: keyword
   def validate!(options) do
     unless is_list(options) and Keyword.keyword?(options) do
       raise ArgumentError, "Convoy.Queue options must be a keyword list, got: #{inspect(options)}"
     end
 
     options =
-      case Keyword.validate(options, @defaults) do
+      case validate(schema(), options) do
         {:ok, options} ->
           options
 
-        {:error, unknown} ->
+        {:error, {:unknown, unknown}} ->
           raise ArgumentError,
                 "unknown Convoy.Queue options #{inspect(unknown)}; known options: " <>
-                  inspect(Keyword.keys(@defaults))
+                  inspect(Keyword.keys(schema()))
+
+        {:error, {:required, key}} ->
+          raise ArgumentError, "Convoy.Queue option #{inspect(key)} is required"
+
+        {:error, {:invalid, key, _value, message}} ->
+          raise ArgumentError, "invalid Convoy.Queue option #{inspect(key)}: #{message}"
       end
 
-    stream = stream!(options[:stream])
-
     options
-    |> Keyword.put(:stream, stream)
-    |> Keyword.update!(:stream_id, &if(is_nil(&1), do: stream, else: &1))
-    |> check(:service, &service?/1, "a module implementing Convoy.Service")
-    |> check(:service_options, &(is_list(&1) and Keyword.keyword?(&1)), "a keyword list")
-    |> check(:batch_timeout, &non_neg_integer?/1, "a non-negative integer (ms)")
-    |> check(:poll_interval, &(is_nil(&1) or pos_integer?(&1)), "nil or a positive integer (ms)")
-    |> check(:iterator_type, &iterator_type?/1, iterator_types())
-    |> check(:kinesis, &kinesis?/1, "a keyword list")
-    |> check(
-      :checkpoint,
-      &checkpoint?/1,
-      "a module implementing Convoy.Checkpoint or {module, options}"
-    )
-    |> check(:max_in_flight, &(pos_integer?(&1) and &1 <= 256), "an integer in 1..256")
-    |> check(:max_buffered_records, &pos_integer?/1, "a positive integer")
-    |> check(:max_buffered_bytes, &pos_integer?/1, "a positive integer (bytes)")
-    |> check(
-      :max_record_bytes,
-      &(pos_integer?(&1) and &1 <= 10 * @mib),
-      "an integer in 1..10 MiB"
-    )
-    |> check(:max_retries, &non_neg_integer?/1, "a non-negative integer")
-    |> check(:retry_deadline, &pos_integer?/1, "a positive integer (ms)")
-    |> check(:retry_backoff, &pos_integer?/1, "a positive integer (ms)")
-    |> check(:max_backoff, &pos_integer?/1, "a positive integer (ms)")
-    |> check(:on_failure, &on_failure?/1, "nil, a pid, a registered name or a 1-arity function")
-    |> check(:aggregation, &is_boolean/1, "a boolean")
-    |> check(
-      :aggregation_max_bytes,
-      &(pos_integer?(&1) and &1 >= 1024),
-      "an integer of at least 1024 (bytes)"
-    )
-    |> check(:shutdown, &pos_integer?/1, "a positive integer (ms)")
-    |> check(:poll_limit, &(pos_integer?(&1) and &1 <= 10_000), "an integer in 1..10000")
-    |> check(:shard_refresh_interval, &pos_integer?/1, "a positive integer (ms)")
-    |> check(
-      :handlers,
-      &is_list/1,
-      "a list of {id, handler, config} or {id, handler, config, opts}"
-    )
-    |> check_handlers!()
+    |> Keyword.update!(:stream_id, &if(is_nil(&1), do: options[:stream], else: &1))
     |> check_aggregation_size!()
-    |> Keyword.update!(:kinesis, &resolve_kinesis/1)
-    |> Keyword.update!(:checkpoint, &normalize_checkpoint/1)
   end
-
-  defp stream!(stream) when is_binary(stream) and stream != "" and byte_size(stream) <= 128,
-    do: stream
-
-  defp stream!(nil), do: raise(ArgumentError, "Convoy.Queue option :stream is required")
-
-  defp stream!(stream) when is_atom(stream) and stream not in [true, false],
-    do: stream!(Atom.to_string(stream))
-
-  defp stream!(other) do
-    raise ArgumentError,
-          "invalid Convoy.Queue option :stream: expected a stream name (1..128 characters), got: " <>
-            inspect(other)
-  end
-
-  defp check(options, key, valid?, expected) do
-    value = Keyword.fetch!(options, key)
-
-    if valid?.(value) do
-      options
-    else
-      raise ArgumentError,
-            "invalid Convoy.Queue option #{inspect(key)}: expected #{expected}, got: #{inspect(value)}"
-    end
-  end
-
-  defp check_aggregation_size!(options) do
-    if options[:aggregation] and options[:aggregation_max_bytes] > options[:max_record_bytes] do
-      raise ArgumentError,
-            "invalid Convoy.Queue option :aggregation_max_bytes: #{options[:aggregation_max_bytes]} " <>
-              "exceeds :max_record_bytes (#{options[:max_record_bytes]})"
-    end
-
-    options
-  end
-
-  # Options pass through here twice (child_spec/1, then start_link/1): an
-  # already resolved config stays as it is.
-  defp kinesis?(%Convoy.KinesisConfig{}), do: true
-  defp kinesis?(options), do: is_list(options) and Keyword.keyword?(options)
-
-  defp resolve_kinesis(%Convoy.KinesisConfig{} = config), do: config
-  defp resolve_kinesis(options), do: Convoy.KinesisConfig.resolve(options)
-
-  defp non_neg_integer?(v), do: is_integer(v) and v >= 0
-  defp pos_integer?(v), do: is_integer(v) and v > 0
-
-  defp service?(module) do
-    is_atom(module) and Code.ensure_loaded?(module) and function_exported?(module, :child_spec, 1) and
-      function_exported?(module, :put, 4)
-  end
-
-  defp iterator_types,
-    do:
-      ":latest, :trim_horizon, {:at_sequence_number, s}, {:after_sequence_number, s} " <>
-        "or {:at_timestamp, %DateTime{}}"
-
-  defp iterator_type?(:latest), do: true
-  defp iterator_type?(:trim_horizon), do: true
-  defp iterator_type?({:at_sequence_number, s}), do: sequence?(s)
-  defp iterator_type?({:after_sequence_number, s}), do: sequence?(s)
-  defp iterator_type?({:at_timestamp, %DateTime{}}), do: true
-  defp iterator_type?(_), do: false
-
-  defp sequence?(s), do: is_binary(s) and String.match?(s, ~r/^\d+$/)
-
-  defp checkpoint?({module, opts}) when is_atom(module) and is_list(opts),
-    do: checkpoint_module?(module)
-
-  defp checkpoint?(module) when is_atom(module), do: checkpoint_module?(module)
-  defp checkpoint?(_), do: false
-
-  defp checkpoint_module?(module),
-    do: Code.ensure_loaded?(module) and function_exported?(module, :init, 1)
-
-  defp normalize_checkpoint({module, opts}), do: {module, opts}
-  defp normalize_checkpoint(module), do: {module, []}
-
-  defp on_failure?(nil), do: true
-  defp on_failure?(pid) when is_pid(pid), do: true
-  defp on_failure?(name) when is_atom(name), do: true
-  defp on_failure?(fun) when is_function(fun, 1), do: true
-  defp on_failure?(_), do: false
 
   @doc false
   # Checks a handler and its options; used by attach_handler/5 and :handlers.
@@ -196,67 +326,319 @@ defmodule Convoy.Queue.Options do
         {:error, {:invalid_options, opts}}
 
       true ->
-        case Keyword.validate(opts, partition_keys: nil, on_error: :detach, ack_timeout: :infinity) do
-          {:ok, opts} -> check_handler_options(opts)
-          {:error, unknown} -> {:error, {:unknown_options, unknown}}
+        case validate(handler_schema(), opts) do
+          {:ok, opts} -> {:ok, opts}
+          {:error, {:unknown, unknown}} -> {:error, {:unknown_options, unknown}}
+          {:error, {:invalid, key, value, _message}} -> {:error, {:"invalid_#{key}", value}}
         end
     end
   end
 
-  defp check_handler_options(opts) do
-    keys = opts[:partition_keys]
-    on_error = opts[:on_error]
-    ack_timeout = opts[:ack_timeout]
+  defp validate(schema, options) do
+    defaults = for {key, spec} <- schema, do: {key, spec[:default]}
 
-    cond do
-      not (is_nil(keys) or is_binary(keys) or is_function(keys, 1) or
-               (is_list(keys) and Enum.all?(keys, &is_binary/1))) ->
-        {:error, {:invalid_partition_keys, keys}}
-
-      not (on_error in [:detach, :retry] or
-               match?({:retry, n} when is_integer(n) and n > 0, on_error)) ->
-        {:error, {:invalid_on_error, on_error}}
-
-      not (ack_timeout == :infinity or (is_integer(ack_timeout) and ack_timeout > 0)) ->
-        {:error, {:invalid_ack_timeout, ack_timeout}}
-
-      true ->
-        {:ok, opts}
+    with {:ok, options} <- Keyword.validate(options, defaults) do
+      Enum.reduce_while(schema, {:ok, options}, fn {key, spec}, {:ok, options} ->
+        case check(options[key], spec) do
+          {:ok, value} -> {:cont, {:ok, Keyword.put(options, key, value)}}
+          :required -> {:halt, {:error, {:required, key}}}
+          {:error, message} -> {:halt, {:error, {:invalid, key, options[key], message}}}
+        end
+      end)
+    else
+      {:error, unknown} -> {:error, {:unknown, unknown}}
     end
   end
 
-  defp check_handlers!(options) do
+  defp check(nil, spec) do
+    if spec[:required], do: :required, else: check(nil, spec[:type], spec)
+  end
+
+  defp check(value, spec), do: check(value, spec[:type], spec)
+
+  defp check(value, type, spec) do
+    case conform(type, value) do
+      {:ok, value} ->
+        {:ok, value}
+
+      {:error, message} ->
+        {:error, message}
+
+      :error ->
+        {:error,
+         "expected #{plain(describe(type))}#{unit_suffix(spec[:unit])}, got: #{inspect(value)}"}
+    end
+  end
+
+  defp conform(:any, value), do: {:ok, value}
+  defp conform(:boolean, value), do: if(is_boolean(value), do: {:ok, value}, else: :error)
+
+  defp conform(:keyword, value),
+    do: if(is_list(value) and Keyword.keyword?(value), do: {:ok, value}, else: :error)
+
+  defp conform({:integer, min, max}, value)
+       when is_integer(value) and value >= min and (max == :infinity or value <= max),
+       do: {:ok, value}
+
+  defp conform({:integer, _min, _max}, _value), do: :error
+  defp conform({:in, values}, value), do: if(value in values, do: {:ok, value}, else: :error)
+
+  defp conform({:or, types}, value) do
+    Enum.find_value(types, :error, fn type ->
+      case conform(type, value) do
+        {:ok, value} -> {:ok, value}
+        _ -> nil
+      end
+    end)
+  end
+
+  defp conform({:custom, fun, _description}, value), do: fun.(value)
+
+  defp check_aggregation_size!(options) do
+    if options[:aggregation] and options[:aggregation_max_bytes] > options[:max_record_bytes] do
+      raise ArgumentError,
+            "invalid Convoy.Queue option :aggregation_max_bytes: #{options[:aggregation_max_bytes]} " <>
+              "exceeds :max_record_bytes (#{options[:max_record_bytes]})"
+    end
+
+    options
+  end
+
+  ## Custom types of the queue options
+
+  defp stream(stream) when is_binary(stream) and stream != "" and byte_size(stream) <= 128,
+    do: {:ok, stream}
+
+  defp stream(stream) when is_atom(stream) and stream not in [nil, true, false],
+    do: stream(Atom.to_string(stream))
+
+  defp stream(_), do: :error
+
+  defp service(module) do
+    if is_atom(module) and Code.ensure_loaded?(module) and
+         function_exported?(module, :child_spec, 1) and function_exported?(module, :put, 4),
+       do: {:ok, module},
+       else: :error
+  end
+
+  defp iterator_type(:latest), do: {:ok, :latest}
+  defp iterator_type(:trim_horizon), do: {:ok, :trim_horizon}
+  defp iterator_type({:at_sequence_number, s} = type), do: sequence(s, type)
+  defp iterator_type({:after_sequence_number, s} = type), do: sequence(s, type)
+  defp iterator_type({:at_timestamp, %DateTime{}} = type), do: {:ok, type}
+  defp iterator_type(_), do: :error
+
+  defp sequence(s, type) do
+    if is_binary(s) and String.match?(s, ~r/^\d+$/), do: {:ok, type}, else: :error
+  end
+
+  # Resolved here, so the queue starts with its final settings; an already
+  # resolved config (the second pass, in start_link/1) stays as it is.
+  defp kinesis(%Convoy.KinesisConfig{} = config), do: {:ok, config}
+
+  defp kinesis(options) do
+    if is_list(options) and Keyword.keyword?(options),
+      do: {:ok, Convoy.KinesisConfig.resolve(options)},
+      else: :error
+  end
+
+  defp checkpoint({module, opts}) when is_atom(module) and is_list(opts) do
+    if checkpoint_module?(module), do: {:ok, {module, opts}}, else: :error
+  end
+
+  defp checkpoint(module) when is_atom(module) do
+    if checkpoint_module?(module), do: {:ok, {module, []}}, else: :error
+  end
+
+  defp checkpoint(_), do: :error
+
+  defp checkpoint_module?(module),
+    do: Code.ensure_loaded?(module) and function_exported?(module, :init, 1)
+
+  defp on_failure(target)
+       when is_nil(target) or is_pid(target) or is_atom(target) or is_function(target, 1),
+       do: {:ok, target}
+
+  defp on_failure(_), do: :error
+
+  defp handlers(handlers) when is_list(handlers) do
     handlers =
-      Enum.map(options[:handlers], fn
-        {id, handler, config} ->
-          start_handler!(id, handler, config, [])
-
-        {id, handler, config, opts} ->
-          start_handler!(id, handler, config, opts)
-
-        other ->
-          raise ArgumentError,
-                "invalid Convoy.Queue option :handlers: bad entry #{inspect(other)}"
+      Enum.map(handlers, fn
+        {id, handler, config} -> start_handler(id, handler, config, [])
+        {id, handler, config, opts} -> start_handler(id, handler, config, opts)
+        other -> {:error, "bad entry #{inspect(other)}"}
       end)
 
-    ids = Enum.map(handlers, &elem(&1, 0))
+    ids = for {id, _, _, _} <- handlers, do: id
 
-    if length(Enum.uniq(ids)) != length(ids) do
-      raise ArgumentError,
-            "invalid Convoy.Queue option :handlers: duplicate ids in #{inspect(ids)}"
+    cond do
+      error = Enum.find(handlers, &match?({:error, _}, &1)) -> error
+      length(Enum.uniq(ids)) != length(ids) -> {:error, "duplicate ids in #{inspect(ids)}"}
+      true -> {:ok, handlers}
     end
-
-    Keyword.put(options, :handlers, handlers)
   end
 
-  defp start_handler!(id, handler, config, opts) do
-    case handler(handler, opts) do
-      {:ok, opts} ->
-        {id, handler, config, opts}
+  defp handlers(_), do: :error
 
-      {:error, reason} ->
-        raise ArgumentError,
-              "invalid Convoy.Queue option :handlers: #{inspect(id)}: #{inspect(reason)}"
+  defp start_handler(id, handler, config, opts) do
+    case handler(handler, opts) do
+      {:ok, opts} -> {id, handler, config, opts}
+      {:error, reason} -> {:error, "#{inspect(id)}: #{inspect(reason)}"}
     end
+  end
+
+  ## Custom types of the handler options
+
+  defp partition_keys(keys)
+       when is_nil(keys) or is_binary(keys) or is_function(keys, 1),
+       do: {:ok, keys}
+
+  defp partition_keys(keys) when is_list(keys) do
+    if Enum.all?(keys, &is_binary/1), do: {:ok, keys}, else: :error
+  end
+
+  defp partition_keys(_), do: :error
+
+  defp on_error(on_error) when on_error in [:detach, :retry], do: {:ok, on_error}
+  defp on_error({:retry, n} = on_error) when is_integer(n) and n > 0, do: {:ok, on_error}
+  defp on_error(_), do: :error
+
+  ## Documentation
+
+  @doc false
+  # The `## Options` list of `Convoy.Queue.start_link/1`, in Markdown.
+  @spec docs() :: String.t()
+  def docs, do: render_docs(schema())
+
+  @doc false
+  # The same list for the options of `Convoy.Queue.attach_handler/5`.
+  @spec handler_docs() :: String.t()
+  def handler_docs, do: render_docs(handler_schema())
+
+  @doc false
+  # The options table of README.md (test/convoy/options_schema_test.exs
+  # checks that README.md has it).
+  @spec readme_table() :: String.t()
+  def readme_table do
+    rows =
+      for {key, spec} <- schema() do
+        cells = [
+          "`#{key}`",
+          describe(spec[:type]) <> unit_doc(spec[:unit]),
+          default_doc(spec),
+          summary(spec)
+        ]
+
+        "| " <> Enum.map_join(cells, " | ", &String.replace(&1, "|", "\\|")) <> " |\n"
+      end
+
+    "| option | type | default | meaning |\n|---|---|---|---|\n" <> Enum.join(rows)
+  end
+
+  # The first sentence of an option's doc.
+  defp summary(spec) do
+    text = squish(spec[:doc])
+
+    case Regex.run(~r/^.*?[.!?](?=\s|$)/, text) do
+      [sentence] -> sentence
+      nil -> text
+    end
+  end
+
+  defp render_docs(schema) do
+    Enum.map_join(schema, fn {key, spec} ->
+      type = "(#{describe(spec[:type])}#{unit_doc(spec[:unit])})"
+      required = if spec[:required], do: "Required. ", else: ""
+      default = if spec[:required], do: "", else: " Defaults to #{default_doc(spec)}."
+
+      wrap("* `#{inspect(key)}` #{type} - #{required}#{squish(spec[:doc])}#{default}", 80)
+    end)
+  end
+
+  defp default_doc(spec) do
+    cond do
+      spec[:required] -> "required"
+      spec[:default_doc] -> spec[:default_doc]
+      true -> format_value(spec[:default], spec[:unit])
+    end
+  end
+
+  defp format_value(value, :bytes) when is_integer(value) and value >= @kib do
+    "#{format_value(value, nil)} (#{format_bytes(value)})"
+  end
+
+  defp format_value(value, _unit) when is_integer(value) and value >= 10_000 do
+    digits = value |> Integer.to_string() |> String.reverse()
+    grouped = Regex.scan(~r/\d{1,3}/, digits) |> Enum.map_join("_", &hd/1)
+    "`#{String.reverse(grouped)}`"
+  end
+
+  defp format_value(value, _unit), do: "`#{inspect(value)}`"
+
+  defp format_bytes(n) when rem(n, @mib) == 0, do: "#{div(n, @mib)} MiB"
+  defp format_bytes(n) when rem(n, @kib) == 0, do: "#{div(n, @kib)} KiB"
+  defp format_bytes(n), do: "#{n} bytes"
+
+  # A type in words, in Markdown.
+  defp describe(:any), do: "any term"
+  defp describe(:boolean), do: "a boolean"
+  defp describe(:keyword), do: "a keyword list"
+  defp describe({:integer, 0, :infinity}), do: "a non-negative integer"
+  defp describe({:integer, 1, :infinity}), do: "a positive integer"
+  defp describe({:integer, min, :infinity}), do: "an integer of at least #{bound(min)}"
+  defp describe({:integer, min, max}), do: "an integer in #{bound(min)}..#{bound(max)}"
+  defp describe({:in, [value]}), do: "`#{inspect(value)}`"
+
+  defp describe({:in, values}),
+    do: "one of " <> Enum.map_join(values, ", ", &"`#{inspect(&1)}`")
+
+  defp describe({:or, types}) do
+    {init, [last]} = types |> Enum.map(&describe/1) |> Enum.split(-1)
+    Enum.join(init, ", ") <> " or " <> last
+  end
+
+  defp describe({:custom, _fun, description}), do: description
+
+  # Byte bounds read better in KiB and MiB.
+  defp bound(n) when n >= @kib and rem(n, @kib) == 0, do: format_bytes(n)
+  defp bound(n), do: Integer.to_string(n)
+
+  defp unit_suffix(nil), do: ""
+  defp unit_suffix(unit), do: " (#{unit})"
+
+  defp unit_doc(nil), do: ""
+  defp unit_doc(unit), do: ", in #{unit}"
+
+  # Markdown to plain text, for error messages.
+  defp plain(text), do: String.replace(text, "`", "")
+
+  defp squish(text), do: text |> String.split() |> Enum.join(" ")
+
+  # Wraps a Markdown list item at `width` columns, continuation lines
+  # indented under its text, never breaking inside a code span nor before a
+  # word that would start a block at the beginning of a line (`-`, `1.`).
+  defp wrap(text, width) do
+    words =
+      ~r/(?:[^\s`]|`[^`]*`|`)+/
+      |> Regex.scan(text)
+      |> Enum.map(&hd/1)
+      |> Enum.chunk_while(nil, &glue/2, &{:cont, &1, nil})
+
+    {lines, last} =
+      Enum.reduce(tl(words), {[], "  " <> hd(words)}, fn word, {lines, line} ->
+        if String.length(line) + 1 + String.length(word) <= width,
+          do: {lines, line <> " " <> word},
+          else: {[line | lines], "    " <> word}
+      end)
+
+    [last | lines] |> Enum.reverse() |> Enum.map_join(&(&1 <> "\n"))
+  end
+
+  defp glue(word, nil), do: {:cont, word}
+
+  defp glue(word, previous) do
+    if word =~ ~r/^(#+|[-*+>]|\d+[.)])$/,
+      do: {:cont, previous <> " " <> word},
+      else: {:cont, previous, word}
   end
 end
