@@ -84,6 +84,18 @@ defmodule Convoy.Consumer do
     :exit, {{:shutdown, _}, _} -> {:error, :closed}
   end
 
+  @queue_options [
+    :stream_id,
+    :checkpoint,
+    :iterator_type,
+    :poll_interval,
+    :poll_limit,
+    :shard_refresh_interval,
+    :retry_backoff,
+    :max_backoff,
+    :handlers
+  ]
+
   @doc """
   The consumer's share of validated `Convoy.Queue` options.
 
@@ -93,17 +105,7 @@ defmodule Convoy.Consumer do
   """
   @spec queue_options(keyword) :: keyword
   def queue_options(options) do
-    Keyword.take(options, [
-      :stream_id,
-      :checkpoint,
-      :iterator_type,
-      :poll_interval,
-      :poll_limit,
-      :shard_refresh_interval,
-      :retry_backoff,
-      :max_backoff,
-      :handlers
-    ])
+    Keyword.take(options, @queue_options)
   end
 
   @doc """
@@ -138,14 +140,25 @@ defmodule Convoy.Consumer do
   @spec get(GenServer.server(), pos_integer) :: [Convoy.Record.t()] | {:error, term}
   def get(consumer, limit), do: call(consumer, {:get, limit}, 60_000)
 
+  @reader_options [:poll_interval, :poll_limit, :retry_backoff, :max_backoff]
+
   @impl true
   def init(options) do
+    # Options left out take Convoy.Queue's defaults, defined once there.
+    options =
+      Keyword.merge(Keyword.take(Convoy.Queue.Options.defaults(), @queue_options), options)
+
     Process.flag(:trap_exit, true)
-    {checkpoint_module, checkpoint_options} = Keyword.fetch!(options, :checkpoint)
+
+    {checkpoint_module, checkpoint_options} =
+      case options[:checkpoint] do
+        {module, checkpoint_options} -> {module, checkpoint_options}
+        module -> {module, []}
+      end
+
     stream_id = Keyword.fetch!(options, :stream_id)
     {:ok, checkpoint} = checkpoint_module.init([{:stream_id, stream_id} | checkpoint_options])
     stop_orphan_dispatchers(stream_id)
-    watch_handler_store(stream_id)
 
     # Handlers given at start are attached after init, so a slow or
     # unreachable endpoint never holds up the queue's start. A consumer
@@ -153,7 +166,7 @@ defmodule Convoy.Consumer do
     {handlers, next_order} =
       case Convoy.Consumer.Handlers.fetch(stream_id) do
         nil ->
-          send(self(), {:attach_initial, Keyword.get(options, :handlers, [])})
+          send(self(), {:attach_initial, options[:handlers]})
           {%{}, 0}
 
         {handlers, next_order} ->
@@ -167,17 +180,14 @@ defmodule Convoy.Consumer do
        stream_id: stream_id,
        source: Keyword.fetch!(options, :source),
        checkpoint: {checkpoint_module, checkpoint},
-       iterator_type: Keyword.get(options, :iterator_type, :latest),
-       poll_interval: Keyword.get(options, :poll_interval),
-       reader_options: %{
-         poll_interval: Keyword.get(options, :poll_interval) || 1_000,
-         poll_limit: Keyword.get(options, :poll_limit, 10_000),
-         retry_backoff: Keyword.get(options, :retry_backoff, 100),
-         max_backoff: Keyword.get(options, :max_backoff, 5_000)
-       },
-       shard_refresh_interval: Keyword.get(options, :shard_refresh_interval, 60_000),
+       iterator_type: options[:iterator_type],
+       poll_interval: options[:poll_interval],
+       # Readers run only while polling, so poll_interval is set then.
+       reader_options: Map.new(Keyword.take(options, @reader_options)),
+       shard_refresh_interval: options[:shard_refresh_interval],
        handlers: handlers,
        next_order: next_order,
+       store_monitor: watch_handler_store(stream_id),
        shards: %{},
        ended: MapSet.new(),
        dispatchers: %{},
@@ -242,18 +252,20 @@ defmodule Convoy.Consumer do
   @impl true
   def handle_info(:resume, state), do: {:noreply, update_polling(state)}
 
-  # The handler store restarted empty: fill it again once it is back.
-  def handle_info({:DOWN, _ref, :process, {Convoy.Consumer.Handlers, _}, _reason}, state) do
+  # The handler store went down: fill the new one once it is back.
+  def handle_info({:DOWN, ref, :process, _pid, _reason}, %{store_monitor: ref} = state) do
     send(self(), :store_handlers)
-    {:noreply, state}
+    {:noreply, %{state | store_monitor: nil}}
   end
 
   def handle_info(:store_handlers, state) do
-    if watch_handler_store(state.stream_id) do
-      {:noreply, store_handlers(state)}
-    else
-      Process.send_after(self(), :store_handlers, 50)
-      {:noreply, state}
+    case watch_handler_store(state.stream_id) do
+      nil ->
+        Process.send_after(self(), :store_handlers, 50)
+        {:noreply, state}
+
+      ref ->
+        {:noreply, store_handlers(%{state | store_monitor: ref})}
     end
   end
 
@@ -335,6 +347,10 @@ defmodule Convoy.Consumer do
   def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
+  # Killed along with the consumer's supervisor: the dispatchers go with
+  # their own supervisor; their batches are read again from the checkpoints.
+  def terminate(:killed, _state), do: :ok
+
   def terminate(_reason, state) do
     Enum.each(Map.values(state.dispatchers), &ShardDispatcher.stop/1)
   end
@@ -366,16 +382,11 @@ defmodule Convoy.Consumer do
     |> update_polling()
   end
 
-  # Monitors the handler store by name, so its DOWN message is told apart
-  # from a handler's or a dispatcher's; false when it is not running.
+  # Monitors the queue's handler store; nil when there is none.
   defp watch_handler_store(stream_id) do
     case Convoy.Queue.Topology.whereis(Convoy.Consumer.Handlers, stream_id) do
-      nil ->
-        false
-
-      pid ->
-        Process.monitor(pid)
-        true
+      nil -> nil
+      pid -> Process.monitor(pid)
     end
   end
 

@@ -2,15 +2,14 @@ defmodule Convoy.Consumer.Supervisor do
   @moduledoc false
   # The consumer's tree (one_for_one):
   #
-  #   Convoy.Consumer.Handlers   the attached handlers, kept when the consumer restarts
   #   DynamicSupervisor          one Convoy.Consumer.ShardDispatcher per shard being read
   #   Convoy.Consumer            shards, polling, checkpoints; starts the dispatchers
   #
   # Each restarts alone. A consumer that restarts finds its handlers in the
-  # store and stops the dispatchers of its predecessor before it starts its
-  # own; they resume from their checkpoints. A store that restarts is filled
-  # again by the consumer; dispatchers that die with their supervisor are
-  # started again by the consumer, as after any dispatcher failure.
+  # queue's Convoy.Consumer.Handlers store and stops the dispatchers of its
+  # predecessor before it starts its own; they resume from their
+  # checkpoints. Dispatchers that die with their supervisor are started
+  # again by the consumer, as after any dispatcher failure.
 
   use Supervisor
 
@@ -26,10 +25,14 @@ defmodule Convoy.Consumer.Supervisor do
   @impl true
   def init(options) do
     stream_id = Keyword.fetch!(options, :stream_id)
+    Topology.await_free(Convoy.Consumer, stream_id)
+    Topology.await_free(Convoy.Consumer.ShardDispatcher, stream_id)
 
     children = [
-      {Convoy.Consumer.Handlers, stream_id},
-      {DynamicSupervisor, name: dispatchers(stream_id), strategy: :one_for_one},
+      Supervisor.child_spec(
+        {DynamicSupervisor, name: dispatchers(stream_id), strategy: :one_for_one},
+        id: :dispatchers
+      ),
       %{
         id: Convoy.Consumer,
         start: {Convoy.Consumer, :start_server, [options]},

@@ -2,17 +2,20 @@ defmodule Convoy.Queue.Topology do
   @moduledoc false
   # The supervision tree of one queue, started by `Convoy.Queue.start_link/1`:
   #
-  #     Convoy.Queue.Topology                 rest_for_one, {Convoy.Queue, id}
+  #     Convoy.Queue.Topology                 one_for_one, {Convoy.Queue, id}
   #     ├── Convoy.Queue.Reporter             failure reports: log, telemetry, on_failure
+  #     ├── Convoy.Consumer.Handlers          the attached handlers, kept across restarts
   #     └── the service's tree, for Kinesis:
   #         Convoy.Services.Kinesis           one_for_one, holds the Kinesis client
   #         ├── Convoy.Services.Kinesis.Producer   owns the native producer, registers the handle
-  #         └── Convoy.Consumer.Supervisor    rest_for_one
-  #             ├── Convoy.Consumer.Handlers  the attached handlers, kept across restarts
+  #         └── Convoy.Consumer.Supervisor    one_for_one
   #             ├── DynamicSupervisor         one Convoy.Consumer.ShardDispatcher per shard
   #             └── Convoy.Consumer           shards, polling, checkpoints
   #
-  # The reporter comes first so it outlives everything that reports to it.
+  # Every process restarts alone. The native producer reports failures to
+  # the reporter, or to its owner while the reporter is down, so a report
+  # reaches a live process unless both are gone. The consumer keeps the
+  # handler store filled, so handlers survive a restart of either.
   # Processes are named through `Convoy.Registry` by `{kind, stream_id}`; an
   # entry goes with the process that holds it.
 
@@ -37,13 +40,34 @@ defmodule Convoy.Queue.Topology do
     end
   end
 
+  @doc """
+  Waits, up to `timeout` ms, until no live process holds the name of the
+  given kind. A supervisor killed with `:kill` leaves its children to stop
+  on their own; their replacements wait here for the names they need.
+  """
+  @spec await_free(term, term, timeout) :: :ok
+  def await_free(kind, stream_id, timeout \\ 5_000) do
+    with pid when is_pid(pid) <- whereis(kind, stream_id) do
+      ref = Process.monitor(pid)
+
+      receive do
+        {:DOWN, ^ref, :process, _, _} -> :ok
+      after
+        timeout -> Process.demonitor(ref, [:flush])
+      end
+    end
+
+    :ok
+  end
+
   @impl true
   def init(options) do
     children = [
       {Convoy.Queue.Reporter, options},
+      {Convoy.Consumer.Handlers, options[:stream_id]},
       options[:service].child_spec(options)
     ]
 
-    Supervisor.init(children, strategy: :rest_for_one)
+    Supervisor.init(children, strategy: :one_for_one)
   end
 end

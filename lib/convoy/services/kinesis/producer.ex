@@ -52,6 +52,7 @@ defmodule Convoy.Services.Kinesis.Producer do
   def init({options, client}) do
     Process.flag(:trap_exit, true)
     stream_id = options[:stream_id]
+    Convoy.Queue.Topology.await_free(:handle, stream_id)
     reporter = Reporter.whereis(stream_id) || exit(:no_reporter)
     native_options = Map.new(Keyword.take(options, @native_options))
     producer = Native.producer_start(client, native_options, reporter)
@@ -78,6 +79,11 @@ defmodule Convoy.Services.Kinesis.Producer do
   def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
+  # Killed along with the service's supervisor: nothing waits for a graceful
+  # close, and dropping the producer (as this process exits) sends what it
+  # holds anyway, reporting to the reporter.
+  def terminate(:killed, _state), do: :ok
+
   def terminate(_reason, state) do
     Convoy.Queue.unregister(state.stream_id)
     # Failures from now on are reported here, so none is lost if the

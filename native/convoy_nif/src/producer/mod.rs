@@ -96,8 +96,11 @@ struct Shared {
     policy: RetryPolicy,
     /// Receives `{:convoy_put_failed, [{key, data, reason}]}` for records
     /// that finally failed: the queue's reporter, or whoever closed the
-    /// producer and waits for its end.
+    /// producer and waits for its end...
     reporter: Mutex<LocalPid>,
+    /// ...or, while that process is down, the owner (the process that
+    /// started the producer).
+    owner: LocalPid,
     closed: AtomicBool,
     stats: Stats,
     aggregation: Option<Arc<Aggregation>>,
@@ -298,6 +301,7 @@ fn producer_start(
             deadline: Duration::from_millis(options.retry_deadline),
         },
         reporter: Mutex::new(reporter),
+        owner,
         closed: AtomicBool::new(false),
         stats: Stats::default(),
         aggregation: (aggregation_max_bytes > 0)

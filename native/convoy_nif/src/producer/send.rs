@@ -268,14 +268,13 @@ pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
     // has it too, so the log and `on_failure` never lag behind the caller.
     let mut env = OwnedEnv::new();
     let failed: Vec<(String, Vec<u8>)> = batch.iter().flat_map(Outgoing::user_records).collect();
-    let reported = env
-        .send_and_clear(&shared.reporter(), |env| {
-            failure_report(env, &failed, reason)
-        })
-        .is_ok();
+    let reported = [shared.reporter(), shared.owner].iter().any(|pid| {
+        env.send_and_clear(pid, |env| failure_report(env, &failed, reason))
+            .is_ok()
+    });
     if !reported {
-        // Only when the reporter was killed while this producer still sent
-        // the records of an owner killed before it: say so where we can.
+        // Only when the reporter and the owner are both gone (the whole
+        // queue was killed): say so where we can.
         eprintln!(
             "convoy: {} record(s) of stream {} failed ({reason:?}) and no reporter is alive",
             failed.len(),

@@ -1,0 +1,151 @@
+defmodule Convoy.TopologyTest do
+  # Each process of a queue's tree is killed in turn: no record that was
+  # acknowledged or buffered is lost, and the queue serves puts and handlers
+  # again. Handlers attached at run time survive every restart short of the
+  # whole queue's; the queue's own restart re-attaches the `handlers:` option.
+  use ExUnit.Case, async: true
+
+  import Convoy.TestSupport
+
+  alias Convoy.Queue.Topology
+
+  @kinds [
+    :queue,
+    :reporter,
+    :handler_store,
+    :service,
+    :producer,
+    :consumer_tree,
+    :dispatcher_supervisor,
+    :consumer,
+    :dispatcher
+  ]
+
+  test "the tree has the documented shape" do
+    stream = create_stream!(unique_stream("shape"), 1)
+    start_supervised!({Convoy.Queue, stream: stream, kinesis: kinesis()})
+
+    queue = Topology.whereis(Convoy.Queue, stream)
+
+    assert [
+             {Convoy.Queue.Reporter, _, :worker, _},
+             {Convoy.Consumer.Handlers, _, :worker, _},
+             {Convoy.Services.Kinesis, service, :supervisor, _}
+           ] = queue |> Supervisor.which_children() |> Enum.reverse()
+
+    assert [
+             {Convoy.Services.Kinesis.Producer, _, :worker, _},
+             {Convoy.Consumer, consumer_tree, :supervisor, _}
+           ] = service |> Supervisor.which_children() |> Enum.reverse()
+
+    assert [{:dispatchers, _, :supervisor, _}, {Convoy.Consumer, _, :worker, _}] =
+             consumer_tree |> Supervisor.which_children() |> Enum.reverse()
+  end
+
+  for kind <- @kinds do
+    test "killing the #{kind} loses no record and the queue serves again" do
+      kind = unquote(kind)
+      stream = create_stream!(unique_stream("kill-#{kind}"), 2)
+      me = self()
+      forward = fn record, _ -> send(me, {:got, record.data}) end
+
+      options = [
+        stream: stream,
+        kinesis: kinesis(),
+        iterator_type: :trim_horizon,
+        poll_interval: 50,
+        # Records put before the kill stay buffered until a flush.
+        batch_timeout: 600_000,
+        # Only a restart of the whole queue needs this; the others keep the
+        # handler attached below.
+        handlers: if(kind == :queue, do: [{:fwd, forward, nil}], else: [])
+      ]
+
+      start_supervised!({Convoy.Queue, options})
+      if kind != :queue, do: :ok = Convoy.Queue.attach_handler(stream, :fwd, forward, nil)
+
+      # Acknowledged and handled before the kill.
+      handled = for i <- 1..50, do: "handled-#{i}"
+      Enum.each(handled, &(:ok = Convoy.Queue.put(stream, "k#{rem(byte_size(&1), 7)}", &1)))
+      :ok = Convoy.Queue.flush(stream, await: 10_000)
+      Enum.each(handled, &assert_receive({:got, ^&1}, 10_000))
+
+      # Buffered, not yet sent, when the process is killed.
+      buffered = for i <- 1..50, do: "buffered-#{i}"
+      Enum.each(buffered, &(:ok = Convoy.Queue.put(stream, "k#{rem(byte_size(&1), 7)}", &1)))
+
+      victim = find(kind, stream)
+      ref = Process.monitor(victim)
+      Process.exit(victim, :kill)
+      assert_receive {:DOWN, ^ref, :process, ^victim, :killed}
+
+      # Puts are accepted again once the tree has restarted what it must.
+      after_kill = for i <- 1..50, do: "after-#{i}"
+      Enum.each(after_kill, &put_eventually(stream, &1))
+      eventually(fn -> Convoy.Queue.flush(stream, await: 10_000) == :ok end, 30_000)
+
+      # Every record reaches the handler; a restarted consumer may hand over
+      # again what its predecessor had not checkpointed, never fewer.
+      expected = MapSet.new(handled ++ buffered ++ after_kill)
+      received = receive_until(MapSet.new(buffered ++ after_kill), MapSet.new())
+      assert MapSet.subset?(MapSet.new(buffered ++ after_kill), received)
+      assert MapSet.subset?(received, expected)
+
+      # Kinesis holds each record exactly once: nothing was put twice.
+      stored = read_all(stream) |> Enum.map(& &1.data) |> Enum.sort()
+      assert stored == Enum.sort(MapSet.to_list(expected))
+    end
+  end
+
+  defp find(:queue, stream), do: Topology.whereis(Convoy.Queue, stream)
+  defp find(:reporter, stream), do: Topology.whereis(Convoy.Queue.Reporter, stream)
+  defp find(:handler_store, stream), do: Topology.whereis(Convoy.Consumer.Handlers, stream)
+  defp find(:service, stream), do: child(find(:queue, stream), Convoy.Services.Kinesis)
+  defp find(:consumer_tree, stream), do: child(find(:service, stream), Convoy.Consumer)
+  defp find(:consumer, stream), do: Topology.whereis(Convoy.Consumer, stream)
+
+  defp find(:dispatcher_supervisor, stream),
+    do: Topology.whereis(Convoy.Consumer.ShardDispatcher, stream)
+
+  defp find(:producer, stream) do
+    [{owner, _handle}] = Registry.lookup(Convoy.Registry, {:handle, stream})
+    owner
+  end
+
+  defp find(:dispatcher, stream) do
+    sup = find(:dispatcher_supervisor, stream)
+    [{_, pid, _, _} | _] = DynamicSupervisor.which_children(sup)
+    pid
+  end
+
+  defp child(sup, id) do
+    {^id, pid, _, _} = List.keyfind(Supervisor.which_children(sup), id, 0)
+    pid
+  end
+
+  # While the tree restarts, a put may answer :closed or :unknown_stream.
+  defp put_eventually(stream, data) do
+    eventually(fn -> Convoy.Queue.put(stream, "k#{rem(byte_size(data), 7)}", data) == :ok end)
+  end
+
+  defp receive_until(wanted, received) do
+    if MapSet.subset?(wanted, received) do
+      # Whatever else is still coming (redeliveries) arrives within a poll.
+      drain(received)
+    else
+      receive do
+        {:got, data} -> receive_until(wanted, MapSet.put(received, data))
+      after
+        30_000 -> flunk("missing: #{inspect(MapSet.difference(wanted, received))}")
+      end
+    end
+  end
+
+  defp drain(received) do
+    receive do
+      {:got, data} -> drain(MapSet.put(received, data))
+    after
+      500 -> received
+    end
+  end
+end
