@@ -18,14 +18,18 @@ defmodule Mix.Tasks.Compile.ConvoyNif do
 
   @impl true
   def run(_args) do
+    # The stamp names what was built: the profile, and the test hooks when
+    # Convoy's own suite runs (a dependency is compiled in :prod, without them).
     profile = profile()
+    features = if Mix.env() == :test, do: ["test-hooks"], else: []
+    build = Enum.join([profile | features], "+")
     target = Path.join(@root, "priv/native/convoy_nif.so")
     stamp = target <> ".profile"
 
-    if up_to_date?(target, stamp, profile) do
+    if up_to_date?(target, stamp, build) do
       {:noop, []}
     else
-      build(profile, target, stamp)
+      build(profile, features, target, stamp, build)
     end
   end
 
@@ -37,9 +41,9 @@ defmodule Mix.Tasks.Compile.ConvoyNif do
     end
   end
 
-  defp up_to_date?(target, stamp, profile) do
+  defp up_to_date?(target, stamp, build) do
     with {:ok, %{mtime: built}} <- File.stat(target, time: :posix),
-         {:ok, ^profile} <- File.read(stamp) do
+         {:ok, ^build} <- File.read(stamp) do
       Enum.all?(sources(), fn source -> File.stat!(source, time: :posix).mtime <= built end)
     else
       _ -> false
@@ -54,11 +58,12 @@ defmodule Mix.Tasks.Compile.ConvoyNif do
     )
   end
 
-  defp build(profile, target, stamp) do
+  defp build(profile, features, target, stamp, build) do
     cargo = System.find_executable("cargo") || Mix.raise("cargo not found: install Rust (rustup)")
     args = ["build", "-p", "convoy_nif", "--manifest-path", Path.join(@root, "Cargo.toml")]
     args = if profile == "release", do: args ++ ["--release"], else: args
-    Mix.shell().info("Compiling convoy_nif (cargo, #{profile})")
+    args = if features == [], do: args, else: args ++ ["--features", Enum.join(features, ",")]
+    Mix.shell().info("Compiling convoy_nif (cargo, #{build})")
 
     case System.cmd(cargo, args, cd: @root, into: IO.stream(:stdio, :line), stderr_to_stdout: true) do
       {_, 0} ->
@@ -68,7 +73,7 @@ defmodule Mix.Tasks.Compile.ConvoyNif do
         tmp = target <> ".tmp"
         File.cp!(built, tmp)
         File.rename!(tmp, target)
-        File.write!(stamp, profile)
+        File.write!(stamp, build)
         {:ok, []}
 
       {_, status} ->

@@ -65,6 +65,7 @@ defmodule Convoy.Native do
   def debug_nif_panic, do: not_loaded()
   def debug_task_panic(_pid), do: not_loaded()
   def debug_echo_from_task(_pid, _payload), do: not_loaded()
+  def debug_lane_panic(_producer), do: not_loaded()
 
   @doc false
   # Runs an asynchronous NIF, giving it `{self(), ref}`, and waits for its

@@ -97,6 +97,58 @@ defmodule Convoy.TopologyTest do
     end
   end
 
+  test "a producer lane that panics reports its records as failed, and the queue restarts its producer" do
+    stream = create_stream!(unique_stream("lane-panic"), 1)
+    me = self()
+
+    start_supervised!({
+      Convoy.Queue,
+      # One lane, so every record below waits in the lane that panics.
+      stream: stream,
+      kinesis: kinesis(),
+      batch_timeout: 600_000,
+      max_in_flight: 1,
+      on_failure: fn failure -> send(me, {:failed, failure}) end
+    })
+
+    [{old_owner, {_, %{producer: producer}}}] =
+      Registry.lookup(Convoy.Registry, {:handle, stream})
+
+    ref = Process.monitor(old_owner)
+
+    lost = for i <- 1..20, do: "lost-#{i}"
+    Enum.each(lost, &(:ok = Convoy.Queue.put(stream, "k", &1)))
+
+    {probe, _log} =
+      ExUnit.CaptureLog.with_log(fn ->
+        :ok = Convoy.Native.debug_lane_panic(producer)
+
+        failed =
+          for _ <- lost do
+            assert_receive {:failed, %{data: data, reason: {:panic, _}}}, 10_000
+            data
+          end
+
+        assert Enum.sort(failed) == Enum.sort(lost)
+        refute_receive {:failed, _}, 200
+        # The dead lane takes no record: a put is refused while the producer
+        # is closed, or taken by the producer that replaced it (and then sent).
+        probe =
+          case Convoy.Queue.put(stream, "k", "probe") do
+            :ok -> ["probe"]
+            {:error, reason} when reason in [:closed, :unknown_stream] -> []
+          end
+
+        # ...and its owner is replaced by the supervisor.
+        assert_receive {:DOWN, ^ref, :process, ^old_owner, {:producer_panic, _}}, 10_000
+        probe
+      end)
+
+    put_eventually(stream, "after")
+    :ok = Convoy.Queue.flush(stream, await: 10_000)
+    assert Enum.sort(["after" | probe]) == Enum.sort(Enum.map(read_all(stream), & &1.data))
+  end
+
   defp find(:queue, stream), do: Topology.whereis(Convoy.Queue, stream)
   defp find(:reporter, stream), do: Topology.whereis(Convoy.Queue.Reporter, stream)
   defp find(:handler_store, stream), do: Topology.whereis(Convoy.Consumer.Handlers, stream)

@@ -7,6 +7,7 @@ mod client;
 mod config;
 mod consumer;
 mod delivery;
+#[cfg(feature = "test-hooks")]
 mod diagnostics;
 mod error;
 mod json;

@@ -53,7 +53,8 @@ impl Inbox {
         Ok(())
     }
 
-    /// The close command itself, sent once `closed` is set.
+    /// A control command that goes in even when the producer is closed: the
+    /// close itself, sent once `closed` is set.
     pub fn push_close(&self, command: Command) {
         self.queue.push(command);
         self.pending.fetch_add(1, Ordering::AcqRel);

@@ -112,6 +112,8 @@ impl Lane {
             }
             Command::Flush(waiter) => self.flushes.push((self.buffer.len(), waiter)),
             Command::Close(deadline, waiter) => self.closing = Some((deadline, waiter)),
+            #[cfg(feature = "test-hooks")]
+            Command::Panic => panic!("convoy: deliberate panic in a producer lane (test)"),
         }
     }
 

@@ -131,6 +131,9 @@ enum Command {
     Put(Entry),
     Flush(Option<Arc<Waiter>>),
     Close(Instant, Option<Arc<Waiter>>),
+    /// Makes the lane panic (tests of what a failing lane does).
+    #[cfg(feature = "test-hooks")]
+    Panic,
 }
 
 /// Counts down the lanes that still have to answer a flush or close; the last
@@ -400,6 +403,14 @@ fn producer_close(
         .unwrap_or_else(|e| e.into_inner()) = report_to;
     let waiter = Waiter::new(producer.lanes.len(), reply);
     producer.close(Duration::from_millis(timeout_ms), Some(waiter));
+    atoms::ok()
+}
+
+/// Makes the first lane panic as it takes its next command.
+#[cfg(feature = "test-hooks")]
+#[rustler::nif]
+fn debug_lane_panic(producer: ResourceArc<Producer>) -> rustler::Atom {
+    producer.lanes[0].push_close(Command::Panic);
     atoms::ok()
 }
 
