@@ -215,10 +215,13 @@ defmodule Convoy.Consumer do
     {:noreply, refresh(state)}
   end
 
-  def handle_info({:handler_failed, id}, state) do
-    if Map.has_key?(state.handlers, id),
-      do: {:noreply, remove_handler(state, id)},
-      else: {:noreply, state}
+  # Only about the attachment the dispatcher saw: a notice that arrives
+  # after the id was detached and attached again is about the old handler.
+  def handle_info({:handler_failed, id, ref}, state) do
+    case state.handlers do
+      %{^id => %{ref: ^ref}} -> {:noreply, remove_handler(state, id)}
+      _ -> {:noreply, state}
+    end
   end
 
   def handle_info(:refresh_shards, state) do
@@ -238,8 +241,8 @@ defmodule Convoy.Consumer do
     {:noreply, listed(state, {:error, {:list_shards_crashed, reason}})}
   end
 
-  def handle_info({:DOWN, _ref, :process, pid, _reason}, state) do
-    ids = for {id, %{handler: ^pid}} <- state.handlers, do: id
+  def handle_info({:DOWN, monitor, :process, _pid, _reason}, state) do
+    ids = for {id, %{monitor: ^monitor}} <- state.handlers, do: id
     {:noreply, Enum.reduce(ids, state, &remove_handler(&2, &1))}
   end
 
@@ -289,8 +292,17 @@ defmodule Convoy.Consumer do
     if Map.has_key?(state.handlers, id) do
       {:error, :already_exists}
     else
-      entry = %{id: id, handler: handler, config: config, opts: opts, order: state.next_order}
-      if is_pid(handler), do: Process.monitor(handler)
+      # `ref` names this attachment: dispatchers track handlers by it, so a
+      # handler detached and attached again under the same id is a new one.
+      entry = %{
+        id: id,
+        ref: make_ref(),
+        handler: handler,
+        config: config,
+        opts: opts,
+        order: state.next_order,
+        monitor: if(is_pid(handler), do: Process.monitor(handler))
+      }
 
       state = %{
         state
@@ -303,7 +315,10 @@ defmodule Convoy.Consumer do
   end
 
   defp remove_handler(state, id) do
-    %{state | handlers: Map.delete(state.handlers, id)}
+    {entry, handlers} = Map.pop(state.handlers, id)
+    if entry.monitor, do: Process.demonitor(entry.monitor, [:flush])
+
+    %{state | handlers: handlers}
     |> broadcast_handlers()
     |> update_polling()
   end
