@@ -170,7 +170,8 @@ defmodule Convoy.Consumer do
           {%{}, 0}
 
         {handlers, next_order} ->
-          for {_, %{handler: pid}} <- handlers, is_pid(pid), do: Process.monitor(pid)
+          # The monitors were the predecessor's.
+          handlers = Map.new(handlers, fn {id, entry} -> {id, remonitor(entry)} end)
           send(self(), :resume)
           {handlers, next_order}
       end
@@ -287,10 +288,13 @@ defmodule Convoy.Consumer do
     {:noreply, refresh(state)}
   end
 
-  def handle_info({:handler_failed, id}, state) do
-    if Map.has_key?(state.handlers, id),
-      do: {:noreply, remove_handler(state, id)},
-      else: {:noreply, state}
+  # Only about the attachment the dispatcher saw: a notice that arrives
+  # after the id was detached and attached again is about the old handler.
+  def handle_info({:handler_failed, id, ref}, state) do
+    case state.handlers do
+      %{^id => %{ref: ^ref}} -> {:noreply, remove_handler(state, id)}
+      _ -> {:noreply, state}
+    end
   end
 
   def handle_info(:refresh_shards, state) do
@@ -310,7 +314,16 @@ defmodule Convoy.Consumer do
     {:noreply, listed(state, {:error, {:list_shards_crashed, reason}})}
   end
 
-  def handle_info({:DOWN, _ref, :process, pid, reason}, state) do
+  def handle_info({:DOWN, monitor, :process, pid, reason}, state) do
+    case for({id, %{monitor: ^monitor}} <- state.handlers, do: id) do
+      [] -> dispatcher_down(state, pid, reason)
+      ids -> {:noreply, Enum.reduce(ids, state, &remove_handler(&2, &1))}
+    end
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
+
+  defp dispatcher_down(state, pid, reason) do
     cond do
       Map.has_key?(state.stopping, pid) ->
         {shard_id, stopping} = Map.pop(state.stopping, pid)
@@ -338,13 +351,9 @@ defmodule Convoy.Consumer do
         end
 
       true ->
-        # A pid handler went down.
-        ids = for {id, %{handler: ^pid}} <- state.handlers, do: id
-        {:noreply, Enum.reduce(ids, state, &remove_handler(&2, &1))}
+        {:noreply, state}
     end
   end
-
-  def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
   # Killed along with the consumer's supervisor: the dispatchers go with
@@ -362,8 +371,17 @@ defmodule Convoy.Consumer do
     if Map.has_key?(state.handlers, id) do
       {:error, :already_exists}
     else
-      entry = %{id: id, handler: handler, config: config, opts: opts, order: state.next_order}
-      if is_pid(handler), do: Process.monitor(handler)
+      # `ref` names this attachment: dispatchers track handlers by it, so a
+      # handler detached and attached again under the same id is a new one.
+      entry = %{
+        id: id,
+        ref: make_ref(),
+        handler: handler,
+        config: config,
+        opts: opts,
+        order: state.next_order,
+        monitor: if(is_pid(handler), do: Process.monitor(handler))
+      }
 
       state = %{
         state
@@ -376,11 +394,19 @@ defmodule Convoy.Consumer do
   end
 
   defp remove_handler(state, id) do
-    %{state | handlers: Map.delete(state.handlers, id)}
+    {entry, handlers} = Map.pop(state.handlers, id)
+    if entry.monitor, do: Process.demonitor(entry.monitor, [:flush])
+
+    %{state | handlers: handlers}
     |> store_handlers()
     |> broadcast_handlers()
     |> update_polling()
   end
+
+  defp remonitor(%{handler: pid} = entry) when is_pid(pid),
+    do: %{entry | monitor: Process.monitor(pid)}
+
+  defp remonitor(entry), do: entry
 
   # Monitors the queue's handler store; nil when there is none.
   defp watch_handler_store(stream_id) do

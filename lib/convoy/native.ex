@@ -61,11 +61,20 @@ defmodule Convoy.Native do
   # JSON as the producer encodes it
   def encode_json(_term), do: not_loaded()
 
-  # fault injection for Convoy's own tests
-  def debug_nif_panic, do: not_loaded()
-  def debug_task_panic(_pid), do: not_loaded()
-  def debug_echo_from_task(_pid, _payload), do: not_loaded()
-  def debug_lane_panic(_producer), do: not_loaded()
+  # fault injection for Convoy's own tests (cargo feature test-hooks)
+  def debug_nif_panic, do: test_hook()
+  def debug_task_panic(_pid), do: test_hook()
+  def debug_echo_from_task(_pid, _payload), do: test_hook()
+  def debug_lane_panic(_producer), do: test_hook()
+
+  defp test_hook do
+    if loaded?() do
+      raise RuntimeError,
+            "this Convoy NIF is a test hook, built only for Convoy's own test env"
+    else
+      not_loaded()
+    end
+  end
 
   @doc false
   # Runs an asynchronous NIF, giving it `{self(), ref}`, and waits for its

@@ -232,6 +232,17 @@ defmodule Convoy.Queue do
   and must answer `Convoy.Queue.ack(batch)` when done; the shard reads on only
   after every handler has finished its batch.
 
+  A shard's batch goes through the handlers one after another, in attach
+  order: a handler gets it once the handler attached before it has finished
+  it (a pid handler by acking it). A pid handler that is detached, dies or
+  misses its `:ack_timeout` while it holds a batch no longer holds up the
+  shard: the batch goes on to the next handler, and a late ack is ignored.
+  A batch that none of the attached handlers finished (they all failed on it,
+  or the last one was detached) is not checkpointed: handlers attached later
+  receive it again. A handler detached, or detached after a failure, and
+  attached again under the same id is a new handler and receives the records
+  of every shard.
+
   ## Options
 
     * `:partition_keys` - only records with these keys: a string, a list of
@@ -240,9 +251,11 @@ defmodule Convoy.Queue do
       exits: `:detach` (the default, as the original Convoy did) logs the
       error with its stacktrace and detaches the handler; `:retry` calls it
       again with backoff, up to 5 attempts, then detaches; `{:retry, n}`
-      allows `n` attempts.
-    * `:ack_timeout` - ms a pid handler has to ack a batch before it is
-      detached. Defaults to `:infinity`.
+      allows `n` attempts. The shard waits for the retries, but detaching the
+      handler meanwhile lets the batch go on.
+    * `:ack_timeout` - ms a pid handler has to ack a batch; past it the
+      handler is logged as failed and detached, and the batch goes on to the
+      next handler. Defaults to `:infinity`.
 
   Returns `{:error, :already_exists}` when the id is taken.
 

@@ -204,7 +204,9 @@ defmodule Convoy.ProducerTest do
       )
 
     for i <- 1..5_000, do: :ok = Convoy.Queue.put(stream, "k#{rem(i, 7)}", "r#{i}")
-    assert %{sent: 0} = Convoy.Queue.stats(stream)
+    # Full requests go at once; the rest of each lane waits for its timeout.
+    assert %{buffered: buffered} = Convoy.Queue.stats(stream)
+    assert buffered > 0
     Supervisor.stop(sup)
     assert length(read_all(stream)) == 5_000
   end

@@ -2,11 +2,43 @@ defmodule Convoy.Consumer.ShardDispatcher do
   @moduledoc false
   # One process per shard being read. It owns the shard's reader (for
   # Kinesis a native poller, which stops when this process goes), receives
-  # each batch the reader sends, runs it through the handlers in attach order, stores the
-  # checkpoint, and only then acknowledges the batch so the poller reads on.
+  # each batch the reader sends, runs it through the handlers, stores the
+  # checkpoint, and only then acknowledges the batch so the reader reads on.
   #
-  # Handler failures are contained here: the handler is logged and detached
-  # (or retried with `on_error: :retry`), the shard goes on.
+  # It never waits inside a callback for a handler: it is a state machine
+  # whose state is `batch` (nil when idle) and, while a batch is in hand,
+  # `batch.step` (what it waits for: a pid handler's ack, or the pause before
+  # a function handler's retry). Acks, ack timeouts, retries, handler DOWNs,
+  # handler changes and `:stop` are all messages, handled in every state.
+  # A plain GenServer rather than :gen_statem: there are only two states, and
+  # almost every event (stop, handler changes, reader errors) is handled the
+  # same in both; each timer carries the token of the wait it belongs to, so
+  # a stale one is simply ignored.
+  #
+  # Handlers see a batch one after another, in attach order: a function
+  # handler is called for each record right here; a pid handler is sent
+  # `{:convoy_batch, batch}` and the next handler gets the batch only once it
+  # acks. Sending to every handler at once would also make the shard read on
+  # only after all of them finished, but a handler attached after a pid
+  # handler would then see the batch before that one had finished it;
+  # sequential delivery keeps attach order a processing order, as it was when
+  # the dispatcher blocked on each ack. Between two handlers the dispatcher
+  # goes back to its mailbox, so a stop or a detach is never held up by more
+  # than the one handler running.
+  #
+  # The batch is finished when no attached handler still owes it (each one
+  # finished it or failed on it; one detached while holding it owes nothing)
+  # and at least one of the attached handlers finished it. Otherwise it is
+  # neither checkpointed nor acked: it goes to handlers attached later, or,
+  # once the last handler is gone and the consumer stops this process, it is
+  # read again from the checkpoint (at least once, never skipped). A handler
+  # whose partition keys select none of the batch finished it.
+  #
+  # Handlers are known by the `ref` of their attachment, not their id: a
+  # handler detached and attached again under the same id is a new handler.
+  # Failures are contained here: the handler is logged, marked failed (its
+  # attachment gets no further batch) and the consumer is told with
+  # `{:handler_failed, id, ref}`, which it ignores when `ref` is stale.
 
   use GenServer, restart: :temporary
 
@@ -33,30 +65,82 @@ defmodule Convoy.Consumer.ShardDispatcher do
     reader =
       module.start_reader(source, args.shard_id, args.position, self(), args.reader_options)
 
-    {:ok, Map.merge(args, %{reader: reader, reader_module: module, failed: MapSet.new()})}
+    {:ok,
+     Map.merge(args, %{reader: reader, reader_module: module, failed: MapSet.new(), batch: nil})}
   end
 
   @impl true
-  def handle_info({:convoy_records, _shard_id, raw, millis_behind}, state) do
+  # The reader sends nothing more until it is acked: a batch arrives only
+  # when none is in hand.
+  def handle_info({:convoy_records, _shard_id, records, millis_behind}, state) do
     started = System.monotonic_time()
-    records = raw
-    state = Enum.reduce(state.handlers, state, &run_handler(&1, records, &2))
-    last = List.last(records)
-    {module, checkpoint} = state.checkpoint
-    :ok = module.store(checkpoint, state.stream_id, state.shard_id, last.sequence_number)
-    state.reader_module.ack(state.reader)
 
-    Telemetry.execute(
-      [:convoy, :batch, :stop],
-      %{
-        count: length(records),
-        duration: System.monotonic_time() - started,
-        millis_behind_latest: millis_behind
-      },
-      %{stream_id: state.stream_id, shard_id: state.shard_id}
-    )
+    case records do
+      [] ->
+        # Nothing to hand out and no sequence number to store.
+        state.reader_module.ack(state.reader)
+        {:noreply, state}
 
-    {:noreply, state}
+      records ->
+        batch = %{
+          records: records,
+          millis_behind: millis_behind,
+          started: started,
+          # Attachment refs through with this batch (finished it, failed on
+          # it, or detached while holding it), and those that finished it.
+          done: MapSet.new(),
+          finished: MapSet.new(),
+          step: nil
+        }
+
+        {:noreply, advance(%{state | batch: batch})}
+    end
+  end
+
+  def handle_info(:advance, state), do: {:noreply, advance(state)}
+
+  def handle_info({:convoy_ack, token}, %{batch: %{step: %{wait: :ack, token: token}}} = state) do
+    {handler, state} = end_step(state)
+    {:noreply, state |> handler_done(handler, :finished) |> advance()}
+  end
+
+  def handle_info(
+        {:DOWN, monitor, :process, _pid, reason},
+        %{batch: %{step: %{wait: :ack, monitor: monitor}}} = state
+      ) do
+    {handler, state} = end_step(state)
+    {:noreply, state |> handler_failed(handler, :exit, {:handler_down, reason}, []) |> advance()}
+  end
+
+  def handle_info({:ack_timeout, token}, %{batch: %{step: %{wait: :ack, token: token}}} = state) do
+    {handler, state} = end_step(state)
+    {:noreply, state |> handler_failed(handler, :exit, :ack_timeout, []) |> advance()}
+  end
+
+  def handle_info({:retry, token}, %{batch: %{step: %{wait: :retry, token: token}}} = state) do
+    %{records: records, attempt: attempt} = state.batch.step
+    {handler, state} = end_step(state)
+    {:noreply, run_function(handler, records, attempt, state)}
+  end
+
+  def handle_info({:handlers, handlers}, state) do
+    refs = MapSet.new(handlers, & &1.ref)
+    state = %{state | handlers: handlers, failed: MapSet.intersection(state.failed, refs)}
+
+    state =
+      case state.batch do
+        %{step: %{handler: ref}} ->
+          # The handler holding the batch was detached: it goes on without it.
+          if MapSet.member?(refs, ref),
+            do: state,
+            else: state |> end_step() |> elem(1) |> put_done(ref)
+
+        _ ->
+          state
+      end
+
+    # A pending batch may now go on: its holder left, or handlers came.
+    {:noreply, advance(state)}
   end
 
   def handle_info({:convoy_shard_end, _shard_id}, state) do
@@ -86,12 +170,11 @@ defmodule Convoy.Consumer.ShardDispatcher do
     {:stop, {:poller_panic, message}, state}
   end
 
-  def handle_info({:handlers, handlers}, state) do
-    {:noreply, %{state | handlers: Enum.reject(handlers, &MapSet.member?(state.failed, &1.id))}}
-  end
-
+  # A batch still in hand is neither checkpointed nor acked: it is read
+  # again from the checkpoint by the shard's next dispatcher.
   def handle_info(:stop, state), do: {:stop, :normal, state}
 
+  # Stale acks, timeouts and retries of waits that already ended.
   def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
@@ -100,25 +183,55 @@ defmodule Convoy.Consumer.ShardDispatcher do
   end
 
   # ---------------------------------------------------------------------------
+  # The batch in hand
 
-  defp reader_error(level, what, reason, state) do
-    Logger.log(level, "Convoy #{inspect(state.stream_id)}: #{what}: #{inspect(reason)}")
+  # Hands the batch to the next handler that still owes it, or finishes it.
+  defp advance(%{batch: nil} = state), do: state
+  defp advance(%{batch: %{step: step}} = state) when step != nil, do: state
 
-    Telemetry.execute([:convoy, :poller, :error], %{count: 1}, %{
-      stream_id: state.stream_id,
-      shard_id: state.shard_id,
-      reason: reason
-    })
+  defp advance(state) do
+    case Enum.find(state.handlers, &owes?(state, &1)) do
+      nil -> finish(state)
+      handler -> run(handler, state)
+    end
   end
 
-  defp run_handler(handler, records, state) do
-    if MapSet.member?(state.failed, handler.id) do
-      state
-    else
-      case select(records, handler.opts[:partition_keys]) do
-        [] -> state
-        selected -> deliver(handler, selected, state)
-      end
+  defp owes?(state, handler),
+    do:
+      not MapSet.member?(state.batch.done, handler.ref) and
+        not MapSet.member?(state.failed, handler.ref)
+
+  defp finish(%{batch: batch} = state) do
+    if Enum.any?(state.handlers, &MapSet.member?(batch.finished, &1.ref)),
+      do: checkpoint(state),
+      # No attached handler finished it: wait for handlers, or for :stop.
+      else: state
+  end
+
+  defp checkpoint(%{batch: batch} = state) do
+    last = List.last(batch.records)
+    {module, checkpoint} = state.checkpoint
+    :ok = module.store(checkpoint, state.stream_id, state.shard_id, last.sequence_number)
+    state.reader_module.ack(state.reader)
+
+    Telemetry.execute(
+      [:convoy, :batch, :stop],
+      %{
+        count: length(batch.records),
+        duration: System.monotonic_time() - batch.started,
+        millis_behind_latest: batch.millis_behind
+      },
+      %{stream_id: state.stream_id, shard_id: state.shard_id}
+    )
+
+    %{state | batch: nil}
+  end
+
+  defp run(handler, state) do
+    case select(state.batch.records, handler.opts[:partition_keys]) do
+      [] -> advance(handler_done(state, handler, :finished))
+      records when is_pid(handler.handler) -> send_batch(handler, records, state)
+      records -> run_function(handler, records, 1, state)
     end
   end
 
@@ -133,8 +246,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
   defp select(records, fun) when is_function(fun, 1),
     do: Enum.filter(records, &fun.(&1.partition_key))
 
-  defp deliver(%{handler: pid} = handler, records, state) when is_pid(pid) do
-    ref = make_ref()
+  defp send_batch(%{handler: pid} = handler, records, state) do
+    token = make_ref()
     monitor = Process.monitor(pid)
 
     batch = %Convoy.Batch{
@@ -142,58 +255,100 @@ defmodule Convoy.Consumer.ShardDispatcher do
       shard_id: state.shard_id,
       handler_id: handler.id,
       records: records,
-      ref: ref,
+      ref: token,
       dispatcher: self()
     }
 
     send(pid, {:convoy_batch, batch})
 
-    receive do
-      {:convoy_ack, ^ref} ->
-        Process.demonitor(monitor, [:flush])
-        state
+    timer =
+      case Keyword.get(handler.opts, :ack_timeout, :infinity) do
+        :infinity -> nil
+        ms -> Process.send_after(self(), {:ack_timeout, token}, ms)
+      end
 
-      {:DOWN, ^monitor, :process, ^pid, reason} ->
-        handler_failed(handler, :exit, {:handler_down, reason}, [], state)
-    after
-      handler.opts[:ack_timeout] ->
-        Process.demonitor(monitor, [:flush])
-        handler_failed(handler, :exit, :ack_timeout, [], state)
+    step = %{wait: :ack, handler: handler.ref, token: token, monitor: monitor, timer: timer}
+    put_step(state, step)
+  end
+
+  # Calls a function handler for each record from `attempt`; a failed call
+  # with attempts left waits for its retry as a message, not in a sleep.
+  defp run_function(handler, records, attempt, state) do
+    case call_each(handler, records, attempt) do
+      :ok ->
+        # Back to the mailbox before the next handler.
+        send(self(), :advance)
+        handler_done(state, handler, :finished)
+
+      {:retry, records, attempt} ->
+        token = make_ref()
+        delay = min(100 * Integer.pow(2, attempt - 2), 5_000)
+        timer = Process.send_after(self(), {:retry, token}, delay)
+
+        put_step(state, %{
+          wait: :retry,
+          handler: handler.ref,
+          token: token,
+          timer: timer,
+          records: records,
+          attempt: attempt
+        })
+
+      {:failed, kind, reason, stack} ->
+        send(self(), :advance)
+        handler_failed(state, handler, kind, reason, stack)
     end
   end
 
-  defp deliver(handler, records, state) do
-    attempts =
-      case handler.opts[:on_error] do
-        :retry -> 5
-        {:retry, n} -> n
-        _ -> 1
-      end
+  defp call_each(_handler, [], _attempt), do: :ok
 
-    Enum.reduce_while(records, state, fn record, state ->
-      case call(handler, record, attempts, 1) do
-        :ok -> {:cont, state}
-        {kind, reason, stack} -> {:halt, handler_failed(handler, kind, reason, stack, state)}
-      end
-    end)
+  defp call_each(handler, [record | rest] = records, attempt) do
+    case call(handler, record) do
+      :ok ->
+        call_each(handler, rest, 1)
+
+      {kind, reason, stack} ->
+        if attempt < attempts(handler),
+          do: {:retry, records, attempt + 1},
+          else: {:failed, kind, reason, stack}
+    end
   end
 
-  defp call(handler, record, attempts, attempt) do
+  defp call(handler, record) do
     handler.handler.(record, handler.config)
     :ok
   catch
-    kind, reason ->
-      stack = __STACKTRACE__
-
-      if attempt < attempts do
-        Process.sleep(min(100 * Integer.pow(2, attempt - 1), 5_000))
-        call(handler, record, attempts, attempt + 1)
-      else
-        {kind, reason, stack}
-      end
+    kind, reason -> {kind, reason, __STACKTRACE__}
   end
 
-  defp handler_failed(handler, kind, reason, stack, state) do
+  defp attempts(handler) do
+    case Keyword.get(handler.opts, :on_error, :detach) do
+      :retry -> 5
+      {:retry, n} -> n
+      _ -> 1
+    end
+  end
+
+  defp put_step(state, step), do: %{state | batch: %{state.batch | step: step}}
+
+  # Ends the current wait: cancels its timer and monitor. Returns the handler
+  # it was for (nil if it is no longer attached) and the state without it.
+  defp end_step(%{batch: %{step: step} = batch} = state) do
+    if step.timer, do: Process.cancel_timer(step.timer)
+    if step[:monitor], do: Process.demonitor(step.monitor, [:flush])
+    handler = Enum.find(state.handlers, &(&1.ref == step.handler))
+    {handler, %{state | batch: %{batch | step: nil}}}
+  end
+
+  defp put_done(state, ref),
+    do: %{state | batch: %{state.batch | done: MapSet.put(state.batch.done, ref)}}
+
+  defp handler_done(state, handler, :finished) do
+    state = put_done(state, handler.ref)
+    %{state | batch: %{state.batch | finished: MapSet.put(state.batch.finished, handler.ref)}}
+  end
+
+  defp handler_failed(state, handler, kind, reason, stack) do
     Logger.error(
       "Convoy #{inspect(state.stream_id)}: handler #{inspect(handler.id)} failed on #{state.shard_id} " <>
         "and is detached:\n" <> Exception.format(kind, reason, stack)
@@ -207,7 +362,18 @@ defmodule Convoy.Consumer.ShardDispatcher do
       reason: reason
     })
 
-    send(state.consumer, {:handler_failed, handler.id})
-    %{state | failed: MapSet.put(state.failed, handler.id)}
+    send(state.consumer, {:handler_failed, handler.id, handler.ref})
+    state = put_done(state, handler.ref)
+    %{state | failed: MapSet.put(state.failed, handler.ref)}
+  end
+
+  defp reader_error(level, what, reason, state) do
+    Logger.log(level, "Convoy #{inspect(state.stream_id)}: #{what}: #{inspect(reason)}")
+
+    Telemetry.execute([:convoy, :poller, :error], %{count: 1}, %{
+      stream_id: state.stream_id,
+      shard_id: state.shard_id,
+      reason: reason
+    })
   end
 end
