@@ -142,7 +142,7 @@ defmodule Convoy.Queue do
   ## Errors
 
     * `{:error, :unknown_stream}` - no queue was started with this `stream_id`
-    * `{:error, :closed}` - the queue is stopping or stopped
+    * `{:error, :closed}` - the queue is stopping, or restarting its producer
     * `{:error, :overloaded}` - the buffer is full (see `:max_buffered_records`)
     * `{:error, {:invalid_partition_key, detail}}`
     * `{:error, {:invalid_explicit_hash_key, detail}}`

@@ -31,11 +31,15 @@ defmodule Convoy.Queue.Topology do
   @spec name(term, term) :: {:via, Registry, {Convoy.Registry, {term, term}}}
   def name(kind, stream_id), do: {:via, Registry, {Convoy.Registry, {kind, stream_id}}}
 
-  @doc "The pid of a queue's process of the given kind, or nil."
+  @doc """
+  The pid of a queue's live process of the given kind, or nil. The Registry
+  drops a dead process's entry a moment after it died; until then it is
+  not reported here.
+  """
   @spec whereis(term, term) :: pid | nil
   def whereis(kind, stream_id) do
     case Registry.lookup(Convoy.Registry, {kind, stream_id}) do
-      [{pid, _}] -> pid
+      [{pid, _}] -> if Process.alive?(pid), do: pid
       [] -> nil
     end
   end

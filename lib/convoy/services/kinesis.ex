@@ -6,11 +6,14 @@ defmodule Convoy.Services.Kinesis do
   Producing runs in the Rust NIF: `put/4` validates the record and hands it to
   the queue's batcher without a process hop. Consuming runs there too: one
   poller task per shard reads GetRecords and sends each batch to that shard's
-  dispatcher process (`Convoy.Services.Kinesis.ShardDispatcher`), which calls
-  the handlers and acknowledges the batch before the next one is read.
+  dispatcher process (`Convoy.Consumer.ShardDispatcher`), which calls the
+  handlers and acknowledges the batch before the next one is read.
 
-  This process owns the native resources, the handler list, the shard map and
-  the checkpoint store. See `Convoy.Queue` for the API and options.
+  This supervisor builds the queue's Kinesis client and holds its two halves:
+  `Convoy.Services.Kinesis.Producer`, which owns the native producer and
+  registers the queue's handle, and the `Convoy.Consumer` tree. See
+  `Convoy.Queue` for the API and options, and the README's "Architecture"
+  for the whole tree.
 
   ## Example
 
@@ -39,12 +42,13 @@ defmodule Convoy.Services.Kinesis do
   end
 
   @doc """
-  Starts the service for one queue; `Convoy.Queue.start_link/1` calls this
-  with validated options.
+  Starts the service's tree for one queue, as a child of the queue's
+  supervisor (which starts the reporter it needs first); start queues with
+  `Convoy.Queue.start_link/1`.
 
   ## Example
 
-      Convoy.Services.Kinesis.start_link(Convoy.Queue.Options.validate!(stream: "events"))
+      {:ok, _queue} = Convoy.Queue.start_link(stream: "events")
   """
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(options), do: Supervisor.start_link(__MODULE__, options)
