@@ -43,7 +43,7 @@ defmodule Convoy.Native do
   def producer_put(_producer, _key, _data, _explicit_hash_key, _reply_to), do: not_loaded()
   def producer_put_term(_producer, _key, _data, _explicit_hash_key, _reply_to), do: not_loaded()
   def producer_flush(_producer, _reply_to), do: not_loaded()
-  def producer_close(_producer, _timeout_ms, _reply_to, _report_to), do: not_loaded()
+  def producer_close(_producer, _timeout_ms, _reply_to), do: not_loaded()
   def producer_stats(_producer), do: not_loaded()
 
   # consumer

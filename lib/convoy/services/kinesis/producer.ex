@@ -86,11 +86,11 @@ defmodule Convoy.Services.Kinesis.Producer do
 
   def terminate(_reason, state) do
     Convoy.Queue.unregister(state.stream_id)
-    # Failures from now on are reported here, so none is lost if the
-    # reporter is what is stopping.
+    # Failures still go to the reporter; they come here only while it is
+    # down (it stopped first, or was killed).
     deadline = max(state.options[:shutdown] - 500, 100)
     ref = make_ref()
-    :ok = Native.producer_close(state.producer, deadline, {self(), ref}, self())
+    :ok = Native.producer_close(state.producer, deadline, {self(), ref})
     await_close(ref, state, deadline + 1_000)
   end
 

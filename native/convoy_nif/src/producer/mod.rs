@@ -95,9 +95,8 @@ struct Shared {
     max_record_bytes: usize,
     policy: RetryPolicy,
     /// Receives `{:convoy_put_failed, [{key, data, reason}]}` for records
-    /// that finally failed: the queue's reporter, or whoever closed the
-    /// producer and waits for its end...
-    reporter: Mutex<LocalPid>,
+    /// that finally failed: the queue's reporter...
+    reporter: LocalPid,
     /// ...or, while that process is down, the owner (the process that
     /// started the producer).
     owner: LocalPid,
@@ -163,10 +162,6 @@ impl Waiter {
 }
 
 impl Shared {
-    fn reporter(&self) -> LocalPid {
-        *self.reporter.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Pays back the budget of records whose outcome is final.
     fn release(&self, records: u64, bytes: u64) {
         self.stats.buffered.fetch_sub(records, Ordering::Relaxed);
@@ -303,7 +298,7 @@ fn producer_start(
             max_backoff: Duration::from_millis(options.max_backoff),
             deadline: Duration::from_millis(options.retry_deadline),
         },
-        reporter: Mutex::new(reporter),
+        reporter,
         owner,
         closed: AtomicBool::new(false),
         stats: Stats::default(),
@@ -386,21 +381,15 @@ fn producer_flush(producer: ResourceArc<Producer>, reply: Option<ReplyTo>) -> ru
 
 /// Stops taking records and sends what is buffered, giving up at the
 /// deadline: records still unsent then go through the failure path with
-/// reason `:shutdown`. From now on failures are reported to `report_to` (the
-/// closing process, which may outlive the reporter); `{ref, :ok}` follows
-/// when every lane is done.
+/// reason `:shutdown`, and are reported to the reporter as ever (or to the
+/// owner while the reporter is down). `{ref, :ok}` follows when every lane
+/// is done.
 #[rustler::nif]
 fn producer_close(
     producer: ResourceArc<Producer>,
     timeout_ms: u64,
     reply: ReplyTo,
-    report_to: LocalPid,
 ) -> rustler::Atom {
-    *producer
-        .shared
-        .reporter
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = report_to;
     let waiter = Waiter::new(producer.lanes.len(), reply);
     producer.close(Duration::from_millis(timeout_ms), Some(waiter));
     atoms::ok()

@@ -268,7 +268,7 @@ pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
     // has it too, so the log and `on_failure` never lag behind the caller.
     let mut env = OwnedEnv::new();
     let failed: Vec<(String, Vec<u8>)> = batch.iter().flat_map(Outgoing::user_records).collect();
-    let reported = [shared.reporter(), shared.owner].iter().any(|pid| {
+    let reported = [shared.reporter, shared.owner].iter().any(|pid| {
         env.send_and_clear(pid, |env| failure_report(env, &failed, reason))
             .is_ok()
     });
