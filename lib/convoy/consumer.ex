@@ -9,10 +9,12 @@ defmodule Convoy.Consumer do
   `poll_interval`) and stops when the last one is detached. Positions live in
   the checkpoint store, so stopping and starting again leaves no gap.
 
-  A consumer is a small tree (`Convoy.Consumer.Supervisor`): a store that
-  keeps the attached handlers across restarts, a `DynamicSupervisor` with one
-  `Convoy.Consumer.ShardDispatcher` per shard being read, and the consumer
-  process itself, named `Convoy.Consumer.name(stream_id)`.
+  A consumer is a small tree (`Convoy.Consumer.Supervisor`): a
+  `DynamicSupervisor` with one `Convoy.Consumer.ShardDispatcher` per shard
+  being read, and the consumer process itself, named
+  `Convoy.Consumer.name(stream_id)`. Inside a queue, its handlers are also
+  kept in the queue's `Convoy.Consumer.Handlers` store, so they survive a
+  restart of the consumer.
 
   ## Example
 
@@ -27,7 +29,7 @@ defmodule Convoy.Consumer do
 
       :ok = Convoy.Consumer.attach(Convoy.Consumer.name("events"), :log, fn r, _ -> IO.inspect(r) end, nil, [])
   """
-  use GenServer, shutdown: 30_000
+  use GenServer
 
   require Logger
 

@@ -18,7 +18,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::atoms;
 use crate::client::ClientResource;
-use crate::delivery;
+use crate::delivery::{self, KeptTerm};
 use crate::error::{Error, Reason};
 use crate::reply::ReplyTo;
 use crate::runtime;
@@ -162,22 +162,6 @@ pub fn encode_records<'a>(env: Env<'a>, records: &[Record], origin: &Origin<'a>)
         }
     }
     terms.encode(env)
-}
-
-/// A term kept outside any env (the queue's `stream_id`), rebuilt in the env
-/// of each message.
-pub struct KeptTerm(Box<[u8]>);
-
-impl KeptTerm {
-    pub fn new(term: Term) -> Self {
-        KeptTerm(term.to_binary().as_slice().into())
-    }
-
-    pub fn load<'a>(&self, env: Env<'a>) -> Term<'a> {
-        env.binary_to_term(&self.0)
-            .map(|(term, _)| term)
-            .expect("a term encoded by the VM decodes")
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -6,11 +6,12 @@
 
 use rustler::{Decoder, Encoder, Env, LocalPid, NifResult, OwnedEnv, Term};
 
-/// Where and under which reference to answer. The reference is kept in the
-/// external term format, so it can be rebuilt in any env.
+use crate::delivery::KeptTerm;
+
+/// Where and under which reference to answer.
 pub struct ReplyTo {
     pid: LocalPid,
-    tag: Box<[u8]>,
+    tag: KeptTerm,
 }
 
 impl<'a> Decoder<'a> for ReplyTo {
@@ -21,7 +22,7 @@ impl<'a> Decoder<'a> for ReplyTo {
         }
         Ok(ReplyTo {
             pid,
-            tag: tag.to_binary().as_slice().into(),
+            tag: KeptTerm::new(tag),
         })
     }
 }
@@ -34,11 +35,7 @@ impl ReplyTo {
         F: for<'b> FnOnce(Env<'b>) -> Term<'b>,
     {
         env.send_and_clear(&self.pid, |env| {
-            let tag = env
-                .binary_to_term(&self.tag)
-                .map(|(term, _)| term)
-                .expect("a reference encoded by the VM decodes");
-            (tag, build(env)).encode(env)
+            (self.tag.load(env), build(env)).encode(env)
         })
         .is_ok()
     }

@@ -11,7 +11,7 @@ defmodule Convoy.Services.Kinesis.Producer do
   # finally fail are reported to the queue's `Convoy.Queue.Reporter`, which
   # outlives this process.
 
-  use GenServer, shutdown: :infinity
+  use GenServer
 
   require Logger
 

@@ -280,11 +280,6 @@ fn producer_start(
 ) -> Term {
     let owner = env.pid();
     let lane_count = options.max_in_flight.max(1);
-    let aggregation_max_bytes = if options.aggregation {
-        options.aggregation_max_bytes
-    } else {
-        0
-    };
     let shared = Arc::new(Shared {
         client: client.client.clone(),
         stream_name: options.stream,
@@ -302,8 +297,9 @@ fn producer_start(
         owner,
         closed: AtomicBool::new(false),
         stats: Stats::default(),
-        aggregation: (aggregation_max_bytes > 0)
-            .then(|| Arc::new(Aggregation::new(aggregation_max_bytes as usize))),
+        aggregation: options
+            .aggregation
+            .then(|| Arc::new(Aggregation::new(options.aggregation_max_bytes as usize))),
     });
     if let Some(aggregation) = &shared.aggregation {
         runtime::spawn_guarded(
