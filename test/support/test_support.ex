@@ -26,7 +26,12 @@ defmodule Convoy.TestSupport do
   # emulator offers those controls, so a run against one would only repeat
   # them. They run once, in the embedded run.
   def excluded_tags do
-    if embedded?(), do: [], else: [:embedded_only]
+    embedded = if embedded?(), do: [], else: [:embedded_only]
+    # kinesalite has no SubscribeToShard (enhanced fan-out).
+    fan_out =
+      if System.get_env("CONVOY_KINESIS_EMULATOR") == "kinesalite", do: [:fan_out], else: []
+
+    embedded ++ fan_out
   end
 
   # How many records a volume test uses: the full count by default, scaled by
