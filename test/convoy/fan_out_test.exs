@@ -95,6 +95,7 @@ defmodule Convoy.FanOutTest do
     batch.records ++ receive_batches(missing - length(batch.records))
   end
 
+  @tag :fan_out_lifecycle
   test "a split during a subscription: the parent's records before its children's, nothing lost" do
     stream = create_stream!(unique_stream("fan-out-split"), 1)
     id = start_queue!(stream, shard_refresh_interval: 500)
@@ -133,6 +134,7 @@ defmodule Convoy.FanOutTest do
     assert_shard_order(rest)
   end
 
+  @tag :fan_out_lifecycle
   test "the stream consumer is registered once, reused by the next queue, and deregistered on request" do
     stream = create_stream!(unique_stream("fan-out-reuse"), 1)
     name = "reuse-#{System.unique_integer([:positive])}"

@@ -349,11 +349,14 @@ fn starting_position(position: &Position) -> StartingPosition {
 /// Errors that end a subscription but not the reader: two subscribers
 /// racing for the shard (or our previous subscription still closing), a
 /// consumer that is gone (registered again on the next try), a dropped or
-/// silent connection, besides the usual transient ones.
+/// silent connection, an error the SDK could not name (kinesis-mock's
+/// "another active subscription exists" arrives so), besides the usual
+/// transient ones.
 fn retryable(error: &Error) -> bool {
     retry::error_is_retryable(error)
         || matches!(error, Error::Aws { code, .. }
             if code == "ResourceInUseException"
+                || code == "Unknown"
                 || code == "ResourceNotFoundException"
                 || code == "SubscriptionSilent"
                 || code == "LimitExceededException")
