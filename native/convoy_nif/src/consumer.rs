@@ -11,6 +11,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aws_sdk_kinesis::error::SdkError;
+use aws_sdk_kinesis::operation::get_records::{GetRecordsError, GetRecordsOutput};
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{Record, ShardIteratorType};
 use rustler::{Binary, Encoder, Env, LocalPid, NewBinary, ResourceArc, Term};
@@ -22,6 +24,7 @@ use crate::delivery::{self, KeptTerm};
 use crate::error::{Error, Reason};
 use crate::reply::ReplyTo;
 use crate::runtime;
+use crate::telemetry;
 use crate::timestamp;
 use convoy_core::aggregation;
 use convoy_core::retry::{self, RetryPolicy};
@@ -176,6 +179,8 @@ pub struct PollerOptions {
     pub poll_interval: u64,
     pub retry_backoff: u64,
     pub max_backoff: u64,
+    /// Report each GetRecords call to the dispatcher (see `crate::telemetry`).
+    pub telemetry: bool,
 }
 
 /// Held by the shard's dispatcher. Dropping it (the dispatcher died) or
@@ -303,7 +308,8 @@ impl ShardTask {
             if self.stopped() {
                 return;
             }
-            last_call = Some(Instant::now());
+            let called = Instant::now();
+            last_call = Some(called);
             let response = self
                 .client
                 .get_records()
@@ -311,6 +317,9 @@ impl ShardTask {
                 .limit(self.options.poll_limit)
                 .send()
                 .await;
+            if self.options.telemetry {
+                self.report_call(called, &response);
+            }
             match response {
                 Ok(output) => {
                     failures = 0;
@@ -370,6 +379,39 @@ impl ShardTask {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// One GetRecords call's report, sent before its batch.
+    fn report_call(
+        &self,
+        called: Instant,
+        response: &Result<GetRecordsOutput, SdkError<GetRecordsError>>,
+    ) {
+        let shard_id = self.options.shard_id.as_str();
+        let elapsed = called.elapsed();
+        match response {
+            Ok(output) => telemetry::get_records(
+                &self.dispatcher,
+                shard_id,
+                elapsed,
+                output.records().len(),
+                output.millis_behind_latest(),
+                output.next_shard_iterator(),
+                None,
+            ),
+            Err(error) => {
+                let error = retry::classify(error);
+                telemetry::get_records(
+                    &self.dispatcher,
+                    shard_id,
+                    elapsed,
+                    0,
+                    None,
+                    None,
+                    Some(&error),
+                );
             }
         }
     }

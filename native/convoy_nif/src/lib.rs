@@ -14,6 +14,7 @@ mod json;
 mod producer;
 mod reply;
 mod runtime;
+mod telemetry;
 mod timestamp;
 
 rustler::init!("Elixir.Convoy.Native");

@@ -14,7 +14,8 @@ defmodule Convoy.Services.Kinesis.Source do
   @impl true
   def start_reader(source, shard_id, position, dispatcher, options) do
     %{client: client, stream: stream, stream_id: stream_id} = source
-    options = Map.merge(options, %{stream: stream, shard_id: shard_id})
+    telemetry = Convoy.Telemetry.enabled?()
+    options = Map.merge(options, %{stream: stream, shard_id: shard_id, telemetry: telemetry})
     Native.poller_start(client, stream_id, options, position, dispatcher)
   end
 
