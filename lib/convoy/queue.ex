@@ -51,9 +51,10 @@ defmodule Convoy.Queue do
   failed call, also those that `on_error: :retry` retries (`detached:
   false`); a pid handler that dies, misses its `:ack_timeout` or is detached
   while it holds a batch ends its span with `kind: :exit`. Pull reads
-  (`get/2`) are not spanned. The `Convoy.Services.Memory` service and Convoy
-  0.1 services (`Convoy.Services.Legacy`) emit the same events, with a
-  simulated `millis_behind_latest` (0 and nil respectively).
+  (`get/2`) are not spanned. `Convoy.Services.Memory` emits every event but
+  the PutRecords span (it sends no requests), with `millis_behind_latest`
+  0; a Convoy 0.1 service (`Convoy.Services.Legacy`) emits them all, each
+  `put_records/2` call being one request, with `millis_behind_latest` nil.
   """
 
   alias Convoy.Queue.{Options, Topology}

@@ -148,7 +148,8 @@ defmodule Convoy.Compat.ExAwsConfigTest do
     )
 
     start_supervised!(
-      {Convoy.Queue, stream: String.to_atom(stream), iterator_type: :trim_horizon}
+      {Convoy.Queue,
+       stream: String.to_atom(stream), iterator_type: :trim_horizon, batch_timeout: 20}
     )
 
     assert {:ok, _} = Convoy.Queue.put(stream, "k", "via ex_aws config", await: 10_000)

@@ -119,7 +119,8 @@ defmodule Convoy.Compat.LegacyServiceTest do
 
   test "get/2 pulls, awaited puts answer once put_records returned", %{stream: stream} do
     start_supervised!(
-      {Convoy.Queue, stream: stream, service: OldService, iterator_type: :trim_horizon}
+      {Convoy.Queue,
+       stream: stream, service: OldService, iterator_type: :trim_horizon, batch_timeout: 20}
     )
 
     assert {:ok, %{}} = Convoy.Queue.put(stream, "k", "a", await: 10_000)
@@ -135,7 +136,10 @@ defmodule Convoy.Compat.LegacyServiceTest do
 
     start_supervised!(
       {Convoy.Queue,
-       stream: stream, service: OldService, on_failure: fn f -> send(me, {:failed, f}) end}
+       stream: stream,
+       service: OldService,
+       batch_timeout: 20,
+       on_failure: fn f -> send(me, {:failed, f}) end}
     )
 
     OldService.fail_next(stream, 1)
