@@ -3,7 +3,8 @@ defmodule Convoy.Queue.Topology do
   # The supervision tree of one queue, started by `Convoy.Queue.start_link/1`:
   #
   #     Convoy.Queue.Topology                 one_for_one, {Convoy.Queue, id}
-  #     ├── Convoy.Queue.Reporter             failure reports: log, telemetry, on_failure
+  #     ├── Convoy.Queue.Reporter             failure reports: log, telemetry, on_failure;
+  #     │                                     per-request telemetry reports from Rust
   #     ├── Convoy.Consumer.Handlers          the attached handlers, kept across restarts
   #     └── the service's tree, for Kinesis:
   #         Convoy.Services.Kinesis           one_for_one, holds the Kinesis client

@@ -40,7 +40,9 @@ defmodule Convoy.Services.Legacy do
       is asked for `:trim_horizon` instead and records up to the checkpoint
       are skipped (for `:at_timestamp`, for `:latest`, so records put while
       no handler was attached are missed);
-    * records without a sequence number are not checkpointed;
+    * checkpoints need the records' sequence numbers: with a service that
+      gives none, keep the default `Convoy.Checkpoint.Memory`, and a
+      restarted queue reads such a shard from `iterator_type` again;
     * `millis_behind_latest` is unknown (`-1`).
 
   ## Example

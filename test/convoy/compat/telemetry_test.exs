@@ -146,6 +146,49 @@ defmodule Convoy.Compat.TelemetryTest do
     end)
   end
 
+  test "a pid handler's span runs from the batch sent to its ack, or to its ack timeout" do
+    stream = "telemetry-pid-#{System.unique_integer([:positive])}"
+
+    start_supervised!(
+      {Convoy.Queue,
+       stream: stream,
+       service: Convoy.Services.Memory,
+       poll_interval: 10,
+       iterator_type: :trim_horizon}
+    )
+
+    :ok = Convoy.Queue.attach_handler(stream, :worker, self(), nil)
+    :ok = Convoy.Queue.put(stream, "k", "v")
+    assert_receive {:convoy_batch, batch}, 5_000
+
+    assert {[:convoy, :handler, :start], _, %{handler_id: :worker, telemetry_span_context: ctx}} =
+             stream
+             |> events_of(&match?([{[:convoy, :handler, :start], _, _} | _], &1))
+             |> List.last()
+
+    refute_received {:telemetry_event, [:convoy, :handler, :stop], _, _}
+    :ok = Convoy.Queue.ack(batch)
+
+    assert {[:convoy, :handler, :stop], %{count: 1}, %{telemetry_span_context: ^ctx}} =
+             stream
+             |> events_of(&match?([{[:convoy, :handler, :stop], _, _} | _], &1))
+             |> List.last()
+
+    ExUnit.CaptureLog.capture_log(fn ->
+      :ok = Convoy.Queue.attach_handler(stream, :slow, self(), nil, ack_timeout: 50)
+      :ok = Convoy.Queue.put(stream, "k", "w")
+      assert_receive {:convoy_batch, %{handler_id: :worker} = batch}, 5_000
+      :ok = Convoy.Queue.ack(batch)
+      assert_receive {:convoy_batch, %{handler_id: :slow}}, 5_000
+
+      assert {[:convoy, :handler, :exception], %{duration: _},
+              %{kind: :exit, reason: :ack_timeout, handler_id: :slow, detached: true}} =
+               stream
+               |> events_of(&match?([{[:convoy, :handler, :exception], _, _} | _], &1))
+               |> List.last()
+    end)
+  end
+
   test "with telemetry off, Rust sends no per-request report at all" do
     Convoy.Telemetry.put_enabled(false)
     on_exit(fn -> Convoy.Telemetry.setup() end)
