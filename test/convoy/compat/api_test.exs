@@ -63,6 +63,40 @@ defmodule Convoy.Compat.ApiTest do
       end)
     end
 
+    test "checkpoints stored under an atom stream_id are found under its string" do
+      id = atom_stream("atom-checkpoint")
+      me = self()
+
+      options = [
+        stream: "s",
+        service: Convoy.Services.Memory,
+        poll_interval: 10,
+        iterator_type: :trim_horizon,
+        handlers: [{:h, fn record, _ -> send(me, {:got, record.data}) end, nil}]
+      ]
+
+      start_supervised!({Convoy.Queue, [stream_id: id] ++ options}, id: :first)
+      :ok = Convoy.Queue.put(id, "k", "one")
+      assert_receive {:got, "one"}, 5_000
+      stop_supervised!(:first)
+
+      for checkpoint <- [Convoy.Checkpoint.Memory] do
+        assert {:ok, seq} = checkpoint.fetch(checkpoint, id, "shardId-000000000000")
+
+        assert {:ok, ^seq} =
+                 checkpoint.fetch(checkpoint, Atom.to_string(id), "shardId-000000000000")
+      end
+
+      dir = Path.join(System.tmp_dir!(), "convoy-atom-#{System.unique_integer([:positive])}")
+      {:ok, dir} = Convoy.Checkpoint.File.init(dir: dir)
+      :ok = Convoy.Checkpoint.File.store(dir, id, "shardId-000000000000", "42")
+
+      assert {:ok, "42"} =
+               Convoy.Checkpoint.File.fetch(dir, Atom.to_string(id), "shardId-000000000000")
+
+      File.rm_rf!(dir)
+    end
+
     test "an unknown stream answers an error for the atom too" do
       assert Convoy.Queue.put(:no_such_stream_anywhere, "k", "v") == {:error, :unknown_stream}
       assert Convoy.Queue.get(:no_such_stream_anywhere) == {:error, :unknown_stream}
