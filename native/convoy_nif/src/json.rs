@@ -97,10 +97,8 @@ impl Serialize for JsonTerm<'_, '_> {
                 let items = proper_list(term).map_err(S::Error::custom)?;
                 let mut seq = s.serialize_seq(Some(items.len()))?;
                 for (index, item) in items.into_iter().enumerate() {
-                    seq.serialize_element(&self.child(item)).map_err(|e| {
-                        self.mark(format!("[{index}]"));
-                        e
-                    })?;
+                    seq.serialize_element(&self.child(item))
+                        .inspect_err(|_| self.mark(format!("[{index}]")))?;
                 }
                 seq.end()
             }
@@ -121,10 +119,7 @@ impl Serialize for JsonTerm<'_, '_> {
                         &key_string(key).map_err(S::Error::custom)?,
                         &self.child(value),
                     )
-                    .map_err(|e| {
-                        self.mark(format!("[{}]", describe_key(key)));
-                        e
-                    })?;
+                    .inspect_err(|_| self.mark(format!("[{}]", describe_key(key))))?;
                 }
                 map.end()
             }
