@@ -39,7 +39,7 @@ defmodule Convoy.Queue do
   | `[:convoy, :queue, :records_sent]` | `count` | | Kinesis confirmed `count` records of one PutRecords request; Convoy 0.1 |
   | `[:convoy, :queue, :records_received]` | `count` | `shard_id`, `next_iterator` | a poll's GetRecords call returned (`count` Kinesis records, 0 for an empty poll); Convoy 0.1 |
   | `[:convoy, :put_records, :start \\| :stop \\| :exception]` | stop: `records`, `entries`, `bytes`, `acknowledged`, `retried`, `failed` | | one PutRecords request (each retry is a request); `:exception` when the request as a whole failed |
-  | `[:convoy, :get_records, :start \\| :stop \\| :exception]` | stop: `count`, `millis_behind_latest` | `shard_id`, `next_iterator` | one GetRecords call of a shard's poller, empty ones included |
+  | `[:convoy, :get_records, :start \\| :stop \\| :exception]` | stop: `count`, `millis_behind_latest` | `shard_id`, `next_iterator` | one GetRecords call of a shard's poller (empty ones included) or of `get/2` |
   | `[:convoy, :handler, :start \\| :stop \\| :exception]` | stop: `count` | `shard_id`, `handler_id`; exception: `detached` | one handler on one batch: a function handler's calls on its records, or a pid handler from the batch sent to its ack |
   | `[:convoy, :batch, :stop]` | `count`, `duration`, `millis_behind_latest` | `shard_id` | a shard's batch went through every handler and was checkpointed |
   | `[:convoy, :put, :failed]` | `count` | `reason` | records finally failed after all retries |
@@ -50,8 +50,9 @@ defmodule Convoy.Queue do
   records for GetRecords. A handler's `:exception` is emitted for every
   failed call, also those that `on_error: :retry` retries (`detached:
   false`); a pid handler that dies, misses its `:ack_timeout` or is detached
-  while it holds a batch ends its span with `kind: :exit`. Pull reads
-  (`get/2`) are not spanned. `Convoy.Services.Memory` emits every event but
+  while it holds a batch ends its span with `kind: :exit`. The GetRecords
+  calls of pull reads (`get/2`) on Kinesis are spanned too (they emit no
+  `records_received`). `Convoy.Services.Memory` emits every event but
   the PutRecords span (it sends no requests), with `millis_behind_latest`
   0; a Convoy 0.1 service (`Convoy.Services.Legacy`) emits them all, each
   `put_records/2` call being one request, with `millis_behind_latest` nil.

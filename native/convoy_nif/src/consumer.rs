@@ -318,7 +318,7 @@ impl ShardTask {
                 .send()
                 .await;
             if self.options.telemetry {
-                self.report_call(called, &response);
+                report_call(&self.dispatcher, &self.options.shard_id, called, &response);
             }
             match response {
                 Ok(output) => {
@@ -383,39 +383,6 @@ impl ShardTask {
         }
     }
 
-    /// One GetRecords call's report, sent before its batch.
-    fn report_call(
-        &self,
-        called: Instant,
-        response: &Result<GetRecordsOutput, SdkError<GetRecordsError>>,
-    ) {
-        let shard_id = self.options.shard_id.as_str();
-        let elapsed = called.elapsed();
-        match response {
-            Ok(output) => telemetry::get_records(
-                &self.dispatcher,
-                shard_id,
-                elapsed,
-                output.records().len(),
-                output.millis_behind_latest(),
-                output.next_shard_iterator(),
-                None,
-            ),
-            Err(error) => {
-                let error = retry::classify(error);
-                telemetry::get_records(
-                    &self.dispatcher,
-                    shard_id,
-                    elapsed,
-                    0,
-                    None,
-                    None,
-                    Some(&error),
-                );
-            }
-        }
-    }
-
     /// Sends one batch and waits for its acknowledgement.
     async fn deliver(&mut self, records: &[Record], millis_behind: Option<i64>) -> Flow {
         let shard_id = self.options.shard_id.as_str();
@@ -445,6 +412,31 @@ impl ShardTask {
                 Err(_) => Flow::Stop,
             },
             _ = self.stop.changed() => Flow::Stop,
+        }
+    }
+}
+
+/// One GetRecords call's report for telemetry, sent before its records.
+fn report_call(
+    to: &LocalPid,
+    shard_id: &str,
+    called: Instant,
+    response: &Result<GetRecordsOutput, SdkError<GetRecordsError>>,
+) {
+    let elapsed = called.elapsed();
+    match response {
+        Ok(output) => telemetry::get_records(
+            to,
+            shard_id,
+            elapsed,
+            output.records().len(),
+            output.millis_behind_latest(),
+            output.next_shard_iterator(),
+            None,
+        ),
+        Err(error) => {
+            let error = retry::classify(error);
+            telemetry::get_records(to, shard_id, elapsed, 0, None, None, Some(&error));
         }
     }
 }
@@ -501,6 +493,8 @@ struct ShardRecords {
 
 /// Reads up to `limit` records in total from the given shards, in order,
 /// starting at each shard's position. Replies with one entry per shard read.
+/// With `telemetry`, each GetRecords call is first reported to the caller
+/// (`crate::telemetry::get_records`).
 #[rustler::nif]
 fn fetch_records(
     client: ResourceArc<ClientResource>,
@@ -508,8 +502,10 @@ fn fetch_records(
     stream_id: Term,
     positions: Vec<(String, Position)>,
     limit: i32,
+    telemetry: bool,
     reply: ReplyTo,
 ) -> rustler::Atom {
+    let caller = reply.pid();
     let client = client.client.clone();
     let stream_id = KeptTerm::new(stream_id);
     runtime::spawn_reply(reply, async move {
@@ -520,13 +516,17 @@ fn fetch_records(
                 break;
             }
             let iterator = shard_iterator(&client, &stream_name, &shard_id, &position).await?;
-            let output = client
+            let called = Instant::now();
+            let response = client
                 .get_records()
                 .shard_iterator(iterator)
                 .limit(remaining)
                 .send()
-                .await
-                .map_err(|e| retry::classify(&e))?;
+                .await;
+            if telemetry {
+                report_call(&caller, &shard_id, called, &response);
+            }
+            let output = response.map_err(|e| retry::classify(&e))?;
             let records = output.records().to_vec();
             remaining -= records.len() as i32;
             out.push(ShardRecords { shard_id, records });

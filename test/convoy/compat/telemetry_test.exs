@@ -115,6 +115,32 @@ defmodule Convoy.Compat.TelemetryTest do
              |> Enum.filter(&(elem(&1, 0) == [:convoy, :queue, :detach]))
   end
 
+  test "each GetRecords call of a pull read is a span" do
+    stream = create_stream!(unique_stream("telemetry-get"), 2)
+
+    start_supervised!(
+      {Convoy.Queue, stream: stream, kinesis: kinesis(), iterator_type: :trim_horizon}
+    )
+
+    {:ok, _} = Convoy.Queue.put(stream, "k", "v", await: 10_000)
+    assert [%{data: "v"}] = Convoy.Queue.get(stream, 5)
+
+    events = events_of(stream, &(count(&1, [:convoy, :get_records, :stop]) == 2))
+    spans_paired(events, [:convoy, :get_records])
+
+    shards =
+      for {[:convoy, :get_records, :stop], %{count: n, millis_behind_latest: lag}, md} <- events do
+        assert is_integer(lag)
+        {md.shard_id, n}
+      end
+
+    assert shards |> Enum.map(&elem(&1, 0)) |> Enum.sort() ==
+             ["shardId-000000000000", "shardId-000000000001"]
+
+    assert shards |> Enum.map(&elem(&1, 1)) |> Enum.sum() == 1
+    refute Enum.any?(events, &(elem(&1, 0) == [:convoy, :queue, :records_received]))
+  end
+
   test "a handler that raises ends its span with :exception" do
     stream = "telemetry-exc-#{System.unique_integer([:positive])}"
 
