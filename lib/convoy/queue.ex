@@ -157,8 +157,10 @@ defmodule Convoy.Queue do
   `batch_timeout` ms.
 
   `data` is sent as it is when it is a binary; any other term is encoded as
-  JSON (maps, lists, numbers, strings, booleans, `nil`). `partition_key` is a
-  string of 1..256 characters.
+  JSON the way Convoy 0.1 did with Poison: maps (structs without their
+  `__struct__`), lists, numbers, strings, atoms, booleans and `nil`, with
+  `DateTime`, `NaiveDateTime`, `Date` and `Time` as their ISO 8601 strings.
+  `partition_key` is a string of 1..256 characters.
 
   ## Options
 
@@ -181,7 +183,8 @@ defmodule Convoy.Queue do
     * `{:error, {:invalid_partition_key, detail}}`
     * `{:error, {:invalid_explicit_hash_key, detail}}`
     * `{:error, {:invalid_data, detail}}` - a term with no JSON form (pids,
-      references, functions, tuples)
+      references, functions, tuples); `detail` says where it is, as in
+      `"a pid has no JSON form, at [:user][\"pids\"][1]"`
     * `{:error, {:record_too_large, size, max}}`
 
   ## Example
