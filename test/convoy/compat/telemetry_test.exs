@@ -86,7 +86,9 @@ defmodule Convoy.Compat.TelemetryTest do
 
     for {[:convoy, :get_records, :stop], m, md} <- events do
       assert %{duration: d, count: _, millis_behind_latest: lag} = m
-      assert is_integer(d) and d >= 0 and is_integer(lag)
+      assert is_integer(d) and d >= 0
+      # kinesalite gives no MillisBehindLatest: the key is there, nil.
+      assert is_integer(lag) or (is_nil(lag) and not embedded?())
       assert %{shard_id: _, stream_id: _} = md
     end
 
@@ -130,7 +132,7 @@ defmodule Convoy.Compat.TelemetryTest do
 
     shards =
       for {[:convoy, :get_records, :stop], %{count: n, millis_behind_latest: lag}, md} <- events do
-        assert is_integer(lag)
+        assert is_integer(lag) or (is_nil(lag) and not embedded?())
         {md.shard_id, n}
       end
 
