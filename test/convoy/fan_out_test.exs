@@ -204,6 +204,47 @@ defmodule Convoy.FanOutTest do
     Convoy.Local.stop(local)
   end
 
+  test "every pushed event reaches telemetry with millis_behind_latest, empty ones included" do
+    Convoy.TestTelemetry.subscribe()
+    stream = create_stream!(unique_stream("fan-out-telemetry"), 1)
+    id = start_queue!(stream, [])
+    :ok = Convoy.Queue.attach_handler(id, :h, forward(:rec), nil)
+    raw_put!(stream, 10)
+    assert length(collect(:rec, 10)) == 10
+
+    events = telemetry_until(stream, 10)
+    stops = for {[:convoy, :get_records, :stop], m, _} <- events, do: m
+    assert Enum.all?(stops, &is_integer(&1.millis_behind_latest))
+    # Empty events are reported too, not only those that carried records.
+    assert Enum.any?(stops, &(&1.count == 0))
+
+    received = for {[:convoy, :queue, :records_received], m, _} <- events, do: m.count
+    assert Enum.sum(received) == 10
+  end
+
+  # Telemetry events of `stream` until `count` records were reported
+  # received and an empty event came after them.
+  defp telemetry_until(stream, count, acc \\ []) do
+    receive do
+      {:telemetry_event, event, measurements, %{stream: ^stream}} ->
+        acc = [{event, measurements, nil} | acc]
+        received = for {[:convoy, :queue, :records_received], m, _} <- acc, do: m.count
+
+        case acc do
+          [{[:convoy, :queue, :records_received], %{count: 0}, _} | _]
+          when length(received) > 1 ->
+            if Enum.sum(received) >= count,
+              do: Enum.reverse(acc),
+              else: telemetry_until(stream, count, acc)
+
+          _ ->
+            telemetry_until(stream, count, acc)
+        end
+    after
+      30_000 -> flunk("telemetry so far: #{inspect(Enum.reverse(acc))}")
+    end
+  end
+
   test "fan-out is refused for a service that cannot do it" do
     assert_raise ArgumentError, ~r/enhanced fan-out needs service Convoy.Services.Kinesis/, fn ->
       Convoy.Queue.child_spec(

@@ -4,7 +4,7 @@
 //! last one stood. The reader speaks the same protocol as the poller, so the
 //! dispatcher, handlers and checkpoints are the same for both modes.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::operation::subscribe_to_shard::SubscribeToShardOutput;
@@ -23,6 +23,7 @@ use crate::client::ClientResource;
 use crate::error::Error;
 use crate::reply::ReplyTo;
 use crate::runtime;
+use crate::telemetry;
 use convoy_core::retry::{self, RetryPolicy};
 use convoy_core::sequence;
 
@@ -180,6 +181,8 @@ pub struct SubscriptionOptions {
     pub shard_id: String,
     pub retry_backoff: u64,
     pub max_backoff: u64,
+    /// Report each event to the dispatcher (see `crate::telemetry`).
+    pub telemetry: bool,
 }
 
 /// How a subscription ended.
@@ -200,6 +203,7 @@ struct Subscriber {
     /// Whether a record was handed over, so `resume` follows records.
     delivered: bool,
     policy: RetryPolicy,
+    telemetry: bool,
 }
 
 impl Subscriber {
@@ -262,6 +266,7 @@ impl Subscriber {
     /// holds the shard back instead of filling memory.
     async fn consume(&mut self, mut output: SubscribeToShardOutput, failures: &mut u32) -> Ended {
         loop {
+            let waited = Instant::now();
             let event = tokio::select! {
                 event = tokio::time::timeout(SILENCE_LIMIT, output.event_stream.recv()) => event,
                 _ = self.link.stop_requested() => return Ended::Stop,
@@ -276,6 +281,19 @@ impl Subscriber {
                 Ok(Err(error)) => return Ended::Failed(classify_stream_error(&error)),
             };
             *failures = 0;
+            if self.telemetry {
+                // Reported as a GetRecords call would be: the wait for the
+                // event, its records, and the continuation as next position.
+                telemetry::get_records(
+                    self.link.dispatcher(),
+                    self.link.shard_id(),
+                    waited.elapsed(),
+                    event.records().len(),
+                    Some(event.millis_behind_latest()),
+                    Some(event.continuation_sequence_number()),
+                    None,
+                );
+            }
             if let Some(ended) = self.handle(&event).await {
                 return ended;
             }
@@ -400,6 +418,7 @@ fn subscription_start(
             max_backoff: Duration::from_millis(options.max_backoff),
             ..RetryPolicy::default()
         },
+        telemetry: options.telemetry,
     };
     runtime::spawn_guarded("shard subscription", Some(dispatcher), subscriber.run());
     reader

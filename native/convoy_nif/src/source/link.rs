@@ -59,6 +59,10 @@ impl Link {
         (link, ResourceArc::new(Reader { credits, stop }))
     }
 
+    pub fn dispatcher(&self) -> &LocalPid {
+        &self.dispatcher
+    }
+
     pub fn shard_id(&self) -> &str {
         &self.shard_id
     }
