@@ -67,8 +67,9 @@ impl Link {
         &self.shard_id
     }
 
+    /// Told to stop, or the dispatcher's handle is gone.
     pub fn stopped(&self) -> bool {
-        *self.stop.borrow()
+        *self.stop.borrow() || self.stop.has_changed().is_err()
     }
 
     /// Resolves when the dispatcher stops the reader.
