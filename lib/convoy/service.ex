@@ -71,7 +71,11 @@ defmodule Convoy.Service do
 
         # Convoy.Consumer.Source
         def list_shards(_agent), do: {:ok, [%{shard_id: "only", parent_shard_id: nil, adjacent_parent_shard_id: nil}]}
-        def fetch(agent, [{"only", position}], limit), do: {:ok, [{"only", after_position(agent, position, limit)}]}
+        def read(agent, "only", position, limit) do
+          records = after_position(agent, position, limit)
+          next = if last = List.last(records), do: {:after_sequence_number, last.sequence_number}, else: position
+          {:ok, records, next, 0}
+        end
         def start_reader(agent, "only", position, dispatcher, options),
           do: spawn_link(fn -> read(agent, position, dispatcher, options) end)
         def ack(reader), do: send(reader, :ack) && :ok

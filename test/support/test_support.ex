@@ -71,12 +71,10 @@ defmodule Convoy.TestSupport do
   end
 
   defp read_shard(client, stream, shard_id, position, acc) do
-    {:ok, [{^shard_id, raw}]} =
+    {:ok, {records, _next, _behind, _unparseable}} =
       Convoy.Native.call(
-        &Convoy.Native.fetch_records(client, stream, stream, [{shard_id, position}], 10_000, &1)
+        &Convoy.Native.fetch_records(client, stream, stream, shard_id, position, nil, 10_000, &1)
       )
-
-    records = raw
 
     case List.last(records) do
       nil ->

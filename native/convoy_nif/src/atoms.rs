@@ -25,6 +25,7 @@ rustler::atoms! {
     convoy_poller_error,
     convoy_poller_stopped,
     convoy_task_panic,
+    convoy_unparseable,
     // record and shard fields
     shard_id,
     sequence_number,

@@ -24,8 +24,25 @@ defmodule Convoy.Services.Kinesis.Source do
   @impl true
   def stop_reader(poller), do: Native.poller_stop(poller)
 
+  # A cursor is a position, or `{:iterator, iterator}` from an earlier read.
   @impl true
-  def fetch(%{client: client, stream: stream, stream_id: stream_id}, positions, limit) do
-    Native.call(&Native.fetch_records(client, stream, stream_id, positions, limit, &1), 55_000)
+  def read(%{client: client, stream: stream, stream_id: stream_id}, shard_id, cursor, limit) do
+    {position, iterator} =
+      case cursor do
+        {:iterator, iterator} -> {:trim_horizon, iterator}
+        position -> {position, nil}
+      end
+
+    read =
+      &Native.fetch_records(client, stream, stream_id, shard_id, position, iterator, limit, &1)
+
+    case Native.call(read, 55_000) do
+      {:ok, {records, next, millis_behind, unparseable}} ->
+        Convoy.Consumer.Source.report_unparseable(stream_id, shard_id, unparseable)
+        {:ok, records, next && {:iterator, next}, millis_behind}
+
+      {:error, _} = error ->
+        error
+    end
   end
 end
