@@ -219,7 +219,11 @@ impl ShardTask {
     async fn recover(&mut self, error: Error, failures: &mut u32) -> Next {
         let expired =
             matches!(&error, Error::Aws { code, .. } if code == "ExpiredIteratorException");
-        if !expired {
+        if expired {
+            // Reported (logged and counted), so that a batch held past the
+            // iterator's lifetime shows, then read again from the position.
+            self.report(&error);
+        } else {
             *failures += 1;
             let failures = *failures;
             if !retry::error_is_retryable(&error) {
