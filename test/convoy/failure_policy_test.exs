@@ -6,6 +6,8 @@ defmodule Convoy.FailurePolicyTest do
 
   import ExUnit.CaptureLog
 
+  @moduletag :capture_log
+
   defp start_queue!(opts \\ []) do
     stream = "policy-#{System.unique_integer([:positive])}"
 
