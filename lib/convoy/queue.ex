@@ -256,9 +256,11 @@ defmodule Convoy.Queue do
 
   A shard's batch goes through the handlers one after another, in attach
   order: a handler gets it once the handler attached before it has finished
-  it (a pid handler by acking it). A pid handler that is detached, dies or
-  misses its `:ack_timeout` while it holds a batch no longer holds up the
-  shard: the batch goes on to the next handler, and a late ack is ignored.
+  it (a pid handler by acking it). A pid handler that is detached or dies
+  while it holds a batch no longer holds up the shard: the batch goes on to
+  the next handler, and a late ack is ignored. One that misses its
+  `:ack_timeout`, nacks or acks part of the batch is dealt with by its
+  `:on_error` (by default it is detached and the batch goes on).
   A batch that none of the attached handlers finished (they all failed on it,
   or the last one was detached) is not checkpointed: handlers attached later
   receive it again. A handler detached, or detached after a failure, and
