@@ -19,8 +19,18 @@ defmodule Convoy.PositionsTest do
     fn record, _ -> send(me, {:got, record}) end
   end
 
-  # Every record that arrives within `quiet` ms of the previous one.
-  defp received(quiet \\ 1_500, acc \\ []) do
+  # Every record that arrives until none came for `quiet` ms (the first may
+  # take longer: kinesalite holds an AT_TIMESTAMP request with nothing after
+  # the timestamp until it times out).
+  defp received(quiet \\ 1_500) do
+    receive do
+      {:got, record} -> received(quiet, [record])
+    after
+      30_000 -> []
+    end
+  end
+
+  defp received(quiet, acc) do
     receive do
       {:got, record} -> received(quiet, [record | acc])
     after
@@ -136,6 +146,8 @@ defmodule Convoy.PositionsTest do
       assert datas(received()) == range(20, 29)
     end
 
+    # kinesalite never answers AT_TIMESTAMP on a closed shard past its end.
+    @tag :not_kinesalite
     test "{:at_timestamp, dt} applies to the children too" do
       stream = create_stream!(unique_stream("pos-child-ts"), 1)
       raw_put!(stream, 10)

@@ -25,8 +25,17 @@ defmodule Convoy.TestSupport do
   # stop and restart it or to shorten its iterator lifetime; no other
   # emulator offers those controls, so a run against one would only repeat
   # them. They run once, in the embedded run.
+  # Tests tagged :not_kinesalite need what kinesalite gets wrong (script/test
+  # names the emulator in CONVOY_KINESIS_EMULATOR).
   def excluded_tags do
-    if embedded?(), do: [], else: [:embedded_only]
+    embedded = if embedded?(), do: [], else: [:embedded_only]
+
+    kinesalite =
+      if System.get_env("CONVOY_KINESIS_EMULATOR") == "kinesalite",
+        do: [:not_kinesalite],
+        else: []
+
+    embedded ++ kinesalite
   end
 
   # How many records a volume test uses: the full count by default, scaled by
