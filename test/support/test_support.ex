@@ -25,17 +25,18 @@ defmodule Convoy.TestSupport do
   # stop and restart it or to shorten its iterator lifetime; no other
   # emulator offers those controls, so a run against one would only repeat
   # them. They run once, in the embedded run.
-  # Tests tagged :not_kinesalite need what kinesalite gets wrong (script/test
-  # names the emulator in CONVOY_KINESIS_EMULATOR).
+  # Tests tagged `unsupported_by: :name` need what that emulator gets wrong
+  # (script/test names the emulator in CONVOY_KINESIS_EMULATOR).
   def excluded_tags do
     embedded = if embedded?(), do: [], else: [:embedded_only]
 
-    kinesalite =
-      if System.get_env("CONVOY_KINESIS_EMULATOR") == "kinesalite",
-        do: [:not_kinesalite],
-        else: []
+    case System.get_env("CONVOY_KINESIS_EMULATOR") do
+      name when is_binary(name) and name != "" ->
+        [{:unsupported_by, String.to_atom(name)} | embedded]
 
-    embedded ++ kinesalite
+      _ ->
+        embedded
+    end
   end
 
   # How many records a volume test uses: the full count by default, scaled by

@@ -112,7 +112,8 @@ defmodule Convoy.Queue.Options do
         from the map start at their oldest record (TRIM_HORIZON), so nothing
         is skipped. A single sequence number is tried on every shard: the shard
         it belongs to starts there, and the others, which Kinesis refuses it
-        for, start at their oldest record.
+        for, start at their oldest record (kinesis-mock accepts it on every
+        shard: use a map there).
 
         As the KCL does, a shard created by resharding whose parent this queue
         read (the parent has a checkpoint) starts at its oldest record, after
