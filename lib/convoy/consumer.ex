@@ -211,7 +211,8 @@ defmodule Convoy.Consumer do
        relist: false,
        started_at: System.system_time(:millisecond),
        # Whether the shards' first positions were resolved (see pin_shards/1).
-       pinned: options[:iterator_type] != :latest
+       pinned: options[:iterator_type] != :latest,
+       pin_failures: 0
      }}
   end
 
@@ -474,6 +475,20 @@ defmodule Convoy.Consumer do
         {:ok, shards} ->
           state = pin_shards(%{state | shards: Map.new(shards, &{&1.shard_id, &1})})
           {start_shards(state, readable_shards(state)), state.shard_refresh_interval}
+
+        {:error, reason} when not state.polling ->
+          # Resolving :latest before any handler: a queue that only produces
+          # (perhaps without the right to list shards) is not flooded with
+          # warnings. Logged once, then tried again less and less often.
+          if state.pin_failures == 0 do
+            Logger.warning(
+              "Convoy #{inspect(state.stream_id)}: listing shards to resolve :latest " <>
+                "failed: #{inspect(reason)}; trying again"
+            )
+          end
+
+          delay = min(1_000 * Integer.pow(2, min(state.pin_failures, 6)), 60_000)
+          {%{state | pin_failures: state.pin_failures + 1}, delay}
 
         {:error, reason} ->
           Logger.warning(
