@@ -60,11 +60,14 @@ defmodule Convoy.PullSourceTest do
     id = {:scripted, make_ref()}
 
     start_supervised!(
-      {Convoy.Consumer,
-       stream_id: id,
-       source: {Scripted, agent},
-       checkpoint: {Convoy.Checkpoint.Memory, []},
-       iterator_type: :trim_horizon}
+      Supervisor.child_spec(
+        {Convoy.Consumer,
+         stream_id: id,
+         source: {Scripted, agent},
+         checkpoint: {Convoy.Checkpoint.Memory, []},
+         iterator_type: :trim_horizon},
+        id: id
+      )
     )
 
     {Convoy.Consumer.name(id), id, agent}
@@ -135,6 +138,35 @@ defmodule Convoy.PullSourceTest do
 
     assert Enum.map(Scripted.reads(agent), & &1.cursor) ==
              [:trim_horizon, {:it, 1}, {:after_sequence_number, "5"}]
+  end
+
+  test "a throttled read ends the call with what was read, and the next call reads on from there" do
+    throttled = {:error, {:aws, "ProvisionedThroughputExceededException", "Rate exceeded"}}
+
+    answers = %{
+      "a" => [
+        {:ok, [record("a", "1", "x")], {:it, 1}, 500},
+        throttled,
+        throttled,
+        {:ok, [record("a", "2", "y")], {:it, 2}, 0}
+      ]
+    }
+
+    {consumer, id, agent} = start!([shard("a")], answers)
+    assert Enum.map(Convoy.Consumer.get(consumer, 10), & &1.data) == ["x"]
+    assert checkpoint(id, "a") == {:ok, "1"}
+    assert Enum.map(Convoy.Consumer.get(consumer, 10), & &1.data) == ["y"]
+
+    assert Enum.map(Scripted.reads(agent), & &1.cursor) == [
+             :trim_horizon,
+             {:it, 1},
+             {:after_sequence_number, "1"},
+             {:after_sequence_number, "1"}
+           ]
+
+    # Nothing read, only throttled: the call answers the error.
+    {consumer, _id, _agent} = start!([shard("b")], %{"b" => [throttled]})
+    assert Convoy.Consumer.get(consumer, 10) == throttled
   end
 
   test "a shard read to its end is checkpointed :shard_end and its child is read in the same call" do
