@@ -28,6 +28,8 @@ defmodule Convoy.Local do
     * `:enforce_limits` - enforce the per-shard write limits (1 MiB/s and
       1,000 records/s per shard), to exercise throttling. Default `false`.
     * `:iterator_ttl_seconds` - how long shard iterators live. Default `300`.
+    * `:log_put_records` - record the size of every PutRecords request, for
+      `put_requests/1`. Default `false`.
     * `:name` - a name to register the process under.
 
   ## Example
@@ -63,6 +65,19 @@ defmodule Convoy.Local do
   """
   @spec endpoint(GenServer.server()) :: String.t()
   def endpoint(server), do: GenServer.call(server, :endpoint)
+
+  @doc """
+  The PutRecords requests a server started with `log_put_records: true`
+  received, in order, as `{entries, bytes}` (bytes: data plus partition
+  keys). For tests of how a producer cuts its requests.
+
+  ## Example
+
+      {:ok, local} = Convoy.Local.start(log_put_records: true)
+      [{500, _}, {500, _}, {200, _}] = Convoy.Local.put_requests(local)
+  """
+  @spec put_requests(GenServer.server()) :: [{non_neg_integer, non_neg_integer}]
+  def put_requests(server), do: GenServer.call(server, :put_requests)
 
   @doc """
   Stops the emulator.
@@ -239,14 +254,20 @@ defmodule Convoy.Local do
   @impl true
   def init(options) do
     options =
-      Keyword.validate!(options, port: 0, enforce_limits: false, iterator_ttl_seconds: 300)
+      Keyword.validate!(options,
+        port: 0,
+        enforce_limits: false,
+        iterator_ttl_seconds: 300,
+        log_put_records: false
+      )
 
     Process.flag(:trap_exit, true)
 
     args =
       ["serve", "--port", Integer.to_string(options[:port])] ++
         if(options[:enforce_limits], do: ["--enforce-limits"], else: []) ++
-        ["--iterator-ttl-seconds", Integer.to_string(options[:iterator_ttl_seconds])]
+        ["--iterator-ttl-seconds", Integer.to_string(options[:iterator_ttl_seconds])] ++
+        if(options[:log_put_records], do: ["--log-put-records"], else: [])
 
     port =
       Port.open({:spawn_executable, binary!()}, [
@@ -260,7 +281,7 @@ defmodule Convoy.Local do
     case await_listening(port, "") do
       {:ok, endpoint} ->
         :ok = await_answer(endpoint, 50)
-        {:ok, %{port: port, endpoint: endpoint}}
+        {:ok, %{port: port, endpoint: endpoint, put_requests: []}}
 
       {:error, reason} ->
         {:stop, reason}
@@ -309,9 +330,20 @@ defmodule Convoy.Local do
   @impl true
   def handle_call(:endpoint, _from, state), do: {:reply, state.endpoint, state}
 
+  def handle_call(:put_requests, _from, state),
+    do: {:reply, Enum.reverse(state.put_requests), state}
+
   @impl true
   def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
     {:stop, {:convoy_local_exited, status}, state}
+  end
+
+  def handle_info(
+        {port, {:data, {:eol, "convoy_local put_records " <> counts}}},
+        %{port: port} = state
+      ) do
+    [entries, bytes] = counts |> String.split() |> Enum.map(&String.to_integer/1)
+    {:noreply, %{state | put_requests: [{entries, bytes} | state.put_requests]}}
   end
 
   def handle_info({port, {:data, _}}, %{port: port} = state), do: {:noreply, state}
