@@ -11,6 +11,8 @@ defmodule Bench do
 
   def runs, do: String.to_integer(System.get_env("BENCH_RUNS", "3"))
   def count, do: String.to_integer(System.get_env("BENCH_RECORDS", "200000"))
+  def null_count, do: String.to_integer(System.get_env("BENCH_NULL_RECORDS", "400000"))
+  def put_calls, do: String.to_integer(System.get_env("BENCH_PUT_CALLS", "400000"))
   def size, do: 100
 
   def median(values) do
@@ -29,6 +31,8 @@ defmodule Bench do
     median(values)
   end
 
+  def fmt_int(n), do: n |> Integer.to_string() |> String.replace(~r/\B(?=(\d{3})+$)/, ",")
+
   def seconds(fun) do
     started = System.monotonic_time(:microsecond)
     fun.()
@@ -36,6 +40,36 @@ defmodule Bench do
   end
 
   def data(i), do: String.pad_trailing("record-#{i}-", size(), "x")
+
+  # CPU seconds (user + system) this OS process has used so far.
+  def cpu_seconds do
+    fields =
+      "/proc/self/stat" |> File.read!() |> String.split(") ") |> List.last() |> String.split()
+
+    # utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    ticks = String.to_integer(Enum.at(fields, 11)) + String.to_integer(Enum.at(fields, 12))
+    ticks / 100
+  end
+
+  # Runs `command args` and answers the CPU seconds it used (bash `times`).
+  def child_cpu!(command, args) do
+    script = ~s("$@" > /dev/null 2>&1; status=$?; times; exit $status)
+
+    {out, status} =
+      System.cmd("bash", ["-c", script, "bench", command | args], stderr_to_stdout: true)
+
+    if status != 0, do: raise("#{command} failed:\n#{out}")
+    # The second line of `times` is the children's: "0m1.234s 0m0.120s".
+    [_shell, children] = out |> String.split("\n", trim: true) |> Enum.take(-2)
+
+    children
+    |> String.split()
+    |> Enum.map(fn t ->
+      [_, m, sec] = Regex.run(~r/(\d+)m([0-9.]+)s/, t)
+      String.to_integer(m) * 60 + String.to_float(sec)
+    end)
+    |> Enum.sum()
+  end
 
   def stream!(endpoint, prefix, shards \\ 4) do
     name = "#{prefix}-#{System.unique_integer([:positive])}"
@@ -141,6 +175,32 @@ defmodule Bench do
   end
 end
 
+defmodule Bench.Null do
+  # The null endpoint: `convoy_local null` acknowledges every record at once
+  # and stores nothing, so what is measured against it is the client alone.
+  # It runs as a port of this VM and exits when the VM does.
+  def start! do
+    bin = Convoy.Local.binary!()
+
+    port =
+      Port.open({:spawn_executable, bin}, [
+        :binary,
+        :exit_status,
+        {:line, 1024},
+        args: ["null", "--port", "0", "--shards", "4"]
+      ])
+
+    receive do
+      {^port, {:data, {:eol, "convoy_local null listening on " <> url}}} -> {port, url}
+      {^port, {:exit_status, status}} -> raise "convoy_local null exited with #{status}"
+    after
+      10_000 -> raise "convoy_local null did not start"
+    end
+  end
+
+  def stop({port, _url}), do: Port.close(port)
+end
+
 defmodule Bench.Baseline do
   # The original design: one GenServer that callers cast records to, and
   # that keeps them in a queue until a batch is sent.
@@ -161,34 +221,76 @@ Logger.configure(level: :warning)
 
 {:ok, local} = Convoy.Local.start_link()
 endpoint = Convoy.Local.endpoint(local)
+null = Bench.Null.start!()
+
+load_at_start =
+  "/proc/loadavg" |> File.read!() |> String.split() |> Enum.take(3) |> Enum.join(" ")
+
+{_, null_endpoint} = null
 count = Bench.count()
+null_count = Bench.null_count()
 schedulers = System.schedulers_online()
 results = %{}
 
 IO.puts(
-  "Convoy benchmarks: #{count} records of #{Bench.size()} bytes, #{Bench.runs()} runs each, emulator #{endpoint}"
+  "Convoy benchmarks: #{count} records of #{Bench.size()} bytes (#{null_count} on the null endpoint), " <>
+    "#{Bench.runs()} runs each, emulator #{endpoint}, null endpoint #{null_endpoint}"
 )
+
+# 0. Memory held per buffered record (first, before other sections free memory
+# the allocators would then reuse) -------------------------------------------
+IO.puts("\n0. memory per buffered record")
+Logger.configure(level: :none)
+held = 200_000
+records = Bench.payloads(0, held)
+payload_bytes = Enum.reduce(records, 0, fn {k, d}, acc -> acc + byte_size(k) + byte_size(d) end)
+
+per_record =
+  Bench.repeat("bytes per buffered record", fn ->
+    {id, pid} =
+      Bench.queue!("held", "http://127.0.0.1:9",
+        batch_timeout: 600_000,
+        max_retries: 1_000,
+        retry_deadline: 3_600_000,
+        retry_backoff: 60_000,
+        max_backoff: 60_000,
+        shutdown: 1_000
+      )
+
+    :erlang.garbage_collect()
+    Process.sleep(200)
+    before = Bench.rss_kb()
+    Enum.each(records, fn {key, data} -> :ok = Convoy.Queue.put(id, key, data) end)
+    :erlang.garbage_collect()
+    Process.sleep(200)
+    grown = (Bench.rss_kb() - before) * 1024
+    %{buffered: buffered, in_flight: in_flight} = Convoy.Queue.stats(id)
+    ^held = buffered + in_flight
+    Bench.stop_queue(pid)
+    grown / held
+  end)
+
+results =
+  Map.merge(results, %{
+    held_per_record: per_record,
+    held_payload: payload_bytes / held
+  })
 
 # 1. The cost of put/3 ----------------------------------------------------------
 IO.puts("\n1. put/3 from Elixir")
 Logger.configure(level: :none)
-calls = min(count, 200_000)
+calls = Bench.put_calls()
 
-# The call alone: the queue points at a closed port, so its lanes sit in
-# retry backoff instead of competing for the two cores while we measure.
+# Steady state: the queue sends to the null endpoint while the puts go on, so
+# its buffer is sent and reused rather than only growing. The clock covers
+# the put calls alone (payloads are built before it starts); the lanes and
+# the null endpoint run on the same cores meanwhile.
 put_ns = fn procs ->
   {id, pid} =
-    Bench.queue!("put-cost", "http://127.0.0.1:9",
-      batch_timeout: 600_000,
-      max_retries: 1_000,
-      retry_deadline: 3_600_000,
-      retry_backoff: 5_000,
-      max_backoff: 5_000,
-      shutdown: 1_000
-    )
+    Bench.queue!(Bench.stream!(null_endpoint, "put-cost"), null_endpoint, batch_timeout: 100)
 
   seconds = Bench.put_all(id, calls, procs)
-  # Stopped: unsent records fail after the 1 s shutdown and free their memory.
+  :ok = Convoy.Queue.flush(id, await: 60_000)
   Bench.stop_queue(pid)
   seconds
 end
@@ -239,7 +341,7 @@ results =
 Logger.configure(level: :warning)
 IO.puts("\n2. producer throughput")
 
-convoy_produce = fn opts ->
+produce_on = fn endpoint, count, opts ->
   stream = Bench.stream!(endpoint, "produce")
   {id, pid} = Bench.queue!(stream, endpoint, opts)
 
@@ -257,6 +359,8 @@ convoy_produce = fn opts ->
   Bench.stop_queue(pid)
   {seconds, rss}
 end
+
+convoy_produce = fn opts -> produce_on.(endpoint, count, opts) end
 
 runs = for _ <- 1..Bench.runs(), do: convoy_produce.(batch_timeout: 100)
 convoy_put_s = Bench.median(Enum.map(runs, &elem(&1, 0)))
@@ -304,6 +408,44 @@ results =
     convoy_put_rss: convoy_put_rss
   })
 
+# 2b. Producer throughput on the null endpoint -----------------------------------
+IO.puts("\n2b. producer throughput on the null endpoint")
+
+null_runs = fn label, fun ->
+  Bench.repeat(label, fn -> null_count / fun.() end)
+end
+
+null_convoy =
+  null_runs.("convoy", fn ->
+    elem(produce_on.(null_endpoint, null_count, batch_timeout: 100), 0)
+  end)
+
+null_agg =
+  null_runs.("convoy aggregated", fn ->
+    elem(produce_on.(null_endpoint, null_count, batch_timeout: 100, aggregation: true), 0)
+  end)
+
+null_raw =
+  null_runs.("raw Rust SDK put", fn ->
+    Bench.raw(["put", null_endpoint, "null", "#{null_count}", "#{Bench.size()}", "8"])
+  end)
+
+null_boto3 =
+  null_runs.("boto3 put_records", fn ->
+    Bench.python(
+      "boto3_bench.py",
+      ~w(put --endpoint #{null_endpoint} --stream null --count #{null_count} --size #{Bench.size()})
+    )
+  end)
+
+results =
+  Map.merge(results, %{
+    null_convoy: null_convoy,
+    null_agg: null_agg,
+    null_raw: null_raw,
+    null_boto3: null_boto3
+  })
+
 # 3. Consumer throughput ---------------------------------------------------------
 IO.puts("\n3. consumer throughput")
 filled = Bench.stream!(endpoint, "filled")
@@ -313,6 +455,8 @@ convoy_consume = fn ->
   {id, pid} = Bench.queue!(filled, endpoint, iterator_type: :trim_horizon, poll_interval: 50)
   counter = :counters.new(1, [:write_concurrency])
   me = self()
+
+  cpu_before = Bench.cpu_seconds()
 
   {seconds, rss} =
     Bench.peak_rss(fn ->
@@ -336,14 +480,28 @@ convoy_consume = fn ->
       end)
     end)
 
+  cpu = Bench.cpu_seconds() - cpu_before
   Bench.stop_queue(pid)
-  {seconds, rss}
+  {seconds, rss, cpu}
 end
 
 runs = for _ <- 1..Bench.runs(), do: convoy_consume.()
 convoy_get_s = Bench.median(Enum.map(runs, &elem(&1, 0)))
 convoy_get_rss = Enum.max(Enum.map(runs, &elem(&1, 1)))
+convoy_get_cpu = Bench.median(Enum.map(runs, &elem(&1, 2)))
 IO.puts("  convoy: #{inspect(runs)}")
+
+# CPU per record: this VM's CPU time (all its threads, the NIF's runtime
+# included) against the raw reader's, both reading the same pre-filled stream.
+raw_get_cpu =
+  Bench.repeat("raw Rust GetRecords loop, CPU seconds", fn ->
+    Bench.child_cpu!(Path.join(File.cwd!(), "target/release/kinesis_raw"), [
+      "get",
+      endpoint,
+      filled,
+      "#{count}"
+    ])
+  end)
 
 raw_get_s =
   Bench.repeat("raw Rust GetRecords loop", fn ->
@@ -363,7 +521,9 @@ results =
     convoy_get: count / convoy_get_s,
     raw_get: count / raw_get_s,
     boto3_get: count / boto3_get_s,
-    convoy_get_rss: convoy_get_rss
+    convoy_get_rss: convoy_get_rss,
+    convoy_get_cpu_us: convoy_get_cpu / count * 1.0e6,
+    raw_get_cpu_us: raw_get_cpu / count * 1.0e6
   })
 
 # 4. Latency from put to handler -------------------------------------------------
@@ -482,17 +642,41 @@ mem_gb =
 r = results
 fmt = fn x -> :erlang.float_to_binary(x * 1.0, decimals: 0) end
 ratio = fn a, b -> :erlang.float_to_binary(a / b, decimals: 2) <> "x" end
+check = fn ok -> if ok, do: "met", else: "missed" end
 
 report = """
 # Convoy benchmark results
 
 Last run: #{DateTime.utc_now() |> DateTime.truncate(:second)} on #{System.schedulers_online()} schedulers,
 #{cpu}, #{Float.round(mem_gb, 1)} GB RAM; #{System.otp_release() |> then(&"OTP #{&1}")}, Elixir #{System.version()}.
-Embedded emulator (ferrokinesis) on 127.0.0.1, sharing the machine with the clients.
+Load average when the run started: #{load_at_start} (1, 5, 15 min); VM flags `#{System.get_env("ELIXIR_ERL_OPTIONS", "")}`.
+Embedded emulator (ferrokinesis) and null endpoint (`convoy_local null`) on 127.0.0.1, sharing the machine with the clients.
 Every figure is the median of #{Bench.runs()} runs; ratios compare figures of this same run.
 Command: `bench/run` (environment: `BENCH_RUNS`, `BENCH_RECORDS`).
 
-## 1. `put/3` from Elixir (#{calls} records of #{Bench.size()} bytes)
+## Targets (issue 16), each a ratio of figures of this run
+
+| target | measured | |
+|---|---:|---|
+| Convoy ≥ 0.8x the raw SDK client (null endpoint) | #{ratio.(r.null_convoy, r.null_raw)} | #{check.(r.null_convoy / r.null_raw >= 0.8)} |
+| aggregation ≥ 1.5x Convoy without it (null endpoint) | #{ratio.(r.null_agg, r.null_convoy)} | #{check.(r.null_agg / r.null_convoy >= 1.5)} |
+| aggregation ≥ 1,000,000 user records/s (null endpoint) | #{fmt.(r.null_agg)} | #{check.(r.null_agg >= 1.0e6)} |
+| `put/3` ≤ 500 ns per call, 1 process, steady state | #{fmt.(r.put_ns_single)} ns | #{check.(r.put_ns_single <= 500)} |
+| `put/3` with #{schedulers} processes ≥ 1.8x 1 process | #{ratio.(r.put_rate_many, r.put_rate_single)} | #{check.(r.put_rate_many / r.put_rate_single >= 1.8)} |
+| memory per buffered record ≤ 2x payload + key | #{ratio.(r.held_per_record, r.held_payload)} | #{check.(r.held_per_record / r.held_payload <= 2)} |
+| consumer CPU per record ≤ 1.2x the raw SDK read loop | #{ratio.(r.convoy_get_cpu_us, r.raw_get_cpu_us)} | #{check.(r.convoy_get_cpu_us / r.raw_get_cpu_us <= 1.2)} |
+
+## 0. Memory held per buffered record
+
+#{Bench.fmt_int(200_000)} records of #{Bench.size()} bytes with 5-6 byte keys (#{Float.round(r.held_payload, 1)} bytes of payload and key each) put
+into a queue whose Kinesis is unreachable, so all stay buffered: the VM's resident memory grew by
+#{fmt.(r.held_per_record)} bytes per record, #{ratio.(r.held_per_record, r.held_payload)} the payload and key.
+
+## 1. `put/3` from Elixir (#{calls} calls, records of #{Bench.size()} bytes, steady state)
+
+The queue sends to the null endpoint (`batch_timeout: 100`) while the calls go on, so its buffer is
+sent and reused; the clock covers the calls alone (keys and payloads are built before it starts).
+The lanes and the null endpoint share the cores with the callers meanwhile.
 
 | | Convoy `put/3` | GenServer cast (original design) | ratio |
 |---|---:|---:|---:|
@@ -513,6 +697,21 @@ Command: `bench/run` (environment: `BENCH_RUNS`, `BENCH_RECORDS`).
 
 Convoy with aggregation vs aiokpl: #{ratio.(r.convoy_agg, r.aiokpl_put)}. Peak BEAM RSS while producing: #{div(r.convoy_put_rss, 1024)} MiB.
 
+## 2b. Producer throughput on the null endpoint (#{null_count} records of #{Bench.size()} bytes, 64 keys, #{schedulers} putting processes)
+
+`convoy_local null` acknowledges every entry at once and stores nothing (4 shards, records placed
+by the MD5 of their key as Kinesis does), so these figures measure the clients, not an emulator.
+It runs on the same cores as the client.
+
+| producer | records/s | vs raw Rust SDK | vs boto3 |
+|---|---:|---:|---:|
+| raw aws-sdk-kinesis, PutRecords of 500, 8 in flight (ceiling) | #{fmt.(r.null_raw)} | 1.00x | #{ratio.(r.null_raw, r.null_boto3)} |
+| Convoy | #{fmt.(r.null_convoy)} | #{ratio.(r.null_convoy, r.null_raw)} | #{ratio.(r.null_convoy, r.null_boto3)} |
+| Convoy, aggregation | #{fmt.(r.null_agg)} | #{ratio.(r.null_agg, r.null_raw)} | #{ratio.(r.null_agg, r.null_boto3)} |
+| boto3 `put_records` of 500 | #{fmt.(r.null_boto3)} | #{ratio.(r.null_boto3, r.null_raw)} | 1.00x |
+
+Convoy with aggregation vs without: #{ratio.(r.null_agg, r.null_convoy)}.
+
 ## 3. Consumer throughput (#{count} records, 4 shards, from `:trim_horizon`)
 
 | consumer | records/s | vs raw Rust loop |
@@ -522,6 +721,11 @@ Convoy with aggregation vs aiokpl: #{ratio.(r.convoy_agg, r.aiokpl_put)}. Peak B
 | boto3 `get_records` loop | #{fmt.(r.boto3_get)} | #{ratio.(r.boto3_get, r.raw_get)} |
 
 Peak BEAM RSS while consuming: #{div(r.convoy_get_rss, 1024)} MiB.
+
+CPU per record (user + system, every thread of the process): Convoy with a function handler
+#{Float.round(r.convoy_get_cpu_us, 2)} µs (the whole VM, scheduler spinning included), the raw SDK loop, which
+deserializes the same records into SDK structs, #{Float.round(r.raw_get_cpu_us, 2)} µs:
+#{ratio.(r.convoy_get_cpu_us, r.raw_get_cpu_us)}. The emulator's CPU counts in neither.
 
 ## 4. Latency from `put/3` to handler (`batch_timeout: 0`, `poll_interval: 10`)
 
@@ -540,3 +744,4 @@ The buffer bound (`max_buffered_records: 100_000`) holds: memory levels off once
 File.write!(Path.join(Path.expand("..", __DIR__), "bench/RESULTS.md"), report)
 IO.puts("\n" <> report)
 Convoy.Local.stop(local)
+Bench.Null.stop(null)

@@ -4,6 +4,8 @@ defmodule Convoy.Application do
 
   @impl true
   def start(_type, _args) do
+    :ok = Convoy.Queue.HandleCache.init()
+
     children = [
       {Registry, keys: :unique, name: Convoy.Registry},
       Convoy.Checkpoint.Memory

@@ -54,7 +54,7 @@ impl Lane {
         }
         loop {
             self.drain_commands();
-            if self.closing.is_some() {
+            if self.closing.is_some() || self.disconnected {
                 // Puts are refused now; take in those that were mid-push.
                 self.inbox.settle().await;
                 self.drain_commands();

@@ -84,7 +84,19 @@ impl Drop for Producer {
 }
 
 #[rustler::resource_impl]
-impl rustler::Resource for Producer {}
+impl rustler::Resource for Producer {
+    /// The owner is gone. Its Registry entry went with it, but a caller may
+    /// still hold the handle (`Convoy.Queue` keeps the last one it found):
+    /// close the producer so such a put answers `{:error, :closed}` and the
+    /// caller looks again, and let the lanes send what they hold and end,
+    /// as when the resource is dropped.
+    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: rustler::Monitor) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        for inbox in &self.lanes {
+            inbox.drop_producer();
+        }
+    }
+}
 
 struct Shared {
     client: aws_sdk_kinesis::Client,
@@ -320,7 +332,11 @@ fn producer_start(
             inbox
         })
         .collect();
-    ResourceArc::new(Producer { lanes, shared }).encode(env)
+    let producer = ResourceArc::new(Producer { lanes, shared });
+    // Closes it when the owner ends (see `down`); the owner is this live
+    // caller, so the monitor is always set.
+    producer.monitor(Some(env), &owner);
+    producer.encode(env)
 }
 
 /// The hot path: validate, charge the budget, enqueue, return. Binary data
