@@ -17,8 +17,6 @@ defmodule Convoy.Local do
   """
   use GenServer
 
-  alias Convoy.Native
-
   @root Path.expand("../..", __DIR__)
 
   @doc """
@@ -94,18 +92,21 @@ defmodule Convoy.Local do
     ]
   end
 
+  # Stream administration runs the `kinesis_raw` tool (the AWS SDK for Rust
+  # used directly), so the NIF an application loads carries none of it.
+
   @doc """
-  Creates a stream with `shards` shards on the emulator at `endpoint` and
-  waits until it is active. An existing stream is left as it is.
+  Creates a stream with `shards` shards on the Kinesis at `endpoint` (this
+  emulator or any other local one) and waits until it is active. An existing
+  stream is left as it is.
 
   ## Example
 
       :ok = Convoy.Local.create_stream("http://127.0.0.1:4567", "events", 4)
   """
   @spec create_stream(String.t(), String.t(), pos_integer) :: :ok | {:error, term}
-  def create_stream(endpoint, stream, shards \\ 1) do
-    with {:ok, client} <- client(endpoint),
-         {:ok, :ok} <- Native.call(&Native.create_stream(client, stream, shards, &1)) do
+  def create_stream(endpoint, stream, shards \\ 1) when is_integer(shards) and shards > 0 do
+    with {:ok, _} <- admin(["create-stream", endpoint, stream, Integer.to_string(shards)]) do
       :ok
     end
   end
@@ -119,10 +120,7 @@ defmodule Convoy.Local do
   """
   @spec delete_stream(String.t(), String.t()) :: :ok | {:error, term}
   def delete_stream(endpoint, stream) do
-    with {:ok, client} <- client(endpoint),
-         {:ok, :ok} <- Native.call(&Native.delete_stream(client, stream, &1)) do
-      :ok
-    end
+    with {:ok, _} <- admin(["delete-stream", endpoint, stream]), do: :ok
   end
 
   @doc """
@@ -136,8 +134,23 @@ defmodule Convoy.Local do
   """
   @spec list_shards(String.t(), String.t()) :: {:ok, [map]} | {:error, term}
   def list_shards(endpoint, stream) do
-    with {:ok, client} <- client(endpoint) do
-      Native.call(&Native.list_shards_nif(client, stream, &1))
+    with {:ok, lines} <- admin(["list-shards", endpoint, stream]) do
+      keys = [
+        :shard_id,
+        :parent_shard_id,
+        :adjacent_parent_shard_id,
+        :starting_hash_key,
+        :ending_hash_key,
+        :ending_sequence_number
+      ]
+
+      shards =
+        for line <- lines do
+          values = line |> String.split("\t") |> Enum.map(&if(&1 == "-", do: nil, else: &1))
+          keys |> Enum.zip(values) |> Map.new()
+        end
+
+      {:ok, shards}
     end
   end
 
@@ -151,17 +164,38 @@ defmodule Convoy.Local do
   """
   @spec split_shard(String.t(), String.t(), String.t(), String.t()) :: :ok | {:error, term}
   def split_shard(endpoint, stream, shard_id, new_starting_hash_key) do
-    with {:ok, client} <- client(endpoint),
-         {:ok, :ok} <-
-           Native.call(&Native.split_shard(client, stream, shard_id, new_starting_hash_key, &1)) do
-      :ok
+    with {:ok, _} <-
+           admin(["split-shard", endpoint, stream, shard_id, new_starting_hash_key]),
+         do: :ok
+  end
+
+  # Runs one kinesis_raw command; its output is one result per line, or
+  # `error<TAB>code<TAB>message`.
+  defp admin(args) do
+    case System.cmd(tool!(), args, stderr_to_stdout: true) do
+      {output, 0} ->
+        {:ok, String.split(output, "\n", trim: true)}
+
+      {output, _status} ->
+        case Regex.run(~r/^error\t([^\t]*)\t(.*)$/m, output) do
+          [_, code, message] -> {:error, {:aws, code, message}}
+          nil -> {:error, {:kinesis_raw, String.trim(output)}}
+        end
     end
   end
 
-  defp client(endpoint) do
-    config = Convoy.KinesisConfig.resolve(kinesis_options(endpoint))
-    Native.call(&Native.client_new(Convoy.KinesisConfig.to_native(config), &1))
-  end
+  @doc """
+  The path of the `kinesis_raw` tool (the AWS SDK for Rust used directly),
+  built with cargo when missing. It administers streams for this module and
+  serves Convoy's own tests and benchmarks. `CONVOY_KINESIS_RAW_BIN`
+  overrides it.
+
+  ## Example
+
+      path = Convoy.Local.tool!()
+  """
+  @spec tool!() :: Path.t()
+  def tool!, do: built!("kinesis_raw", "CONVOY_KINESIS_RAW_BIN")
 
   @doc """
   The path of the `convoy_local` binary, built with cargo when missing.
@@ -172,17 +206,19 @@ defmodule Convoy.Local do
       path = Convoy.Local.binary!()
   """
   @spec binary!() :: Path.t()
-  def binary! do
-    case System.get_env("CONVOY_LOCAL_BIN") do
+  def binary!, do: built!("convoy_local", "CONVOY_LOCAL_BIN")
+
+  defp built!(name, override) do
+    case System.get_env(override) do
       nil ->
-        path = Path.join(@root, "target/release/convoy_local")
+        path = Path.join(@root, "target/release/" <> name)
 
         unless File.exists?(path) do
           args = [
             "build",
             "--release",
             "-p",
-            "convoy_local",
+            name,
             "--manifest-path",
             Path.join(@root, "Cargo.toml")
           ]

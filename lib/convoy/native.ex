@@ -52,14 +52,12 @@ defmodule Convoy.Native do
   def poller_stop(_poller), do: not_loaded()
   def fetch_records(_client, _stream, _stream_id, _positions, _limit, _reply_to), do: not_loaded()
 
-  # administration
   def list_shards_nif(_client, _stream, _reply_to), do: not_loaded()
-  def create_stream(_client, _stream, _shards, _reply_to), do: not_loaded()
-  def delete_stream(_client, _stream, _reply_to), do: not_loaded()
-  def split_shard(_client, _stream, _shard_id, _hash_key, _reply_to), do: not_loaded()
 
   # JSON as the producer encodes it
   def encode_json(_term), do: not_loaded()
+  # a record checked and encoded as put/3 does for every service
+  def put_record_check(_key, _data, _explicit_hash_key, _max_record_bytes), do: not_loaded()
 
   # fault injection for Convoy's own tests (cargo feature test-hooks)
   def debug_nif_panic, do: test_hook()

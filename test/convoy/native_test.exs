@@ -37,4 +37,36 @@ defmodule Convoy.NativeTest do
     assert {:error, {:aws, "DispatchFailure", _}} =
              Native.call(&Native.list_shards_nif(client, "nope", &1))
   end
+
+  test "the library an application loads carries no stream administration" do
+    exported = Native.__info__(:functions) |> Keyword.keys()
+    assert :list_shards_nif in exported
+
+    for admin <- [:create_stream, :delete_stream, :split_shard] do
+      refute admin in exported, "Convoy.Native.#{admin} belongs to the kinesis_raw tool"
+    end
+  end
+
+  test "put_record_check applies put's rules and encoding, for services without the producer" do
+    assert Native.put_record_check("k", "raw", nil, 1_000) == {:ok, "raw"}
+    assert Native.put_record_check("k", %{"a" => [1]}, nil, 1_000) == {:ok, ~s({"a":[1]})}
+
+    assert Native.put_record_check("k", "x", "01", 1_000) ==
+             {:error, {:invalid_explicit_hash_key, ~s("01" is not a decimal integer)}}
+
+    assert Native.put_record_check("kk", "12345678", nil, 9) ==
+             {:error, {:record_too_large, 10, 9}}
+  end
+
+  test "stream administration through Convoy.Local answers Kinesis errors as terms" do
+    endpoint = Convoy.TestSupport.endpoint()
+
+    assert {:error, {:aws, "ResourceNotFoundException", _}} =
+             Convoy.Local.split_shard(
+               endpoint,
+               "no-such-stream-#{System.unique_integer([:positive])}",
+               "shardId-000000000000",
+               "1"
+             )
+  end
 end

@@ -92,19 +92,7 @@ defmodule Convoy.TestSupport do
   @root Path.expand("../..", __DIR__)
 
   @doc "The kinesis_raw binary: the AWS SDK used directly, independent of Convoy."
-  def raw_bin! do
-    path = Path.join(@root, "target/release/kinesis_raw")
-
-    unless File.exists?(path) do
-      {_, 0} =
-        System.cmd("cargo", ["build", "--release", "-p", "kinesis_raw"],
-          cd: @root,
-          stderr_to_stdout: true
-        )
-    end
-
-    path
-  end
+  def raw_bin!, do: Convoy.Local.tool!()
 
   @doc """
   Writes `count` records with kinesis_raw, one request at a time so each

@@ -83,10 +83,7 @@ defmodule Convoy.Services.Memory do
   @impl Convoy.Service
   def put(%{server: server, max_record_bytes: max}, key, data, opts) do
     with {:ok, hash_key, await} <- Convoy.Queue.PutOptions.parse(opts),
-         {:ok, key} <- check_key(key),
-         {:ok, hash_key} <- check_hash_key(hash_key),
-         {:ok, data} <- encode(data),
-         :ok <- check_size(key, data, max) do
+         {:ok, data} <- Convoy.Native.put_record_check(key, data, hash_key, max) do
       case GenServer.call(server, {:put, key, hash_key, data}) do
         {:ok, outcome} -> if is_nil(await), do: :ok, else: {:ok, outcome}
         {:error, _} = error -> error
@@ -155,58 +152,6 @@ defmodule Convoy.Services.Memory do
       pid when is_pid(pid) -> pid
       nil -> raise ArgumentError, "no queue is started with stream_id #{inspect(stream_id)}"
     end
-  end
-
-  # ---------------------------------------------------------------------------
-  # Validation, the same rules and error terms as the Kinesis service
-
-  defp check_key(key) when is_binary(key) do
-    cond do
-      not String.valid?(key) ->
-        {:error, {:invalid_partition_key, "must be valid UTF-8"}}
-
-      key == "" ->
-        {:error, {:invalid_partition_key, "must not be empty"}}
-
-      (n = String.length(key)) > 256 ->
-        {:error, {:invalid_partition_key, "has #{n} characters, at most 256 are allowed"}}
-
-      true ->
-        {:ok, key}
-    end
-  end
-
-  defp check_key(_), do: {:error, {:invalid_partition_key, "must be a binary"}}
-
-  defp check_hash_key(nil), do: {:ok, nil}
-
-  defp check_hash_key(key) when is_binary(key) do
-    cond do
-      not (key =~ ~r/^(0|[1-9][0-9]*)$/) ->
-        {:error, {:invalid_explicit_hash_key, "#{inspect(key)} is not a decimal integer"}}
-
-      String.to_integer(key) > @max_hash ->
-        {:error, {:invalid_explicit_hash_key, "#{key} is greater than 2^128-1"}}
-
-      true ->
-        {:ok, key}
-    end
-  end
-
-  defp check_hash_key(_), do: {:error, {:invalid_explicit_hash_key, "must be a decimal string"}}
-
-  defp encode(data) when is_binary(data), do: {:ok, data}
-
-  defp encode(data) do
-    case Convoy.Native.encode_json(data) do
-      {:ok, json} -> {:ok, json}
-      {:error, _} = error -> error
-    end
-  end
-
-  defp check_size(key, data, max) do
-    size = byte_size(key) + byte_size(data)
-    if size > max, do: {:error, {:record_too_large, size, max}}, else: :ok
   end
 
   # ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 
 use rustler::ResourceArc;
 
-use crate::config::KinesisConfig;
+use crate::kinesis_config::KinesisConfig;
 use crate::reply::ReplyTo;
 use crate::runtime;
 

@@ -1,19 +1,21 @@
 //! Convoy's native core: a tokio runtime hosting the Kinesis batcher (producer)
 //! and pollers (consumer), reached from Elixir through `Convoy.Native`.
 
-mod admin;
 mod atoms;
 mod client;
-mod config;
-mod consumer;
 mod delivery;
 #[cfg(feature = "test-hooks")]
 mod diagnostics;
 mod error;
 mod json;
+mod kinesis_config;
 mod producer;
+mod put_record;
+mod record;
 mod reply;
 mod runtime;
+mod shards;
+mod source;
 mod timestamp;
 
 rustler::init!("Elixir.Convoy.Native");

@@ -16,6 +16,14 @@
 //!     shard_id TAB sequence_number TAB hex(partition_key) TAB hex(data)
 //!
 //! `put` and `get` end with one JSON line: {"records": N, "seconds": S}.
+//!
+//! kinesis_raw create-stream ENDPOINT STREAM SHARDS
+//! kinesis_raw delete-stream ENDPOINT STREAM
+//! kinesis_raw split-shard ENDPOINT STREAM SHARD_ID NEW_STARTING_HASH_KEY
+//! kinesis_raw list-shards ENDPOINT STREAM
+//!     Stream administration for local endpoints; see `admin.rs` (used by `Convoy.Local`).
+
+mod admin;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -234,16 +242,51 @@ async fn main() {
             dump(client(&arg(1)), arg(2)).await;
             return;
         }
+        "create-stream" | "delete-stream" | "split-shard" | "list-shards" => {
+            administer(&args, &arg).await;
+            return;
+        }
         _ => usage(),
     };
     let seconds = started.elapsed().as_secs_f64();
     println!("{{\"records\": {records}, \"seconds\": {seconds:.6}}}");
 }
 
+async fn administer(args: &[String], arg: &dyn Fn(usize) -> String) {
+    let client = client(&arg(1));
+    let stream = arg(2);
+    let result = match args[0].as_str() {
+        "create-stream" => {
+            let shards = arg(3).parse().unwrap_or_else(|_| usage());
+            admin::create_stream(&client, &stream, shards)
+                .await
+                .map(|_| Vec::new())
+        }
+        "delete-stream" => admin::delete_stream(&client, &stream)
+            .await
+            .map(|_| Vec::new()),
+        "split-shard" => admin::split_shard(&client, &stream, &arg(3), &arg(4))
+            .await
+            .map(|_| Vec::new()),
+        _ => admin::list_shards(&client, &stream).await,
+    };
+    match result {
+        Ok(lines) => lines.iter().for_each(|line| println!("{line}")),
+        Err(admin::Failure(code, message)) => {
+            println!("error\t{code}\t{}", message.replace(['\t', '\n'], " "));
+            std::process::exit(1)
+        }
+    }
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: kinesis_raw put ENDPOINT STREAM COUNT SIZE CONCURRENCY [START] [KEYS]\n       \
-         kinesis_raw get ENDPOINT STREAM COUNT\n       kinesis_raw dump ENDPOINT STREAM"
+         kinesis_raw get ENDPOINT STREAM COUNT\n       kinesis_raw dump ENDPOINT STREAM\n       \
+         kinesis_raw create-stream ENDPOINT STREAM SHARDS\n       \
+         kinesis_raw delete-stream ENDPOINT STREAM\n       \
+         kinesis_raw split-shard ENDPOINT STREAM SHARD_ID HASH_KEY\n       \
+         kinesis_raw list-shards ENDPOINT STREAM"
     );
     std::process::exit(2)
 }

@@ -17,7 +17,7 @@ use tokio::sync::{watch, Notify};
 
 use super::send::{Member, Outgoing};
 use super::{Entry, Shared, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS};
-use crate::admin;
+use crate::shards;
 
 pub(super) struct Aggregation {
     pub max_bytes: usize,
@@ -201,7 +201,7 @@ pub(super) async fn refresh_shard_map(
             let Some(producer) = shared.upgrade() else {
                 return;
             };
-            if let Ok(shards) = admin::list_shards(&producer.client, &producer.stream_name).await {
+            if let Ok(shards) = shards::list_shards(&producer.client, &producer.stream_name).await {
                 let open = shards.iter().filter(|s| {
                     s.sequence_number_range()
                         .and_then(|r| r.ending_sequence_number())

@@ -22,17 +22,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rustler::{Binary, Encoder, Env, LocalPid, ResourceArc, Term, TermType};
+use rustler::{Encoder, Env, LocalPid, ResourceArc, Term, TermType};
 
 use crate::atoms;
 use crate::client::ClientResource;
 use crate::error::{Error, Reason};
-use crate::json;
+use crate::put_record::PutRecord;
 use crate::reply::ReplyTo;
 use crate::runtime;
 use convoy_core::lanes::lane_of;
 use convoy_core::retry::RetryPolicy;
-use convoy_core::validate;
 
 mod aggregate;
 mod inbox;
@@ -209,18 +208,12 @@ impl Producer {
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(Error::Closed);
         }
-        let key_bin = Binary::from_term(key)
-            .map_err(|_| Error::InvalidPartitionKey("must be a binary".into()))?;
-        let key = validate::partition_key(key_bin.as_slice())?;
-        let data = match data.get_type() {
-            TermType::Binary => Binary::from_term(data)
-                .map_err(|_| Error::InvalidData("a bitstring is not a binary".into()))?
-                .as_slice()
-                .to_vec(),
-            _ => json::encode(data).map_err(Error::InvalidData)?,
-        };
-        let size = validate::record_size(key, &data, self.shared.max_record_bytes)?;
-        let explicit_hash_key = decode_explicit_hash_key(explicit_hash_key)?;
+        let PutRecord {
+            key,
+            data,
+            size,
+            explicit_hash_key,
+        } = PutRecord::decode(key, data, explicit_hash_key, self.shared.max_record_bytes)?;
         let reply = decode_reply(reply)?;
 
         self.charge(size as u64)?;
@@ -254,17 +247,6 @@ impl Producer {
         }
         Ok(())
     }
-}
-
-fn decode_explicit_hash_key(term: Term) -> Result<Option<String>, Error> {
-    // An identity check against the atom, not a string comparison: this
-    // runs on every put.
-    if term == atoms::nil().to_term(term.get_env()) {
-        return Ok(None);
-    }
-    let bin = Binary::from_term(term)
-        .map_err(|_| Error::InvalidExplicitHashKey("must be a decimal string".into()))?;
-    validate::explicit_hash_key(bin.as_slice()).map(|s| Some(s.to_owned()))
 }
 
 fn decode_reply(term: Term) -> Result<Option<ReplyTo>, Error> {

@@ -1,0 +1,103 @@
+//! `%Convoy.Record{}`, built in Rust so Elixir receives records ready to
+//! use. Aggregated Kinesis records are expanded into their user records here.
+
+use std::borrow::Cow;
+
+use aws_sdk_kinesis::types::Record;
+use rustler::{Binary, Encoder, Env, NewBinary, Term};
+
+use crate::timestamp;
+use convoy_core::aggregation;
+
+/// A user record as delivered. An aggregated Kinesis record (KPL format)
+/// expands into its user records; one that only looks aggregated is
+/// delivered as it is, as the KCL does.
+struct Delivered<'r> {
+    data: Cow<'r, [u8]>,
+    partition_key: Cow<'r, str>,
+    sequence_number: &'r str,
+    arrival_ms: i64,
+    sub_sequence_number: Option<u64>,
+    explicit_hash_key: Option<String>,
+}
+
+fn expand(record: &Record) -> Vec<Delivered<'_>> {
+    let arrival_ms = record
+        .approximate_arrival_timestamp()
+        .and_then(|t| t.to_millis().ok())
+        .unwrap_or(0);
+    let sequence_number = record.sequence_number();
+    let data = record.data().as_ref();
+    if aggregation::looks_aggregated(data) {
+        if let Some(users) = aggregation::deaggregate(data) {
+            return users
+                .into_iter()
+                .enumerate()
+                .map(|(index, user)| Delivered {
+                    data: Cow::Owned(user.data),
+                    partition_key: Cow::Owned(user.partition_key),
+                    sequence_number,
+                    arrival_ms,
+                    sub_sequence_number: Some(index as u64),
+                    explicit_hash_key: user.explicit_hash_key,
+                })
+                .collect();
+        }
+    }
+    vec![Delivered {
+        data: Cow::Borrowed(data),
+        partition_key: Cow::Borrowed(record.partition_key().unwrap_or_default()),
+        sequence_number,
+        arrival_ms,
+        sub_sequence_number: None,
+        explicit_hash_key: None,
+    }]
+}
+
+/// `%Convoy.Record{}`, built here so Elixir receives records ready to use.
+#[derive(rustler::NifStruct)]
+#[module = "Convoy.Record"]
+struct RecordStruct<'a> {
+    data: Binary<'a>,
+    partition_key: Term<'a>,
+    sequence_number: Term<'a>,
+    shard_id: Term<'a>,
+    approximate_arrival_timestamp: Term<'a>,
+    stream_id: Term<'a>,
+    sub_sequence_number: Option<u64>,
+    explicit_hash_key: Term<'a>,
+}
+
+/// What every record of a batch shares: its shard and the queue's `stream_id`.
+pub struct Origin<'a> {
+    pub shard_id: Term<'a>,
+    pub stream_id: Term<'a>,
+}
+
+impl Delivered<'_> {
+    fn to_struct<'a>(&self, env: Env<'a>, origin: &Origin<'a>) -> RecordStruct<'a> {
+        let mut data = NewBinary::new(env, self.data.len());
+        data.as_mut_slice().copy_from_slice(&self.data);
+        RecordStruct {
+            data: data.into(),
+            partition_key: self.partition_key.as_ref().encode(env),
+            sequence_number: self.sequence_number.encode(env),
+            shard_id: origin.shard_id,
+            approximate_arrival_timestamp: timestamp::utc_datetime(env, self.arrival_ms),
+            stream_id: origin.stream_id,
+            sub_sequence_number: self.sub_sequence_number,
+            explicit_hash_key: self.explicit_hash_key.as_deref().encode(env),
+        }
+    }
+}
+
+/// A list of `%Convoy.Record{}`, aggregated records expanded.
+pub fn encode_records<'a>(env: Env<'a>, records: &[Record], origin: &Origin<'a>) -> Term<'a> {
+    let mut terms: Vec<Term<'a>> = Vec::with_capacity(records.len());
+    for record in records {
+        for delivered in expand(record) {
+            terms.push(delivered.to_struct(env, origin).encode(env));
+        }
+    }
+    terms.encode(env)
+}

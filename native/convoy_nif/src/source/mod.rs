@@ -1,0 +1,108 @@
+//! Reading Kinesis for `Convoy.Services.Kinesis.Source`: the shard list,
+//! one poller per shard for the consumer (`poller`), and the pull reads of
+//! `Convoy.Queue.get/2` (`fetch`).
+
+mod fetch;
+mod poller;
+
+use aws_sdk_kinesis::primitives::DateTime;
+use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
+use rustler::{Encoder, Env, ResourceArc, Term};
+
+use crate::atoms;
+use crate::client::ClientResource;
+use crate::error::Error;
+use crate::reply::ReplyTo;
+use crate::runtime;
+use crate::shards::list_shards;
+use convoy_core::retry;
+
+/// Where a shard's reading begins, as the Elixir side names it: `:latest`,
+/// `:trim_horizon`, `{:at_sequence_number, s}`, `{:after_sequence_number, s}`
+/// or `{:at_timestamp, unix_ms}`.
+#[derive(Debug, Clone, PartialEq, rustler::NifTaggedEnum)]
+pub enum Position {
+    Latest,
+    TrimHorizon,
+    AtSequenceNumber(String),
+    AfterSequenceNumber(String),
+    AtTimestamp(i64),
+}
+
+async fn shard_iterator(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    shard_id: &str,
+    position: &Position,
+) -> Result<String, Error> {
+    let request = client
+        .get_shard_iterator()
+        .stream_name(stream)
+        .shard_id(shard_id);
+    let request = match position {
+        Position::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
+        Position::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+        Position::AtSequenceNumber(s) => request
+            .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+            .starting_sequence_number(s),
+        Position::AfterSequenceNumber(s) => request
+            .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+            .starting_sequence_number(s),
+        Position::AtTimestamp(ms) => request
+            .shard_iterator_type(ShardIteratorType::AtTimestamp)
+            .timestamp(DateTime::from_millis(*ms)),
+    };
+    let output = request.send().await.map_err(|e| retry::classify(&e))?;
+    output
+        .shard_iterator()
+        .map(str::to_owned)
+        .ok_or_else(|| Error::aws("NoShardIterator", "GetShardIterator returned no iterator"))
+}
+
+struct Shards(Vec<Shard>);
+
+impl Encoder for Shards {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let shards: Vec<Term> = self
+            .0
+            .iter()
+            .map(|s| {
+                let range = s.hash_key_range();
+                let keys = [
+                    atoms::shard_id(),
+                    atoms::parent_shard_id(),
+                    atoms::adjacent_parent_shard_id(),
+                    atoms::starting_hash_key(),
+                    atoms::ending_hash_key(),
+                    atoms::ending_sequence_number(),
+                ]
+                .map(|a| a.encode(env));
+                let values = [
+                    Some(s.shard_id()),
+                    s.parent_shard_id(),
+                    s.adjacent_parent_shard_id(),
+                    range.map(|r| r.starting_hash_key()),
+                    range.map(|r| r.ending_hash_key()),
+                    s.sequence_number_range()
+                        .and_then(|r| r.ending_sequence_number()),
+                ]
+                .map(|v| v.encode(env));
+                Term::map_from_term_arrays(env, &keys, &values).expect("distinct keys")
+            })
+            .collect();
+        shards.encode(env)
+    }
+}
+
+#[rustler::nif]
+fn list_shards_nif(
+    client: ResourceArc<ClientResource>,
+    stream_name: String,
+    reply: ReplyTo,
+) -> rustler::Atom {
+    let client = client.client.clone();
+    runtime::spawn_reply(reply, async move {
+        list_shards(&client, &stream_name).await.map(Shards)
+    });
+    atoms::ok()
+}
