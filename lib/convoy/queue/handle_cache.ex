@@ -42,8 +42,9 @@ defmodule Convoy.Queue.HandleCache do
   @spec fetch(term) :: {:ok, module, term} | :miss
   def fetch(stream_id) do
     case Process.get({__MODULE__, stream_id}) do
-      {generation, owner, service, handle} ->
-        if generation == generation() and Process.alive?(owner),
+      # The counter itself is kept too: one term lookup less per put.
+      {counter, generation, owner, service, handle} ->
+        if :atomics.get(counter, 1) == generation and Process.alive?(owner),
           do: {:ok, service, handle},
           else: :miss
 
@@ -55,7 +56,8 @@ defmodule Convoy.Queue.HandleCache do
   @doc false
   @spec store(term, non_neg_integer, pid, module, term) :: :ok
   def store(stream_id, generation, owner, service, handle) do
-    Process.put({__MODULE__, stream_id}, {generation, owner, service, handle})
+    counter = :persistent_term.get(@counter)
+    Process.put({__MODULE__, stream_id}, {counter, generation, owner, service, handle})
     :ok
   end
 

@@ -139,7 +139,9 @@ async fn serve_null(args: NullArgs) -> i32 {
     let state = null.clone();
     let app = axum::Router::new()
         .fallback(move |headers, body| null::handle(state.clone(), headers, body))
-        .layer(DefaultBodyLimit::max(args.max_request_body_mb * 1024 * 1024));
+        .layer(DefaultBodyLimit::max(
+            args.max_request_body_mb * 1024 * 1024,
+        ));
     let code = run(app, args.port, "convoy_local null", args.ignore_stdin).await;
     eprintln!(
         "convoy_local null: {} requests, {} entries acknowledged",

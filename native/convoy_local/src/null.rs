@@ -191,7 +191,9 @@ pub async fn handle(kinesis: Arc<NullKinesis>, headers: HeaderMap, body: Bytes) 
         ("PutRecords", Encoding::Cbor) => put_records_cbor(&kinesis, &body),
         ("PutRecord", _) => put_record(&kinesis, encoding, &body),
         ("ListShards", _) => Ok(list_shards(&kinesis)),
-        ("DescribeStreamSummary", _) => Ok(describe_stream_summary(&kinesis, stream(encoding, &body))),
+        ("DescribeStreamSummary", _) => {
+            Ok(describe_stream_summary(&kinesis, stream(encoding, &body)))
+        }
         ("DescribeStream", _) => Ok(describe_stream(&kinesis, stream(encoding, &body))),
         ("CreateStream", _) => Ok(json!({})),
         _ => Err(("UnknownOperationException", format!("{operation:?}"))),
@@ -275,7 +277,8 @@ fn put_records_json_body(kinesis: &NullKinesis, body: &[u8]) -> Option<Vec<u8>> 
         let _ = write!(out, "\",\"ShardId\":\"shardId-{shard:012}\"}}");
     }
     out.extend_from_slice(b"]}");
-    kinesis.entries
+    kinesis
+        .entries
         .fetch_add(request.records.len() as u64, Ordering::Relaxed);
     Some(out)
 }
@@ -294,7 +297,8 @@ fn put_records_cbor(kinesis: &NullKinesis, body: &[u8]) -> Answer {
             })
         })
         .collect();
-    kinesis.entries
+    kinesis
+        .entries
         .fetch_add(results.len() as u64, Ordering::Relaxed);
     Ok(json!({"FailedRecordCount": 0, "Records": results}))
 }

@@ -71,10 +71,11 @@ impl Lane {
             if self.buffer.is_empty() && (self.closing.is_some() || self.disconnected) {
                 break;
             }
-            let timer = self
-                .buffer
-                .front()
-                .map(|e| e.enqueued + self.shared.batch_timeout);
+            let timer = self.buffer.front().map(|e| {
+                self.shared
+                    .clock
+                    .deadline(e.enqueued, self.shared.batch_timeout)
+            });
             // Register for a wake-up before the last look at the inbox, so a
             // put landing in between is never missed.
             let inbox = self.inbox.clone();
@@ -107,7 +108,7 @@ impl Lane {
     fn accept(&mut self, command: Command) {
         match command {
             Command::Put(entry) => {
-                self.buffer_bytes += entry.size;
+                self.buffer_bytes += entry.size();
                 self.buffer.push_back(entry);
             }
             Command::Flush(waiter) => self.flushes.push((self.buffer.len(), waiter)),
@@ -125,7 +126,7 @@ impl Lane {
             || self.disconnected
             || self.flushes.iter().any(|(ahead, _)| *ahead > 0)
             || self.full()
-            || oldest.enqueued.elapsed() >= self.shared.batch_timeout
+            || self.shared.clock.age(oldest.enqueued) >= self.shared.batch_timeout
     }
 
     /// Whether a full request is ready. With aggregation many records share
@@ -177,11 +178,11 @@ fn cut_plain(buffer: &mut VecDeque<Entry>) -> Vec<Outgoing> {
     let mut bytes = 0;
     while let Some(entry) = buffer.front() {
         if request.len() == MAX_REQUEST_RECORDS
-            || (!request.is_empty() && bytes + entry.size > MAX_REQUEST_BYTES)
+            || (!request.is_empty() && bytes + entry.size() > MAX_REQUEST_BYTES)
         {
             break;
         }
-        bytes += entry.size;
+        bytes += entry.size();
         request.push(Outgoing::single(buffer.pop_front().expect("front exists")));
     }
     request

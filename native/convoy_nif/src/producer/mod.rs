@@ -34,11 +34,13 @@ use convoy_core::lanes::lane_of;
 use convoy_core::retry::RetryPolicy;
 
 mod aggregate;
+mod entry;
 mod inbox;
 mod lane;
 mod send;
 
 use aggregate::Aggregation;
+use entry::{Clock, Entry, Packed};
 use inbox::Inbox;
 use lane::Lane;
 
@@ -114,6 +116,8 @@ struct Shared {
     closed: AtomicBool,
     stats: Stats,
     aggregation: Option<Arc<Aggregation>>,
+    /// Stamps records as they are put.
+    clock: Clock,
 }
 
 #[derive(Default)]
@@ -125,16 +129,6 @@ struct Stats {
     retried: AtomicU64,
     throttled: AtomicU64,
     failed: AtomicU64,
-}
-
-struct Entry {
-    key: String,
-    explicit_hash_key: Option<String>,
-    data: Vec<u8>,
-    /// Bytes charged to the budget and to the request size.
-    size: usize,
-    reply: Option<ReplyTo>,
-    enqueued: Instant,
 }
 
 enum Command {
@@ -197,12 +191,12 @@ impl Producer {
         }
     }
 
-    fn put(
+    fn put<'a>(
         &self,
-        key: Term,
-        data: Term,
-        explicit_hash_key: Term,
-        reply: Term,
+        key: Term<'a>,
+        data: Term<'a>,
+        explicit_hash_key: Term<'a>,
+        reply: Term<'a>,
     ) -> Result<(), Error> {
         // Checked again, race-free, when the record is pushed.
         if self.shared.closed.load(Ordering::Relaxed) {
@@ -219,12 +213,10 @@ impl Producer {
         self.charge(size as u64)?;
         let lane = lane_of(key, self.lanes.len());
         let entry = Entry {
-            key: key.to_owned(),
-            explicit_hash_key,
-            data,
-            size,
-            reply,
-            enqueued: Instant::now(),
+            record: Packed::new(key, &data),
+            explicit_hash_key: explicit_hash_key.map(String::into_boxed_str),
+            reply: reply.map(Box::new),
+            enqueued: self.shared.clock.now(),
         };
         if self.lanes[lane]
             .push(Command::Put(entry), &self.shared.closed)
@@ -294,6 +286,7 @@ fn producer_start(
         aggregation: options
             .aggregation
             .then(|| Arc::new(Aggregation::new(options.aggregation_max_bytes as usize))),
+        clock: Clock::new(),
     });
     if let Some(aggregation) = &shared.aggregation {
         runtime::spawn_guarded(
