@@ -50,7 +50,8 @@ per_record =
     :erlang.garbage_collect()
     Process.sleep(200)
     before = Bench.rss_kb()
-    Enum.each(records, fn {key, data} -> :ok = Convoy.Queue.put(id, key, data) end)
+    # Compiled code: an interpreted loop would grow this process's heap.
+    :ok = Bench.put_each(id, records)
     :erlang.garbage_collect()
     Process.sleep(200)
     grown = (Bench.rss_kb() - before) * 1024
@@ -80,22 +81,26 @@ put_ns = fn procs ->
     Bench.queue!(Bench.stream!(null_endpoint, "put-cost"), null_endpoint, batch_timeout: 100)
 
   seconds = Bench.put_all(id, calls, procs)
+  cpu_ns = Bench.last_scheduler_ns()
   :ok = Convoy.Queue.flush(id, await: 60_000)
   Bench.stop_queue(pid)
-  seconds
+  {seconds, cpu_ns}
 end
 
 baseline = fn procs ->
   {:ok, server} = Bench.Baseline.start_link()
-  casting = Bench.run_parallel(calls, procs, &Bench.Baseline.put(server, &1, &2))
+  casting = Bench.Baseline.cast_all(server, calls, procs)
   # Counted once the server has taken every record in.
   draining = Bench.seconds(fn -> ^calls = Bench.Baseline.size(server) end)
   GenServer.stop(server)
   casting + draining
 end
 
-single = Bench.repeat("convoy put, 1 process", fn -> put_ns.(1) end)
-many = Bench.repeat("convoy put, #{schedulers} processes", fn -> put_ns.(schedulers) end)
+{single, single_cpu} = Bench.repeat("convoy put, 1 process", fn -> put_ns.(1) end)
+
+{many, many_cpu} =
+  Bench.repeat("convoy put, #{schedulers} processes", fn -> put_ns.(schedulers) end)
+
 base_single = Bench.repeat("GenServer cast, 1 process", fn -> baseline.(1) end)
 
 base_many =
@@ -104,6 +109,8 @@ base_many =
 results =
   Map.merge(results, %{
     put_ns_single: single / calls * 1.0e9,
+    put_cpu_single: single_cpu / calls,
+    put_cpu_many: many_cpu / calls,
     put_rate_single: calls / single,
     put_rate_many: calls / many,
     base_ns_single: base_single / calls * 1.0e9,
@@ -435,7 +442,8 @@ Command: `bench/run` (environment: `BENCH_RUNS`, `BENCH_RECORDS`).
 | Convoy ≥ 0.8x the raw SDK client (null endpoint) | #{ratio.(r.null_convoy, r.null_raw)} | #{check.(r.null_convoy / r.null_raw >= 0.8)} |
 | aggregation ≥ 1.5x Convoy without it (null endpoint) | #{ratio.(r.null_agg, r.null_convoy)} | #{check.(r.null_agg / r.null_convoy >= 1.5)} |
 | aggregation ≥ 1,000,000 user records/s (null endpoint) | #{fmt.(r.null_agg)} | #{check.(r.null_agg >= 1.0e6)} |
-| `put/3` ≤ 500 ns per call, 1 process, steady state | #{fmt.(r.put_ns_single)} ns | #{check.(r.put_ns_single <= 500)} |
+| `put/3` ≤ 500 ns per call, 1 process, steady state (wall clock) | #{fmt.(r.put_ns_single)} ns | #{check.(r.put_ns_single <= 500)} |
+| the same in scheduler CPU per call | #{fmt.(r.put_cpu_single)} ns | #{check.(r.put_cpu_single <= 500)} |
 | `put/3` with #{schedulers} processes ≥ 1.8x 1 process | #{ratio.(r.put_rate_many, r.put_rate_single)} | #{check.(r.put_rate_many / r.put_rate_single >= 1.8)} |
 | memory per buffered record ≤ 2x payload + key | #{ratio.(r.held_per_record, r.held_payload)} | #{check.(r.held_per_record / r.held_payload <= 2)} |
 | consumer CPU per record ≤ 1.2x the raw SDK read loop | #{ratio.(r.convoy_get_cpu_us, r.raw_get_cpu_us)} | #{check.(r.convoy_get_cpu_us / r.raw_get_cpu_us <= 1.2)} |
@@ -450,11 +458,16 @@ into a queue whose Kinesis is unreachable, so all stay buffered: the VM's reside
 
 The queue sends to the null endpoint (`batch_timeout: 100`) while the calls go on, so its buffer is
 sent and reused; the clock covers the calls alone (keys and payloads are built before it starts).
-The lanes and the null endpoint share the cores with the callers meanwhile.
+The lanes and the null endpoint share the cores with the callers meanwhile. "Scheduler CPU" is the
+CPU time of the VM's scheduler threads during the calls (`/proc/self/task/*/schedstat`) divided by
+the calls: what a put costs its caller, not counting time spent waiting for a core on a busy
+machine, nor the lanes' work on the runtime's threads.
 
 | | Convoy `put/3` | GenServer cast (original design) | ratio |
 |---|---:|---:|---:|
-| ns per call, 1 process | #{fmt.(r.put_ns_single)} | #{fmt.(r.base_ns_single)} | #{ratio.(r.base_ns_single, r.put_ns_single)} faster |
+| scheduler CPU ns per call, 1 process | #{fmt.(r.put_cpu_single)} | | |
+| scheduler CPU ns per call, #{schedulers} processes | #{fmt.(r.put_cpu_many)} | | |
+| ns per call (wall clock), 1 process | #{fmt.(r.put_ns_single)} | #{fmt.(r.base_ns_single)} | #{ratio.(r.base_ns_single, r.put_ns_single)} faster |
 | calls/s, 1 process | #{fmt.(r.put_rate_single)} | #{fmt.(r.base_rate_single)} | |
 | calls/s, #{schedulers} processes | #{fmt.(r.put_rate_many)} | #{fmt.(r.base_rate_many)} | #{ratio.(r.put_rate_many, r.base_rate_many)} |
 | scaling 1 -> #{schedulers} processes | #{ratio.(r.put_rate_many, r.put_rate_single)} | #{ratio.(r.base_rate_many, r.base_rate_single)} | |

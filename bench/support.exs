@@ -35,9 +35,37 @@ defmodule Bench do
     (System.monotonic_time(:microsecond) - started) / 1_000_000
   end
 
-  def data(i) do
-    head = "record-#{i}-"
-    head <> :binary.copy("x", max(size() - byte_size(head), 0))
+  # Record i's data: "record-", i as 8 bytes, then padding to `size()`
+  # bytes. One binary construction (about 60 ns), as cheap as the peers'
+  # own record building, so the clock measures the clients.
+  @pad :binary.copy("x", 100 - 15)
+  def data(i), do: <<"record-", i::unsigned-big-64, @pad::binary>>
+
+  # CPU time (ns) by thread kind: :schedulers (Elixir code and NIF calls),
+  # :runtime (the NIF's tokio threads: lanes, SDK, HTTP), :other (dirty
+  # schedulers, I/O, aux).
+  def thread_ns do
+    "/proc/self/task"
+    |> File.ls!()
+    |> Enum.reduce(%{schedulers: 0, runtime: 0, other: 0}, fn tid, acc ->
+      dir = "/proc/self/task/#{tid}"
+
+      with {:ok, comm} <- File.read(dir <> "/comm"),
+           {:ok, stat} <- File.read(dir <> "/schedstat") do
+        ns = stat |> String.split() |> hd() |> String.to_integer()
+
+        kind =
+          cond do
+            Regex.match?(~r/^\d+_scheduler$/, String.trim(comm)) -> :schedulers
+            String.starts_with?(comm, "convoy") -> :runtime
+            true -> :other
+          end
+
+        Map.update!(acc, kind, &(&1 + ns))
+      else
+        _ -> acc
+      end
+    end)
   end
 
   def scheduler_ns do
@@ -165,6 +193,14 @@ defmodule Bench do
     run_parallel(count, procs, fn key, data -> put!(id, key, data) end)
   end
 
+  # Puts every `{key, data}` from this process; answers :ok.
+  def put_each(_id, []), do: :ok
+
+  def put_each(id, [{key, data} | rest]) do
+    :ok = Convoy.Queue.put(id, key, data)
+    put_each(id, rest)
+  end
+
   # Puts `count` records from `procs` processes, each building its records
   # as it goes, as the peers do (no list of payloads to build and collect
   # first); answers the seconds until all are accepted.
@@ -279,6 +315,10 @@ defmodule Bench.Baseline do
   use GenServer
   def start_link, do: GenServer.start_link(__MODULE__, :queue.new())
   def put(pid, key, data), do: GenServer.cast(pid, {:put, key, data})
+
+  def cast_all(pid, count, procs),
+    do: Bench.run_parallel(count, procs, fn key, data -> put(pid, key, data) end)
+
   def size(pid), do: GenServer.call(pid, :size, :infinity)
   @impl true
   def init(queue), do: {:ok, queue}
