@@ -126,6 +126,8 @@ produce_on = fn endpoint, count, opts ->
   stream = Bench.stream!(endpoint, "produce")
   {id, pid} = Bench.queue!(stream, endpoint, opts)
 
+  threads = Bench.thread_ns()
+
   {seconds, rss} =
     Bench.peak_rss(fn ->
       # Records are built inside the clock here, as every peer builds its own.
@@ -135,6 +137,10 @@ produce_on = fn endpoint, count, opts ->
       end)
     end)
 
+  # CPU per record by thread kind: the callers (building records, put/3)
+  # and the NIF's runtime (lanes, SDK, HTTP).
+  threads = Map.merge(Bench.thread_ns(), threads, fn _, a, b -> (a - b) / count end)
+  Process.put(:last_threads, threads)
   %{sent: sent} = Convoy.Queue.stats(id)
   if sent != count, do: raise("only #{sent} of #{count} acknowledged")
   Bench.stop_queue(pid)
@@ -201,10 +207,26 @@ null_convoy =
     elem(produce_on.(null_endpoint, null_count, batch_timeout: 100), 0)
   end)
 
+null_convoy_cpu = Process.get(:last_threads)
+
 null_agg =
   null_runs.("convoy aggregated", fn ->
     elem(produce_on.(null_endpoint, null_count, batch_timeout: 100, aggregation: true), 0)
   end)
+
+null_agg_cpu = Process.get(:last_threads)
+
+null_raw_cpu =
+  Bench.repeat("raw Rust SDK put, CPU seconds", fn ->
+    Bench.child_cpu!(Path.join(File.cwd!(), "target/release/kinesis_raw"), [
+      "put",
+      null_endpoint,
+      "null",
+      "#{null_count}",
+      "#{Bench.size()}",
+      "8"
+    ])
+  end) / null_count * 1.0e9
 
 null_raw =
   null_runs.("raw Rust SDK put", fn ->
@@ -224,7 +246,10 @@ results =
     null_convoy: null_convoy,
     null_agg: null_agg,
     null_raw: null_raw,
-    null_boto3: null_boto3
+    null_boto3: null_boto3,
+    null_convoy_cpu: null_convoy_cpu,
+    null_agg_cpu: null_agg_cpu,
+    null_raw_cpu: null_raw_cpu
   })
 
 # 3. Consumer throughput ---------------------------------------------------------
@@ -498,6 +523,16 @@ It runs on the same cores as the client.
 | boto3 `put_records` of 500 | #{fmt.(r.null_boto3)} | #{ratio.(r.null_boto3, r.null_raw)} | 1.00x |
 
 Convoy with aggregation vs without: #{ratio.(r.null_agg, r.null_convoy)}.
+
+CPU per record (ns, the last run of each; the raw client's is its whole process, user + system):
+
+| | callers (records built, `put/3`) | NIF runtime (lanes, SDK, HTTP) | total | vs raw |
+|---|---:|---:|---:|---:|
+| raw aws-sdk-kinesis | | | #{fmt.(r.null_raw_cpu)} | 1.00x |
+| Convoy | #{fmt.(r.null_convoy_cpu.schedulers)} | #{fmt.(r.null_convoy_cpu.runtime)} | #{fmt.(r.null_convoy_cpu.schedulers + r.null_convoy_cpu.runtime + r.null_convoy_cpu.other)} | #{ratio.(r.null_convoy_cpu.schedulers + r.null_convoy_cpu.runtime + r.null_convoy_cpu.other, r.null_raw_cpu)} |
+| Convoy, aggregation | #{fmt.(r.null_agg_cpu.schedulers)} | #{fmt.(r.null_agg_cpu.runtime)} | #{fmt.(r.null_agg_cpu.schedulers + r.null_agg_cpu.runtime + r.null_agg_cpu.other)} | #{ratio.(r.null_agg_cpu.schedulers + r.null_agg_cpu.runtime + r.null_agg_cpu.other, r.null_raw_cpu)} |
+
+#{File.read!(Path.join(__DIR__, "PROFILE.md"))}
 
 ## 3. Consumer throughput (#{count} records, 4 shards, from `:trim_horizon`)
 
