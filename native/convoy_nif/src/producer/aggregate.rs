@@ -8,7 +8,7 @@
 //! expected (after resharding). Until the map is known, records are grouped
 //! by partition key, which is always safe.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -60,10 +60,34 @@ enum Group {
     Hash(u128),
 }
 
-fn group_of(map: &ShardMap, entry: &Entry) -> Group {
+/// The hash keys (MD5) of the partition keys a lane has seen, so a record's
+/// shard is found without hashing its key each time: keys repeat, and MD5
+/// cost more than the rest of placing a record. Bounded: once full, new
+/// keys are hashed without being kept, so unique keys allocate nothing.
+#[derive(Default)]
+pub(super) struct KeyHashes {
+    known: HashMap<Box<str>, u128>,
+}
+
+impl KeyHashes {
+    const CAPACITY: usize = 1024;
+
+    fn of(&mut self, key: &str) -> u128 {
+        if let Some(hash) = self.known.get(key) {
+            return *hash;
+        }
+        let hash = hash_key(key);
+        if self.known.len() < Self::CAPACITY {
+            self.known.insert(key.into(), hash);
+        }
+        hash
+    }
+}
+
+fn group_of(map: &ShardMap, entry: &Entry, hashes: &mut KeyHashes) -> Group {
     let hash = match &entry.explicit_hash_key {
         Some(ehk) => ehk.parse().unwrap_or(0),
-        None => hash_key(entry.record.key()),
+        None => hashes.of(entry.record.key()),
     };
     match map.index_for(hash) {
         Some(index) => Group::Shard(index),
@@ -244,10 +268,14 @@ impl<'a> Cut<'a> {
 /// Takes records from the front of the buffer into aggregated records until
 /// the request would pass 500 records or 5 MiB. Records of one key go to
 /// one group, and a group's aggregates are emitted in order, so order holds.
-pub(super) fn cut(buffer: &mut VecDeque<Entry>, aggregation: &Aggregation) -> Vec<Outgoing> {
+pub(super) fn cut(
+    buffer: &mut VecDeque<Entry>,
+    aggregation: &Aggregation,
+    hashes: &mut KeyHashes,
+) -> Vec<Outgoing> {
     let mut cut = Cut::new(aggregation);
     while let Some(entry) = buffer.front() {
-        let group = group_of(&cut.map, entry);
+        let group = group_of(&cut.map, entry, hashes);
         let place = cut.place(group, entry);
         if !cut.fits(&place, entry) {
             break;

@@ -31,6 +31,8 @@ pub(super) struct Lane {
     sending: Vec<Outgoing>,
     /// Set when `run` returns normally; a lane dropped without it ended abnormally.
     finished: bool,
+    /// With aggregation: the hash keys of the partition keys seen.
+    key_hashes: aggregate::KeyHashes,
 }
 
 impl Lane {
@@ -45,6 +47,7 @@ impl Lane {
             disconnected: false,
             sending: Vec::new(),
             finished: false,
+            key_hashes: aggregate::KeyHashes::default(),
         }
     }
 
@@ -74,7 +77,7 @@ impl Lane {
             let timer = self.buffer.front().map(|e| {
                 self.shared
                     .clock
-                    .deadline(e.enqueued, self.shared.batch_timeout)
+                    .deadline(e.enqueued(), self.shared.batch_timeout)
             });
             // Register for a wake-up before the last look at the inbox, so a
             // put landing in between is never missed.
@@ -126,7 +129,7 @@ impl Lane {
             || self.disconnected
             || self.flushes.iter().any(|(ahead, _)| *ahead > 0)
             || self.full()
-            || self.shared.clock.age(oldest.enqueued) >= self.shared.batch_timeout
+            || self.shared.clock.age(oldest.enqueued()) >= self.shared.batch_timeout
     }
 
     /// Whether a full request is ready. With aggregation many records share
@@ -142,7 +145,9 @@ impl Lane {
     fn cut(&mut self) -> (Vec<Outgoing>, usize) {
         let before = self.buffer.len();
         let request = match &self.shared.aggregation {
-            Some(aggregation) => aggregate::cut(&mut self.buffer, aggregation),
+            Some(aggregation) => {
+                aggregate::cut(&mut self.buffer, aggregation, &mut self.key_hashes)
+            }
             None => cut_plain(&mut self.buffer),
         };
         let taken = before - self.buffer.len();

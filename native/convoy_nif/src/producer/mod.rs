@@ -212,12 +212,12 @@ impl Producer {
 
         self.charge(size as u64)?;
         let lane = lane_of(key, self.lanes.len());
-        let entry = Entry {
-            record: Packed::new(key, &data),
-            explicit_hash_key: explicit_hash_key.map(String::into_boxed_str),
-            reply: reply.map(Box::new),
-            enqueued: self.shared.clock.now(),
-        };
+        let entry = Entry::new(
+            Packed::new(key, &data),
+            explicit_hash_key.map(String::into_boxed_str),
+            reply.map(Box::new),
+            self.shared.clock.now(),
+        );
         if self.lanes[lane]
             .push(Command::Put(entry), &self.shared.closed)
             .is_err()
