@@ -157,6 +157,20 @@ impl Aggregator {
         grow
     }
 
+    /// The size of a finished record holding only this user record: what
+    /// `Aggregator::new().encoded_len_with(..)` answers, without building one.
+    pub fn single_len(
+        partition_key: &str,
+        explicit_hash_key: Option<&str>,
+        data_len: usize,
+    ) -> usize {
+        MAGIC.len()
+            + DIGEST_LEN
+            + field_len(partition_key.len())
+            + explicit_hash_key.map_or(0, |ehk| field_len(ehk.len()))
+            + field_len(record_len(0, explicit_hash_key.map(|_| 0), data_len))
+    }
+
     /// The size the finished record would have with this user record added.
     pub fn encoded_len_with(
         &self,
@@ -398,6 +412,20 @@ mod tests {
         bytes.extend_from_slice(&proto);
         bytes.extend_from_slice(&Md5::digest(&proto));
         assert_eq!(deaggregate(&bytes), None);
+    }
+
+    #[test]
+    fn single_len_is_an_empty_aggregators_prediction() {
+        for (key, ehk, len) in [
+            ("k", None, 0),
+            ("key", Some("42"), 300),
+            ("é", Some("0"), 5),
+        ] {
+            assert_eq!(
+                Aggregator::single_len(key, ehk, len),
+                Aggregator::new().encoded_len_with(key, ehk, len)
+            );
+        }
     }
 
     #[test]

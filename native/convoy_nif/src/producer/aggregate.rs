@@ -84,10 +84,10 @@ impl KeyHashes {
     }
 }
 
-fn group_of(map: &ShardMap, entry: &Entry, hashes: &mut KeyHashes) -> Group {
+fn group_of(map: &ShardMap, key: &str, entry: &Entry, hashes: &mut KeyHashes) -> Group {
     let hash = match &entry.explicit_hash_key {
         Some(ehk) => ehk.parse().unwrap_or(0),
-        None => hashes.of(entry.record.key()),
+        None => hashes.of(key),
     };
     match map.index_for(hash) {
         Some(index) => Group::Shard(index),
@@ -116,11 +116,6 @@ impl Open {
     /// Its size against the request limit (data plus partition key).
     fn request_bytes(&self) -> usize {
         self.aggregator.encoded_len() + self.aggregator.first_partition_key().map_or(0, str::len)
-    }
-
-    /// The size of its data with `entry` added.
-    fn len_with(&self, entry: &Entry) -> usize {
-        len_with(&self.aggregator, entry)
     }
 
     fn add(&mut self, entry: Entry) {
@@ -158,22 +153,15 @@ impl Open {
     }
 }
 
-fn len_with(aggregator: &Aggregator, entry: &Entry) -> usize {
-    aggregator.encoded_len_with(
-        entry.record.key(),
-        entry.explicit_hash_key.as_deref(),
-        entry.record.data().len(),
-    )
-}
-
-/// Where the next user record goes.
+/// Where the next user record goes, and by how many bytes it grows the
+/// request there (each size computed once).
 enum Place {
     /// Into the open aggregate at this index.
-    Join(usize),
+    Join(usize, usize),
     /// Into a new aggregate (closing the full one at this index first).
-    Start(Option<usize>),
+    Start(Option<usize>, usize),
     /// Too large to share a record: sent as it is, as the KPL does.
-    Alone,
+    Alone(usize),
 }
 
 /// A request being cut: finished Kinesis records, and the aggregates still
@@ -197,32 +185,36 @@ impl<'a> Cut<'a> {
         }
     }
 
-    fn place(&self, group: Group, entry: &Entry) -> Place {
+    /// `key` is the entry's partition key (checked once by the caller).
+    fn place(&self, group: Group, key: &str, entry: &Entry) -> Place {
         let max = self.aggregation.max_bytes;
+        let ehk = entry.explicit_hash_key.as_deref();
+        let data_len = entry.record.data().len();
         let slot = self.open.iter().position(|o| o.group == group);
-        match slot {
-            Some(i) if self.open[i].len_with(entry) <= max => Place::Join(i),
-            _ if len_with(&Aggregator::new(), entry) > max => Place::Alone,
-            _ => Place::Start(slot),
+        if let Some(i) = slot {
+            let current = &self.open[i].aggregator;
+            let grown = current.encoded_len_with(key, ehk, data_len);
+            if grown <= max {
+                return Place::Join(i, grown - current.encoded_len());
+            }
+        }
+        let alone = Aggregator::single_len(key, ehk, data_len);
+        if alone > max {
+            Place::Alone(entry.size())
+        } else {
+            Place::Start(slot, alone + key.len())
         }
     }
 
-    /// Whether the request stays within 500 records and 5 MiB with `entry`
-    /// placed there. An empty request takes any one record.
-    fn fits(&self, place: &Place, entry: &Entry) -> bool {
+    /// Whether the request stays within 500 records and 5 MiB with the
+    /// entry placed there. An empty request takes any one record.
+    fn fits(&self, place: &Place) -> bool {
         if self.done.is_empty() && self.open.is_empty() {
             return true;
         }
         let (extra_records, extra_bytes) = match *place {
-            Place::Join(i) => {
-                let current = &self.open[i].aggregator;
-                (0, len_with(current, entry) - current.encoded_len())
-            }
-            Place::Start(_) => (
-                1,
-                len_with(&Aggregator::new(), entry) + entry.record.key().len(),
-            ),
-            Place::Alone => (1, entry.size()),
+            Place::Join(_, grown) => (0, grown),
+            Place::Start(_, bytes) | Place::Alone(bytes) => (1, bytes),
         };
         let open_bytes: usize = self.open.iter().map(Open::request_bytes).sum();
         let records = self.done.len() + self.open.len() + extra_records;
@@ -232,13 +224,13 @@ impl<'a> Cut<'a> {
 
     fn take(&mut self, place: Place, group: Group, entry: Entry) {
         let index = match place {
-            Place::Alone => {
+            Place::Alone(_) => {
                 self.done_bytes += entry.size();
                 self.done.push(Outgoing::single(entry));
                 return;
             }
-            Place::Join(i) => i,
-            Place::Start(full) => {
+            Place::Join(i, _) => i,
+            Place::Start(full, _) => {
                 if let Some(i) = full {
                     // Full: close it, keeping its place before newer records
                     // of the group, and start another.
@@ -275,9 +267,10 @@ pub(super) fn cut(
 ) -> Vec<Outgoing> {
     let mut cut = Cut::new(aggregation);
     while let Some(entry) = buffer.front() {
-        let group = group_of(&cut.map, entry, hashes);
-        let place = cut.place(group, entry);
-        if !cut.fits(&place, entry) {
+        let key = entry.record.key();
+        let group = group_of(&cut.map, key, entry, hashes);
+        let place = cut.place(group, key, entry);
+        if !cut.fits(&place) {
             break;
         }
         let entry = buffer.pop_front().expect("front exists");
