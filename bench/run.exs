@@ -545,7 +545,7 @@ CPU per record (ns, the last run of each; the raw client's is its whole process,
 Peak BEAM RSS while consuming: #{div(r.convoy_get_rss, 1024)} MiB.
 
 CPU per record (user + system, every thread of the process): Convoy with a function handler
-#{Float.round(r.convoy_get_cpu_us, 2)} µs (the whole VM, scheduler spinning included), the raw SDK loop, which
+#{Float.round(r.convoy_get_cpu_us, 2)} µs (the whole VM: dispatchers, handler calls, checkpoints), the raw SDK loop, which
 deserializes the same records into SDK structs, #{Float.round(r.raw_get_cpu_us, 2)} µs:
 #{ratio.(r.convoy_get_cpu_us, r.raw_get_cpu_us)}. The emulator's CPU counts in neither.
 

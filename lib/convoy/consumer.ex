@@ -87,6 +87,7 @@ defmodule Convoy.Consumer do
   end
 
   @queue_options [
+    :stream,
     :stream_id,
     :checkpoint,
     :iterator_type,
@@ -95,7 +96,8 @@ defmodule Convoy.Consumer do
     :shard_refresh_interval,
     :retry_backoff,
     :max_backoff,
-    :handlers
+    :handlers,
+    :consumer
   ]
 
   @doc """
@@ -181,10 +183,14 @@ defmodule Convoy.Consumer do
     {:ok,
      %{
        stream_id: stream_id,
+       # The stream's name, for telemetry metadata.
+       stream: Keyword.get(options, :stream, stream_id),
        source: Keyword.fetch!(options, :source),
        checkpoint: {checkpoint_module, checkpoint},
        iterator_type: options[:iterator_type],
        poll_interval: options[:poll_interval],
+       # Pushed readers (enhanced fan-out) need no poll_interval to run.
+       pushed: match?({:fan_out, _}, options[:consumer]),
        # Readers run only while polling, so poll_interval is set then.
        reader_options: Map.new(Keyword.take(options, @reader_options)),
        shard_refresh_interval: options[:shard_refresh_interval],
@@ -370,9 +376,14 @@ defmodule Convoy.Consumer do
   # Handlers and polling
 
   defp add_handler(state, id, handler, config, opts) do
-    if Map.has_key?(state.handlers, id) do
+    existing = Map.get(state.handlers, id)
+
+    if existing && !opts[:replace] do
       {:error, :already_exists}
     else
+      # A replacement takes the old handler's place in the attach order.
+      if existing && existing.monitor, do: Process.demonitor(existing.monitor, [:flush])
+
       # `ref` names this attachment: dispatchers track handlers by it, so a
       # handler detached and attached again under the same id is a new one.
       entry = %{
@@ -381,7 +392,7 @@ defmodule Convoy.Consumer do
         handler: handler,
         config: config,
         opts: opts,
-        order: state.next_order,
+        order: if(existing, do: existing.order, else: state.next_order),
         monitor: if(is_pid(handler), do: Process.monitor(handler))
       }
 
@@ -391,15 +402,28 @@ defmodule Convoy.Consumer do
           next_order: state.next_order + 1
       }
 
+      handler_event(state, :attach, id)
       {:ok, state |> store_handlers() |> broadcast_handlers()}
     end
+  end
+
+  # Convoy 0.1's events, with its measurements and metadata (and the
+  # stream_id added).
+  defp handler_event(state, event, id) do
+    Convoy.Telemetry.execute(
+      [:convoy, :queue, event],
+      %{handler_count: map_size(state.handlers)},
+      %{stream: state.stream, stream_id: state.stream_id, handler_id: id}
+    )
   end
 
   defp remove_handler(state, id) do
     {entry, handlers} = Map.pop(state.handlers, id)
     if entry.monitor, do: Process.demonitor(entry.monitor, [:flush])
+    state = %{state | handlers: handlers}
+    handler_event(state, :detach, id)
 
-    %{state | handlers: handlers}
+    state
     |> store_handlers()
     |> broadcast_handlers()
     |> update_polling()
@@ -432,7 +456,7 @@ defmodule Convoy.Consumer do
   end
 
   defp update_polling(state) do
-    wanted = map_size(state.handlers) > 0 and not is_nil(state.poll_interval)
+    wanted = map_size(state.handlers) > 0 and (state.pushed or not is_nil(state.poll_interval))
 
     cond do
       wanted and not state.polling -> refresh(%{state | polling: true})
@@ -547,6 +571,7 @@ defmodule Convoy.Consumer do
              %{
                consumer: self(),
                stream_id: state.stream_id,
+               stream: state.stream,
                shard_id: shard_id,
                source: state.source,
                position: position(state, shard_id),

@@ -50,9 +50,21 @@ defmodule Convoy.Native do
   def poller_start(_client, _stream_id, _options, _position, _dispatcher), do: not_loaded()
   def poller_ack(_poller), do: not_loaded()
   def poller_stop(_poller), do: not_loaded()
-  def fetch_records(_client, _stream, _stream_id, _positions, _limit, _reply_to), do: not_loaded()
+
+  def fetch_records(_client, _stream, _stream_id, _positions, _limit, _telemetry, _reply_to),
+    do: not_loaded()
 
   def list_shards_nif(_client, _stream, _reply_to), do: not_loaded()
+
+  # enhanced fan-out
+  def fan_out_consumer(_client, _stream, _name), do: not_loaded()
+  def fan_out_deregister(_client, _stream, _name, _reply_to), do: not_loaded()
+
+  def subscription_start(_consumer, _stream_id, _options, _position, _dispatcher),
+    do: not_loaded()
+
+  def reader_ack(_reader), do: not_loaded()
+  def reader_stop(_reader), do: not_loaded()
 
   # JSON as the producer encodes it
   def encode_json(_term), do: not_loaded()

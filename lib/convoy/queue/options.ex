@@ -61,7 +61,9 @@ defmodule Convoy.Queue.Options do
         default: Convoy.Services.Kinesis,
         doc: """
         The module that does the work. `Convoy.Services.Memory` runs without
-        any Kinesis, for tests.
+        any Kinesis, for tests. A service written for Convoy 0.1 (the four
+        callbacks `describe_stream/1`, `get_iterator/3`, `get_records/2` and
+        `put_records/2`) runs through `Convoy.Services.Legacy`.
         """
       ],
       service_options: [
@@ -218,6 +220,22 @@ defmodule Convoy.Queue.Options do
         Records still unsent then take the failure path.
         """
       ],
+      consumer: [
+        type:
+          {:custom, &consumer/1,
+           "`:polling` or `{:fan_out, name}` with `name` 1..128 of `[a-zA-Z0-9_.-]`"},
+        default: :polling,
+        doc: """
+        How shards are read. `:polling` calls GetRecords, sharing each
+        shard's 5 reads/s and 2 MB/s with every reader of the stream.
+        `{:fan_out, name}` is enhanced fan-out (Kinesis service only): the
+        stream consumer `name` (registered if missing, reused if present)
+        gets 2 MB/s per shard of its own, pushed over SubscribeToShard, and
+        reading starts with the first handler whatever `:poll_interval` is.
+        Kinesis bills fan-out consumers by the hour; remove one with
+        `Convoy.Services.Kinesis.deregister_consumer/3`.
+        """
+      ],
       poll_limit: [
         type: {:integer, 1, 10_000},
         default: 10_000,
@@ -271,6 +289,15 @@ defmodule Convoy.Queue.Options do
         unit: :ms,
         default: :infinity,
         doc: "How long a pid handler has to ack a batch before it is detached."
+      ],
+      replace: [
+        type: :boolean,
+        default: false,
+        doc: """
+        Whether a handler already attached under the same id is replaced
+        (`true`, what `attach_handler/4` and `attach/4` do) or the call
+        answers `{:error, :already_exists}` (`false`).
+        """
       ]
     ]
   end
@@ -311,7 +338,23 @@ defmodule Convoy.Queue.Options do
 
     options
     |> Keyword.update!(:stream_id, &if(is_nil(&1), do: options[:stream], else: &1))
+    |> legacy_service()
     |> check_aggregation_size!()
+    |> check_fan_out_service!()
+  end
+
+  defp check_fan_out_service!(options) do
+    service = options[:service]
+
+    case options[:consumer] do
+      {:fan_out, _} when service != Convoy.Services.Kinesis ->
+        raise ArgumentError,
+              "invalid Convoy.Queue option :consumer: enhanced fan-out needs " <>
+                "service Convoy.Services.Kinesis, got: #{inspect(service)}"
+
+      _ ->
+        options
+    end
   end
 
   @doc false
@@ -394,6 +437,28 @@ defmodule Convoy.Queue.Options do
 
   defp conform({:custom, fun, _description}, value), do: fun.(value)
 
+  defp consumer(:polling), do: {:ok, :polling}
+
+  defp consumer({:fan_out, name}) when is_binary(name) do
+    if name =~ ~r/\A[a-zA-Z0-9_.-]{1,128}\z/, do: {:ok, {:fan_out, name}}, else: :error
+  end
+
+  defp consumer(_), do: :error
+
+  # A Convoy 0.1 service runs through the adapter, which finds the module in
+  # its service options; the result passes this check again unchanged.
+  defp legacy_service(options) do
+    module = options[:service]
+
+    if Convoy.Services.Legacy.legacy?(module) and not current_service?(module) do
+      options
+      |> Keyword.put(:service, Convoy.Services.Legacy)
+      |> Keyword.put(:service_options, [{:module, module} | options[:service_options]])
+    else
+      options
+    end
+  end
+
   defp check_aggregation_size!(options) do
     if options[:aggregation] and options[:aggregation_max_bytes] > options[:max_record_bytes] do
       raise ArgumentError,
@@ -415,10 +480,14 @@ defmodule Convoy.Queue.Options do
   defp stream(_), do: :error
 
   defp service(module) do
-    if is_atom(module) and Code.ensure_loaded?(module) and
-         function_exported?(module, :child_spec, 1) and function_exported?(module, :put, 4),
-       do: {:ok, module},
-       else: :error
+    if current_service?(module) or Convoy.Services.Legacy.legacy?(module),
+      do: {:ok, module},
+      else: :error
+  end
+
+  defp current_service?(module) do
+    is_atom(module) and Code.ensure_loaded?(module) and
+      function_exported?(module, :child_spec, 1) and function_exported?(module, :put, 4)
   end
 
   defp iterator_type(:latest), do: {:ok, :latest}

@@ -68,6 +68,8 @@ pub struct ProducerOptions {
     /// ...of at most this many bytes.
     pub aggregation_max_bytes: u64,
     pub shard_refresh_interval: u64,
+    /// Report each PutRecords request to the reporter (see `crate::telemetry`).
+    pub telemetry: bool,
 }
 
 pub struct Producer {
@@ -118,6 +120,8 @@ struct Shared {
     aggregation: Option<Arc<Aggregation>>,
     /// Stamps records as they are put.
     clock: Clock,
+    /// Whether each request is reported to `reporter` for telemetry.
+    telemetry: bool,
 }
 
 #[derive(Default)]
@@ -287,6 +291,7 @@ fn producer_start(
             .aggregation
             .then(|| Arc::new(Aggregation::new(options.aggregation_max_bytes as usize))),
         clock: Clock::new(),
+        telemetry: options.telemetry,
     });
     if let Some(aggregation) = &shared.aggregation {
         runtime::spawn_guarded(

@@ -17,6 +17,7 @@ use super::Shared;
 use crate::atoms;
 use crate::error::{Error, Reason};
 use crate::reply::ReplyTo;
+use crate::telemetry;
 
 /// A user record's share of an outgoing Kinesis record.
 pub(super) struct Member {
@@ -147,6 +148,8 @@ pub(super) async fn deliver(
 /// One PutRecords call. Leaves in `pending` the entries worth retrying and
 /// returns the error that stopped them.
 async fn attempt(shared: &Shared, pending: &mut Vec<Outgoing>) -> Error {
+    let started = Instant::now();
+    let size = shared.telemetry.then(|| request_size(pending));
     let request: Vec<PutRecordsRequestEntry> =
         pending.iter().map(Outgoing::request_entry).collect();
     let response = shared
@@ -157,9 +160,28 @@ async fn attempt(shared: &Shared, pending: &mut Vec<Outgoing>) -> Error {
         .send()
         .await;
     match response {
-        Ok(output) => settle(shared, pending, output.records()),
-        Err(sdk_error) => request_failed(shared, pending, retry::classify(&sdk_error)),
+        Ok(output) => {
+            let settled = settle(shared, pending, output.records());
+            if let Some(size) = size {
+                let counts = (settled.acknowledged(), records(pending), settled.failed());
+                report(shared, started, size, counts, None);
+            }
+            settled.finish(shared)
+        }
+        Err(sdk_error) => {
+            let error = retry::classify(&sdk_error);
+            if let Some(size) = size {
+                report(shared, started, size, (0, 0, 0), Some(&error));
+            }
+            request_failed(shared, pending, error)
+        }
     }
+}
+
+/// For telemetry: user records, Kinesis records and bytes in the request.
+fn request_size(pending: &[Outgoing]) -> (u64, u64, u64) {
+    let bytes: usize = pending.iter().map(|o| o.record.len()).sum();
+    (records(pending), pending.len() as u64, bytes as u64)
 }
 
 /// The whole request failed: throttling is counted, and a final error
@@ -196,7 +218,7 @@ fn settle(
     shared: &Shared,
     pending: &mut Vec<Outgoing>,
     results: &[PutRecordsResultEntry],
-) -> Error {
+) -> Settled {
     let mut settled = Settled::default();
     let mut env = OwnedEnv::new();
     for (index, outgoing) in std::mem::take(pending).into_iter().enumerate() {
@@ -216,17 +238,34 @@ fn settle(
             }
         }
     }
-    let stats = &shared.stats;
-    let done = settled.acknowledged_records;
-    stats.sent.fetch_add(done, Ordering::Relaxed);
-    stats.in_flight.fetch_sub(done, Ordering::Relaxed);
-    shared.release(done, settled.acknowledged_bytes);
-    for (outgoing, error) in settled.fatal {
-        fail(shared, vec![outgoing], &error);
-    }
     settled
-        .retry_error
-        .unwrap_or_else(|| Error::aws("InternalFailure", "no result for the record"))
+}
+
+impl Settled {
+    /// User records acknowledged, for telemetry.
+    fn acknowledged(&self) -> u64 {
+        self.acknowledged_records
+    }
+
+    /// User records that failed for good, for telemetry.
+    fn failed(&self) -> u64 {
+        self.fatal.iter().map(|(o, _)| o.records()).sum()
+    }
+
+    /// Pays back what was acknowledged, fails what failed for good, and
+    /// returns the error to retry the rest with.
+    fn finish(self, shared: &Shared) -> Error {
+        let stats = &shared.stats;
+        let done = self.acknowledged_records;
+        stats.sent.fetch_add(done, Ordering::Relaxed);
+        stats.in_flight.fetch_sub(done, Ordering::Relaxed);
+        shared.release(done, self.acknowledged_bytes);
+        for (outgoing, error) in self.fatal {
+            fail(shared, vec![outgoing], &error);
+        }
+        self.retry_error
+            .unwrap_or_else(|| Error::aws("InternalFailure", "no result for the record"))
+    }
 }
 
 fn acknowledged(
@@ -274,6 +313,27 @@ fn rejected(
     } else {
         settled.fatal.push((outgoing, error));
     }
+}
+
+/// Sends one request's report to the reporter, for telemetry.
+fn report(
+    shared: &Shared,
+    started: Instant,
+    (records, entries, bytes): (u64, u64, u64),
+    (acknowledged, retried, failed): (u64, u64, u64),
+    error: Option<&Error>,
+) {
+    let report = telemetry::PutRecordsReport {
+        duration: started.elapsed(),
+        records,
+        entries,
+        bytes,
+        acknowledged,
+        retried,
+        failed,
+        error,
+    };
+    telemetry::put_records(&shared.reporter, &report);
 }
 
 /// Tells every awaiting caller of the record's members where it landed.

@@ -1,8 +1,11 @@
 //! Reading Kinesis for `Convoy.Services.Kinesis.Source`: the shard list,
-//! one poller per shard for the consumer (`poller`), and the pull reads of
-//! `Convoy.Queue.get/2` (`fetch`).
+//! one reader per shard for the consumer, polling (`poller`) or pushed by
+//! enhanced fan-out (`fan_out`), and the pull reads of `Convoy.Queue.get/2`
+//! (`fetch`).
 
+mod fan_out;
 mod fetch;
+mod link;
 mod poller;
 
 use aws_sdk_kinesis::primitives::DateTime;
@@ -105,4 +108,17 @@ fn list_shards_nif(
         list_shards(&client, &stream_name).await.map(Shards)
     });
     atoms::ok()
+}
+
+/// Whether Kinesis refused a sequence-number position as not from this
+/// stream (the wording Kinesis and the emulators use): the stream was
+/// deleted and created again.
+pub(super) fn refused_as_foreign(position: &Position, error: &Error) -> bool {
+    let by_sequence = matches!(
+        position,
+        Position::AtSequenceNumber(_) | Position::AfterSequenceNumber(_)
+    );
+    by_sequence
+        && matches!(error, Error::Aws { code, message }
+            if code == "InvalidArgumentException" && message.contains("did not come from this stream"))
 }
