@@ -54,6 +54,20 @@ defmodule Convoy.Native do
 
   def list_shards_nif(_client, _stream, _reply_to), do: not_loaded()
 
+  # shard leases (KCL lease table in DynamoDB)
+  def lease_client_new(_config, _table, _worker_id, _reply_to), do: not_loaded()
+  def lease_prepare(_client, _reply_to), do: not_loaded()
+  def lease_list(_client, _reply_to), do: not_loaded()
+  def lease_create(_client, _lease, _reply_to), do: not_loaded()
+  def lease_take(_client, _key, _counter, _owner, _reply_to), do: not_loaded()
+  def lease_renew_all(_client, _reply_to), do: not_loaded()
+  def lease_checkpoint(_client, _key, _checkpoint, _sub, _reply_to), do: not_loaded()
+  def lease_release(_client, _key, _reply_to), do: not_loaded()
+  def lease_forget(_client, _key), do: not_loaded()
+  def lease_delete(_client, _key, _reply_to), do: not_loaded()
+  def lease_calls(_client), do: not_loaded()
+  def lease_held(_client), do: not_loaded()
+
   # JSON as the producer encodes it
   def encode_json(_term), do: not_loaded()
   # a record checked and encoded as put/3 does for every service

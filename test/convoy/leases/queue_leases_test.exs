@@ -1,0 +1,198 @@
+defmodule Convoy.Leases.QueueTest do
+  # One node (this VM) with `leases:`: checkpoints in the KCL table, which an
+  # independent client (boto3) reads with the KCL's names, types and values.
+  use ExUnit.Case, async: true
+
+  import Convoy.TestSupport
+  alias Convoy.TestSupport.Moto
+
+  @moduletag :leases
+
+  setup_all do
+    %{moto: Moto.endpoint!()}
+  end
+
+  defp start_queue(stream, table, moto, extra \\ []) do
+    test = self()
+
+    options =
+      [
+        stream: stream,
+        kinesis: kinesis(),
+        poll_interval: 100,
+        iterator_type: :trim_horizon,
+        leases: [table: table, worker_id: "node-one", failover: 3_000] ++ Moto.connection(moto),
+        handlers: [{:fwd, fn record, _ -> send(test, {:record, record}) end, nil}]
+      ] ++ extra
+
+    start_supervised!({Convoy.Queue, options}, id: make_ref(), restart: :temporary)
+  end
+
+  defp receive_records(count, acc \\ []) do
+    if count == 0 do
+      Enum.reverse(acc)
+    else
+      receive do
+        {:record, record} -> receive_records(count - 1, [record | acc])
+      after
+        60_000 -> flunk("got #{length(acc)} records, #{count} missing")
+      end
+    end
+  end
+
+  defp refute_more_records do
+    refute_receive {:record, _}, 1_500
+  end
+
+  test "checkpoints go to the lease table with KCL names, types and values", %{moto: moto} do
+    stream = create_stream!(unique_stream("leases"), 2)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    :ok = raw_put!(stream, 40)
+
+    queue = start_queue(stream, table, moto)
+    records = receive_records(40)
+    refute_more_records()
+    assert length(Enum.uniq_by(records, & &1.data)) == 40
+
+    assert Convoy.Leases.held(stream) == ["shardId-000000000000", "shardId-000000000001"]
+
+    last =
+      records
+      |> Enum.group_by(& &1.shard_id)
+      |> Map.new(fn {shard, rs} -> {shard, List.last(rs).sequence_number} end)
+
+    # The dispatcher stored the checkpoint right after the batch.
+    eventually(fn ->
+      scan(table, moto) |> Enum.map(&{&1["leaseKey"]["S"], &1["checkpoint"]["S"]}) |> Map.new() ==
+        last
+    end)
+
+    for item <- scan(table, moto) do
+      assert %{"S" => "shardId-" <> _} = item["leaseKey"]
+      assert %{"S" => "node-one"} = item["leaseOwner"]
+      assert %{"N" => counter} = item["leaseCounter"]
+      assert String.to_integer(counter) >= 2
+      assert %{"S" => sequence} = item["checkpoint"]
+      assert sequence =~ ~r/^\d+$/
+      assert %{"N" => "0"} = item["checkpointSubSequenceNumber"]
+      assert %{"N" => "0"} = item["ownerSwitchesSinceCheckpoint"]
+      refute Map.has_key?(item, "parentShardId")
+    end
+
+    # Stopped gracefully: leases given up (no owner), checkpoints kept.
+    stop_supervised!(queue)
+    assert Enum.all?(scan(table, moto), &(not Map.has_key?(&1, "leaseOwner")))
+
+    # A new run (same table) resumes after the checkpoints: only new records.
+    :ok = raw_put!(stream, 10, start: 40)
+    start_queue(stream, table, moto)
+    records = receive_records(10)
+    refute_more_records()
+
+    assert Enum.sort(Enum.map(records, & &1.data)) ==
+             Enum.sort(for i <- 40..49, do: "record-#{i}")
+  end
+
+  test "a table migrated to KCL 3.x refuses the queue with a clear error", %{moto: moto} do
+    stream = create_stream!(unique_stream("leases"), 1)
+    table = "convoy-#{System.unique_integer([:positive])}"
+
+    Moto.boto3!(
+      """
+      t = #{inspect(table <> "-CoordinatorState")}
+      ddb.create_table(TableName=t, KeySchema=[{"AttributeName": "key", "KeyType": "HASH"}],
+                       AttributeDefinitions=[{"AttributeName": "key", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
+      ddb.put_item(TableName=t, Item={"key": {"S": "Migration3.0"}, "cv": {"S": "CLIENT_VERSION_3X_WITH_ROLLBACK"}})
+      """,
+      moto
+    )
+
+    Process.flag(:trap_exit, true)
+
+    {result, log} =
+      ExUnit.CaptureLog.with_log(fn ->
+        Convoy.Queue.start_link(
+          stream: stream,
+          kinesis: kinesis(),
+          leases: [table: table] ++ Moto.connection(moto)
+        )
+      end)
+
+    assert {:error, reason} = result
+    assert inspect(reason) =~ "kcl3_table"
+    assert log =~ "migrated to KCL 3.x"
+  end
+
+  test "bad lease options are refused at start" do
+    for {leases, message} <- [
+          {[], "`:table` is required"},
+          {[table: "ab"], "DynamoDB table name"},
+          {[table: "orders", failover: 10], "at least 300"},
+          {[table: "orders", worker_id: ""], "non-empty string"},
+          {[table: "orders", endpoint_url: 5], "non-empty string"},
+          {[table: "orders", nope: 1], "unknown keys [:nope]"},
+          {:yes, "expected"}
+        ] do
+      error =
+        assert_raise ArgumentError, fn ->
+          Convoy.Queue.child_spec(stream: "s", leases: leases)
+        end
+
+      assert error.message =~ ":leases"
+      assert error.message =~ message
+    end
+
+    assert %{} = Convoy.Queue.child_spec(stream: "s", leases: [table: "orders", failover: 5_000])
+  end
+
+  defp scan(table, moto) do
+    out =
+      Moto.boto3!(
+        "print(json.dumps(ddb.scan(TableName=#{inspect(table)}, ConsistentRead=True)['Items']))",
+        moto
+      )
+
+    out |> String.split("\n", trim: true) |> List.last() |> decode_json()
+  end
+
+  # The scan printed by Python's json module: objects of strings only.
+  defp decode_json(text) do
+    {value, ""} = json_value(String.trim(text))
+    value
+  end
+
+  defp json_value("[" <> rest), do: json_list(String.trim_leading(rest), [])
+  defp json_value("{" <> rest), do: json_object(String.trim_leading(rest), %{})
+  defp json_value("\"" <> rest), do: json_string(rest, "")
+
+  defp json_list("]" <> rest, acc), do: {Enum.reverse(acc), rest}
+
+  defp json_list(text, acc) do
+    {value, rest} = json_value(text)
+
+    case String.trim_leading(rest) do
+      "," <> rest -> json_list(String.trim_leading(rest), [value | acc])
+      "]" <> rest -> {Enum.reverse([value | acc]), rest}
+    end
+  end
+
+  defp json_object("}" <> rest, acc), do: {acc, rest}
+
+  defp json_object(text, acc) do
+    {key, rest} = json_value(text)
+    ":" <> rest = String.trim_leading(rest)
+    {value, rest} = json_value(String.trim_leading(rest))
+    acc = Map.put(acc, key, value)
+
+    case String.trim_leading(rest) do
+      "," <> rest -> json_object(String.trim_leading(rest), acc)
+      "}" <> rest -> {acc, rest}
+    end
+  end
+
+  defp json_string("\\\"" <> rest, acc), do: json_string(rest, acc <> "\"")
+  defp json_string("\"" <> rest, acc), do: {acc, rest}
+
+  defp json_string(<<c::utf8, rest::binary>>, acc),
+    do: json_string(rest, <<acc::binary, c::utf8>>)
+end
