@@ -8,6 +8,7 @@ defmodule Convoy.Leases.LeaseClientTest do
   alias Convoy.TestSupport.Moto
 
   @moduletag :leases
+  @moduletag :capture_log
 
   setup_all do
     %{endpoint: Moto.endpoint!()}

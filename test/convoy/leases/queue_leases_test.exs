@@ -7,6 +7,7 @@ defmodule Convoy.Leases.QueueTest do
   alias Convoy.TestSupport.Moto
 
   @moduletag :leases
+  @moduletag :capture_log
 
   setup_all do
     %{moto: Moto.endpoint!()}
@@ -25,7 +26,9 @@ defmodule Convoy.Leases.QueueTest do
         handlers: [{:fwd, fn record, _ -> send(test, {:record, record}) end, nil}]
       ] ++ extra
 
-    start_supervised!({Convoy.Queue, options}, id: make_ref(), restart: :temporary)
+    id = make_ref()
+    start_supervised!({Convoy.Queue, options}, id: id, restart: :temporary)
+    id
   end
 
   defp receive_records(count, acc \\ []) do
