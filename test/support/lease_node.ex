@@ -9,8 +9,8 @@ defmodule Convoy.TestSupport.LeaseNode do
 
   @root Path.expand("../..", __DIR__)
 
-  def start(name, queue_options) do
-    GenServer.start(__MODULE__, {name, queue_options})
+  def start(name, queue_options, node_options \\ []) do
+    GenServer.start(__MODULE__, {name, {queue_options, node_options}})
   end
 
   @doc "Records handled so far, in arrival order: %{at: os time in µs, shard_id, sequence_number, data}."

@@ -40,7 +40,10 @@ defmodule Convoy.Leases.ClusterTest do
     figure("two nodes balanced after #{now() - started} ms: #{inspect(counts([a, b]))}")
     await_all([a, b], written(writer))
     assert duplicates([a, b]) == %{}
-    figure(calls_per_minute(a, "two nodes, records flowing (#{50} records/s on #{@shards} shards)"))
+
+    figure(
+      calls_per_minute(a, "two nodes, records flowing (#{50} records/s on #{@shards} shards)")
+    )
 
     # A third joins: leases move (one steal, then graceful handovers).
     c = start_node("node-c", stream, table, Moto.connection(moto))
@@ -88,7 +91,11 @@ defmodule Convoy.Leases.ClusterTest do
     stream = create_stream!(unique_stream("split"), @shards)
     table = "split-#{System.unique_integer([:positive])}"
     writer = start_writer(stream)
-    nodes = for name <- ~w(split-a split-b split-c), do: start_node(name, stream, table, Moto.connection(moto))
+
+    nodes =
+      for name <- ~w(split-a split-b split-c),
+          do: start_node(name, stream, table, Moto.connection(moto))
+
     eventually(fn -> balanced?(nodes, 2..3) end, 240_000)
     await_all(nodes, written(writer))
 
@@ -112,7 +119,9 @@ defmodule Convoy.Leases.ClusterTest do
     refute_extra(nodes, total)
 
     records = all_records(nodes)
-    last_parent = records |> Enum.filter(&(&1.shard_id == parent)) |> Enum.map(& &1.at) |> Enum.max()
+
+    last_parent =
+      records |> Enum.filter(&(&1.shard_id == parent)) |> Enum.map(& &1.at) |> Enum.max()
 
     first_child =
       records |> Enum.filter(&(&1.shard_id in children)) |> Enum.map(& &1.at) |> Enum.min()
@@ -132,7 +141,11 @@ defmodule Convoy.Leases.ClusterTest do
       )
 
     for child <- children, do: assert(out =~ "#{child} #{parent} ")
-    figure("split: parent #{parent} finished before its children started; #{total} records, none lost")
+
+    figure(
+      "split: parent #{parent} finished before its children started; #{total} records, none lost"
+    )
+
     Enum.each(nodes, &LeaseNode.stop/1)
   end
 
@@ -188,8 +201,11 @@ defmodule Convoy.Leases.ClusterTest do
       leases: [table: table, worker_id: name, failover: @failover] ++ connection
     ]
 
-    {:ok, node} = LeaseNode.start(name, options)
+    # 5 ms per record: batches are in hand when a stop or a lease move comes.
+    {:ok, node} = LeaseNode.start(name, options, handler_ms: 5)
+
     on_exit(fn -> if Process.alive?(node) and LeaseNode.alive?(node), do: LeaseNode.kill(node) end)
+
     node
   end
 
@@ -213,6 +229,7 @@ defmodule Convoy.Leases.ClusterTest do
   defp balanced?(nodes, range) do
     held = Enum.map(nodes, &LeaseNode.held/1)
     all = List.flatten(held)
+
     length(all) == @shards and length(Enum.uniq(all)) == @shards and
       Enum.all?(held, &(length(&1) in range))
   end

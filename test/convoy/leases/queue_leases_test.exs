@@ -96,6 +96,51 @@ defmodule Convoy.Leases.QueueTest do
              Enum.sort(for i <- 40..49, do: "record-#{i}")
   end
 
+  test "self-fencing: records wait while renewals fail, then flow again", %{moto: moto} do
+    "http://127.0.0.1:" <> moto_port = moto
+    {:ok, proxy} = Convoy.TestSupport.TcpProxy.start_link(String.to_integer(moto_port))
+    via_proxy = Moto.connection("http://127.0.0.1:#{Convoy.TestSupport.TcpProxy.port(proxy)}")
+    stream = create_stream!(unique_stream("fence"), 2)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    shards = ["shardId-000000000000", "shardId-000000000001"]
+    test = self()
+
+    start_supervised!(
+      {Convoy.Queue,
+       stream: stream,
+       kinesis: kinesis(),
+       poll_interval: 100,
+       iterator_type: :trim_horizon,
+       leases: [table: table, failover: 10_000] ++ via_proxy,
+       handlers: [{:fwd, fn record, _ -> send(test, {:record, record}) end, nil}]}
+    )
+
+    eventually(fn -> Convoy.Leases.held(stream) == shards end)
+    :ok = raw_put!(stream, 10)
+    records = receive_records(10)
+
+    # Every checkpoint stored before DynamoDB goes away.
+    for {shard, rs} <- Enum.group_by(records, & &1.shard_id) do
+      last = List.last(rs).sequence_number
+      eventually(fn -> Convoy.Leases.Checkpoint.fetch(nil, stream, shard) == {:ok, last} end)
+    end
+
+    # DynamoDB unreachable: within failover / 2 the shards are fenced (still
+    # held, not yet expired), and records read meanwhile wait.
+    :ok = Convoy.TestSupport.TcpProxy.block(proxy)
+    eventually(fn -> not Enum.any?(shards, &Convoy.Leases.may_dispatch?(stream, &1)) end)
+    :ok = raw_put!(stream, 10, start: 10)
+    refute_receive {:record, _}, 2_000
+
+    # Back: the leases are renewed or taken again, and the records flow.
+    :ok = Convoy.TestSupport.TcpProxy.unblock(proxy)
+    records = receive_records(10)
+    refute_more_records()
+
+    assert Enum.sort(Enum.map(records, & &1.data)) ==
+             Enum.sort(for i <- 10..19, do: "record-#{i}")
+  end
+
   test "a table migrated to KCL 3.x refuses the queue with a clear error", %{moto: moto} do
     stream = create_stream!(unique_stream("leases"), 1)
     table = "convoy-#{System.unique_integer([:positive])}"
