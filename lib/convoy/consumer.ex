@@ -96,6 +96,7 @@ defmodule Convoy.Consumer do
     :retry_backoff,
     :max_backoff,
     :handlers,
+    :consumer,
     :leases,
     :kinesis
   ]
@@ -187,6 +188,8 @@ defmodule Convoy.Consumer do
        checkpoint: {checkpoint_module, checkpoint},
        iterator_type: options[:iterator_type],
        poll_interval: options[:poll_interval],
+       # Pushed readers (enhanced fan-out) need no poll_interval to run.
+       pushed: match?({:fan_out, _}, options[:consumer]),
        # Readers run only while polling, so poll_interval is set then.
        reader_options: Map.new(Keyword.take(options, @reader_options)),
        shard_refresh_interval: options[:shard_refresh_interval],
@@ -483,7 +486,7 @@ defmodule Convoy.Consumer do
   end
 
   defp update_polling(state) do
-    wanted = map_size(state.handlers) > 0 and not is_nil(state.poll_interval)
+    wanted = map_size(state.handlers) > 0 and (state.pushed or not is_nil(state.poll_interval))
 
     cond do
       wanted and not state.polling -> refresh(%{state | polling: true})

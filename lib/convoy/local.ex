@@ -28,6 +28,9 @@ defmodule Convoy.Local do
     * `:enforce_limits` - enforce the per-shard write limits (1 MiB/s and
       1,000 records/s per shard), to exercise throttling. Default `false`.
     * `:iterator_ttl_seconds` - how long shard iterators live. Default `300`.
+    * `:subscription_seconds` - how long an enhanced fan-out subscription
+      (SubscribeToShard) lasts before the reader must renew it. Default
+      `300`, as in AWS.
     * `:name` - a name to register the process under.
 
   ## Example
@@ -239,14 +242,20 @@ defmodule Convoy.Local do
   @impl true
   def init(options) do
     options =
-      Keyword.validate!(options, port: 0, enforce_limits: false, iterator_ttl_seconds: 300)
+      Keyword.validate!(options,
+        port: 0,
+        enforce_limits: false,
+        iterator_ttl_seconds: 300,
+        subscription_seconds: 300
+      )
 
     Process.flag(:trap_exit, true)
 
     args =
       ["serve", "--port", Integer.to_string(options[:port])] ++
         if(options[:enforce_limits], do: ["--enforce-limits"], else: []) ++
-        ["--iterator-ttl-seconds", Integer.to_string(options[:iterator_ttl_seconds])]
+        ["--iterator-ttl-seconds", Integer.to_string(options[:iterator_ttl_seconds])] ++
+        ["--subscription-seconds", Integer.to_string(options[:subscription_seconds])]
 
     port =
       Port.open({:spawn_executable, binary!()}, [

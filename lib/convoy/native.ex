@@ -68,6 +68,16 @@ defmodule Convoy.Native do
   def lease_calls(_client), do: not_loaded()
   def lease_held(_client), do: not_loaded()
 
+  # enhanced fan-out
+  def fan_out_consumer(_client, _stream, _name), do: not_loaded()
+  def fan_out_deregister(_client, _stream, _name, _reply_to), do: not_loaded()
+
+  def subscription_start(_consumer, _stream_id, _options, _position, _dispatcher),
+    do: not_loaded()
+
+  def reader_ack(_reader), do: not_loaded()
+  def reader_stop(_reader), do: not_loaded()
+
   # JSON as the producer encodes it
   def encode_json(_term), do: not_loaded()
   # a record checked and encoded as put/3 does for every service

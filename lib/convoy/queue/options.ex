@@ -237,6 +237,22 @@ defmodule Convoy.Queue.Options do
         Records still unsent then take the failure path.
         """
       ],
+      consumer: [
+        type:
+          {:custom, &consumer/1,
+           "`:polling` or `{:fan_out, name}` with `name` 1..128 of `[a-zA-Z0-9_.-]`"},
+        default: :polling,
+        doc: """
+        How shards are read. `:polling` calls GetRecords, sharing each
+        shard's 5 reads/s and 2 MB/s with every reader of the stream.
+        `{:fan_out, name}` is enhanced fan-out (Kinesis service only): the
+        stream consumer `name` (registered if missing, reused if present)
+        gets 2 MB/s per shard of its own, pushed over SubscribeToShard, and
+        reading starts with the first handler whatever `:poll_interval` is.
+        Kinesis bills fan-out consumers by the hour; remove one with
+        `Convoy.Services.Kinesis.deregister_consumer/3`.
+        """
+      ],
       poll_limit: [
         type: {:integer, 1, 10_000},
         default: 10_000,
@@ -331,6 +347,21 @@ defmodule Convoy.Queue.Options do
     options
     |> Keyword.update!(:stream_id, &if(is_nil(&1), do: options[:stream], else: &1))
     |> check_aggregation_size!()
+    |> check_fan_out_service!()
+  end
+
+  defp check_fan_out_service!(options) do
+    service = options[:service]
+
+    case options[:consumer] do
+      {:fan_out, _} when service != Convoy.Services.Kinesis ->
+        raise ArgumentError,
+              "invalid Convoy.Queue option :consumer: enhanced fan-out needs " <>
+                "service Convoy.Services.Kinesis, got: #{inspect(service)}"
+
+      _ ->
+        options
+    end
   end
 
   @doc false
@@ -412,6 +443,14 @@ defmodule Convoy.Queue.Options do
   end
 
   defp conform({:custom, fun, _description}, value), do: fun.(value)
+
+  defp consumer(:polling), do: {:ok, :polling}
+
+  defp consumer({:fan_out, name}) when is_binary(name) do
+    if name =~ ~r/\A[a-zA-Z0-9_.-]{1,128}\z/, do: {:ok, {:fan_out, name}}, else: :error
+  end
+
+  defp consumer(_), do: :error
 
   defp check_aggregation_size!(options) do
     if options[:aggregation] and options[:aggregation_max_bytes] > options[:max_record_bytes] do

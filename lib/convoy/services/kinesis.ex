@@ -131,6 +131,30 @@ defmodule Convoy.Services.Kinesis do
   @impl Convoy.Service
   def stats(%{producer: producer}), do: Native.producer_stats(producer)
 
+  @doc """
+  Deregisters the enhanced fan-out consumer `name` of `stream` (see the
+  queue option `:consumer`). Kinesis bills a registered consumer by the
+  hour whether anything reads through it or not, and Convoy never
+  deregisters one by itself: a queue that stops may start again.
+
+  `kinesis` takes the connection settings of the queue option `:kinesis`.
+  An unknown consumer is not an error.
+
+  ## Example
+
+      :ok = Convoy.Services.Kinesis.deregister_consumer("events", "billing")
+  """
+  @spec deregister_consumer(String.t(), String.t(), keyword) :: :ok | {:error, term}
+  def deregister_consumer(stream, name, kinesis \\ [])
+      when is_binary(stream) and is_binary(name) and is_list(kinesis) do
+    config = KinesisConfig.to_native(KinesisConfig.resolve(kinesis))
+
+    with {:ok, client} <- Native.call(&Native.client_new(config, &1)),
+         {:ok, :ok} <- Native.call(&Native.fan_out_deregister(client, stream, name, &1)) do
+      :ok
+    end
+  end
+
   # ---------------------------------------------------------------------------
   # The service's tree
 
@@ -140,8 +164,20 @@ defmodule Convoy.Services.Kinesis do
     # the consumer; it lives as long as this supervisor's child specs.
     case Native.call(&Native.client_new(KinesisConfig.to_native(options[:kinesis]), &1)) do
       {:ok, client} ->
+        fan_out =
+          case options[:consumer] do
+            {:fan_out, name} -> Native.fan_out_consumer(client, options[:stream], name)
+            :polling -> nil
+          end
+
         source =
-          {Source, %{client: client, stream: options[:stream], stream_id: options[:stream_id]}}
+          {Source,
+           %{
+             client: client,
+             stream: options[:stream],
+             stream_id: options[:stream_id],
+             fan_out: fan_out
+           }}
 
         children = [
           {Producer, {options, client}},

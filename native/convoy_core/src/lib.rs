@@ -7,4 +7,5 @@ pub mod civil;
 pub mod error;
 pub mod lanes;
 pub mod retry;
+pub mod sequence;
 pub mod validate;

@@ -50,6 +50,10 @@ struct ServeArgs {
     /// data, base64 in JSON), as ferrokinesis' own server allows.
     #[arg(long, default_value_t = 7)]
     max_request_body_mb: usize,
+    /// How long one SubscribeToShard subscription lasts (AWS: 300), so
+    /// tests can force renewals.
+    #[arg(long, default_value_t = 300)]
+    subscription_seconds: u64,
     /// Keep running when standard input closes (for use from a shell).
     #[arg(long)]
     ignore_stdin: bool,
@@ -77,6 +81,7 @@ async fn serve(args: ServeArgs) -> i32 {
         iterator_ttl_seconds,
         shard_limit,
         max_request_body_mb,
+        subscription_seconds,
         ignore_stdin,
     } = args;
     let options = StoreOptions {
@@ -86,6 +91,7 @@ async fn serve(args: ServeArgs) -> i32 {
         shard_limit,
         iterator_ttl_seconds,
         enforce_limits,
+        subscribe_to_shard_session_ms: subscription_seconds * 1000,
         ..StoreOptions::default()
     };
     let (app, _store) = ferrokinesis::create_app(options);

@@ -1,7 +1,9 @@
 defmodule Convoy.Services.Kinesis.Source do
   @moduledoc false
-  # Reading Kinesis for Convoy.Consumer: ListShards, and a native poller per
-  # shard (a tokio task that sends batches and waits for each ack).
+  # Reading Kinesis for Convoy.Consumer: ListShards, and one native reader
+  # per shard, a tokio task that sends batches and waits for each ack: a
+  # GetRecords poller, or a SubscribeToShard subscriber when the queue reads
+  # by enhanced fan-out (`fan_out` holds the registered stream consumer).
   @behaviour Convoy.Consumer.Source
 
   alias Convoy.Native
@@ -12,17 +14,30 @@ defmodule Convoy.Services.Kinesis.Source do
   end
 
   @impl true
+  def start_reader(%{fan_out: fan_out} = source, shard_id, position, dispatcher, options)
+      when fan_out != nil do
+    options = %{
+      shard_id: shard_id,
+      retry_backoff: options.retry_backoff,
+      max_backoff: options.max_backoff
+    }
+
+    {:pushed, Native.subscription_start(fan_out, source.stream_id, options, position, dispatcher)}
+  end
+
   def start_reader(source, shard_id, position, dispatcher, options) do
     %{client: client, stream: stream, stream_id: stream_id} = source
     options = Map.merge(options, %{stream: stream, shard_id: shard_id})
-    Native.poller_start(client, stream_id, options, position, dispatcher)
+    {:polled, Native.poller_start(client, stream_id, options, position, dispatcher)}
   end
 
   @impl true
-  def ack(poller), do: Native.poller_ack(poller)
+  def ack({:pushed, reader}), do: Native.reader_ack(reader)
+  def ack({:polled, poller}), do: Native.poller_ack(poller)
 
   @impl true
-  def stop_reader(poller), do: Native.poller_stop(poller)
+  def stop_reader({:pushed, reader}), do: Native.reader_stop(reader)
+  def stop_reader({:polled, poller}), do: Native.poller_stop(poller)
 
   @impl true
   def fetch(%{client: client, stream: stream, stream_id: stream_id}, positions, limit) do

@@ -1,8 +1,11 @@
 //! Reading Kinesis for `Convoy.Services.Kinesis.Source`: the shard list,
-//! one poller per shard for the consumer (`poller`), and the pull reads of
-//! `Convoy.Queue.get/2` (`fetch`).
+//! one reader per shard for the consumer, polling (`poller`) or pushed by
+//! enhanced fan-out (`fan_out`), and the pull reads of `Convoy.Queue.get/2`
+//! (`fetch`).
 
+mod fan_out;
 mod fetch;
+mod link;
 mod poller;
 
 use aws_sdk_kinesis::primitives::DateTime;

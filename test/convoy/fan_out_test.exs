@@ -1,0 +1,220 @@
+defmodule Convoy.FanOutTest do
+  # Enhanced fan-out (`consumer: {:fan_out, name}`): records pushed over
+  # SubscribeToShard. The embedded emulator and kinesis-mock serve it;
+  # kinesalite does not (the tag :fan_out is excluded there).
+  use ExUnit.Case, async: true
+
+  import Convoy.TestSupport
+
+  @moduletag :fan_out
+  @moduletag timeout: 600_000
+
+  @middle_hash_key "170141183460469231731687303715884105728"
+
+  defp start_queue!(stream, opts) do
+    opts =
+      Keyword.merge(
+        [
+          stream: stream,
+          kinesis: kinesis(),
+          iterator_type: :trim_horizon,
+          consumer: {:fan_out, "convoy-test"}
+        ],
+        opts
+      )
+
+    start_supervised!({Convoy.Queue, opts}, id: stream)
+    stream
+  end
+
+  defp forward(tag) do
+    me = self()
+    fn record, _config -> send(me, {tag, record}) end
+  end
+
+  defp collect(tag, count, acc \\ []) do
+    if count == 0 do
+      Enum.reverse(acc)
+    else
+      receive do
+        {^tag, record} -> collect(tag, count - 1, [record | acc])
+      after
+        30_000 -> flunk("received #{length(acc)} records, #{count} missing")
+      end
+    end
+  end
+
+  defp assert_shard_order(records) do
+    for {_shard, group} <- Enum.group_by(records, & &1.shard_id) do
+      seqs = Enum.map(group, &String.to_integer(&1.sequence_number))
+      assert seqs == Enum.sort(seqs)
+    end
+  end
+
+  test "20,000 records on 4 shards reach a handler exactly once, in shard order, without polling" do
+    stream = create_stream!(unique_stream("fan-out"), 4)
+    count = volume(20_000)
+    raw_put!(stream, count, keys: 64)
+    # No :poll_interval: a pushed consumer reads as soon as a handler is attached.
+    id = start_queue!(stream, [])
+    :ok = Convoy.Queue.attach_handler(id, :all, forward(:rec), nil)
+
+    records = collect(:rec, count)
+    refute_receive {:rec, _}, 1_000
+
+    assert Enum.map(records, & &1.data) |> Enum.sort() ==
+             Enum.sort(for i <- 0..(count - 1), do: "record-#{i}")
+
+    assert_shard_order(records)
+    assert records |> Enum.map(& &1.shard_id) |> Enum.uniq() |> length() == 4
+  end
+
+  test "a batch held by a pid handler holds the subscription back; nothing is lost" do
+    stream = create_stream!(unique_stream("fan-out-slow"), 1)
+    id = start_queue!(stream, [])
+    :ok = Convoy.Queue.attach_handler(id, :slow, self(), nil)
+
+    raw_put!(stream, 10)
+    assert_receive {:convoy_batch, first}, 30_000
+    raw_put!(stream, 10, start: 10)
+    # While the first batch is unacknowledged, no second one comes.
+    refute_receive {:convoy_batch, _}, 1_500
+    Convoy.Queue.ack(first)
+
+    rest = receive_batches(20 - length(first.records))
+    datas = Enum.map(first.records ++ rest, & &1.data)
+    assert datas == for(i <- 0..19, do: "record-#{i}")
+    refute_receive {:convoy_batch, _}, 1_000
+  end
+
+  defp receive_batches(0), do: []
+
+  defp receive_batches(missing) do
+    assert_receive {:convoy_batch, batch}, 30_000
+    Convoy.Queue.ack(batch)
+    batch.records ++ receive_batches(missing - length(batch.records))
+  end
+
+  @tag :fan_out_lifecycle
+  test "a split during a subscription: the parent's records before its children's, nothing lost" do
+    stream = create_stream!(unique_stream("fan-out-split"), 1)
+    id = start_queue!(stream, shard_refresh_interval: 500)
+    me = self()
+
+    # The handler holds each record until the test lets it go, so the
+    # parent cannot have been read to its end when the children appear.
+    :ok =
+      Convoy.Queue.attach_handler(
+        id,
+        :h,
+        fn record, _ ->
+          send(me, {:h, record})
+        end,
+        nil
+      )
+
+    raw_put!(stream, 100)
+    before_split = collect(:h, 100)
+
+    raw_put!(stream, 100, start: 100)
+    {:ok, [%{shard_id: parent}]} = Convoy.Local.list_shards(endpoint(), stream)
+    :ok = Convoy.Local.split_shard(endpoint(), stream, parent, @middle_hash_key)
+    raw_put!(stream, 200, start: 200)
+
+    rest = collect(:h, 300)
+    refute_receive {:h, _}, 1_000
+
+    {from_parent, from_children} = Enum.split_while(rest, &(&1.shard_id == parent))
+    assert length(from_parent) == 100
+    assert from_children |> Enum.map(& &1.shard_id) |> Enum.uniq() |> length() == 2
+
+    assert Enum.map(before_split ++ rest, & &1.data) |> Enum.sort() ==
+             Enum.sort(for i <- 0..399, do: "record-#{i}")
+
+    assert_shard_order(rest)
+  end
+
+  @tag :fan_out_lifecycle
+  test "the stream consumer is registered once, reused by the next queue, and deregistered on request" do
+    stream = create_stream!(unique_stream("fan-out-reuse"), 1)
+    name = "reuse-#{System.unique_integer([:positive])}"
+
+    for round <- 0..1 do
+      id = start_queue!(stream, consumer: {:fan_out, name})
+      :ok = Convoy.Queue.attach_handler(id, :h, forward(:rec), nil)
+      raw_put!(stream, 5, start: round * 5)
+      # Each queue starts at TRIM_HORIZON with its own (memory) checkpoints.
+      records = collect(:rec, 5 + round * 5)
+      refute_receive {:rec, _}, 500
+      assert length(records) == 5 + round * 5
+      stop_supervised!(stream)
+    end
+
+    assert :ok = Convoy.Services.Kinesis.deregister_consumer(stream, name, kinesis())
+    assert :ok = Convoy.Services.Kinesis.deregister_consumer(stream, name, kinesis())
+  end
+
+  @tag :embedded_only
+  test "subscriptions that end every second are renewed from the last record: nothing lost or repeated" do
+    {:ok, local} = Convoy.Local.start(subscription_seconds: 1)
+    endpoint = Convoy.Local.endpoint(local)
+    stream = create_stream!(unique_stream("fan-out-renew"), 2, endpoint)
+    id = start_queue!(stream, kinesis: kinesis(endpoint))
+    :ok = Convoy.Queue.attach_handler(id, :h, forward(:rec), nil)
+
+    # Six waves over three seconds: at least two subscriptions per shard
+    # end and are renewed while records keep coming.
+    for wave <- 0..5 do
+      raw_put!(stream, 50, start: wave * 50, endpoint: endpoint)
+      Process.sleep(500)
+    end
+
+    records = collect(:rec, 300)
+    refute_receive {:rec, _}, 1_500
+
+    assert Enum.map(records, & &1.data) |> Enum.sort() ==
+             Enum.sort(for i <- 0..299, do: "record-#{i}")
+
+    assert_shard_order(records)
+    Convoy.Local.stop(local)
+  end
+
+  @tag :embedded_only
+  test "a dropped connection: the emulator restarts, the consumer registers again, new records arrive" do
+    {:ok, local} = Convoy.Local.start()
+    endpoint = Convoy.Local.endpoint(local)
+    port = URI.parse(endpoint).port
+    stream = create_stream!(unique_stream("fan-out-drop"), 1, endpoint)
+    id = start_queue!(stream, kinesis: kinesis(endpoint), retry_backoff: 50, max_backoff: 500)
+    :ok = Convoy.Queue.attach_handler(id, :h, forward(:rec), nil)
+
+    raw_put!(stream, 20, endpoint: endpoint)
+    assert length(collect(:rec, 20)) == 20
+
+    # The emulator dies with its streams and consumers; a fresh one comes
+    # back on the same port and the stream is created again.
+    Convoy.Local.stop(local)
+    {:ok, local} = Convoy.Local.start(port: port)
+    create_stream!(stream, 1, endpoint)
+    raw_put!(stream, 20, start: 100, endpoint: endpoint)
+
+    records = collect(:rec, 20)
+    refute_receive {:rec, _}, 1_000
+    assert Enum.map(records, & &1.data) == for(i <- 100..119, do: "record-#{i}")
+    Convoy.Local.stop(local)
+  end
+
+  test "fan-out is refused for a service that cannot do it" do
+    assert_raise ArgumentError, ~r/enhanced fan-out needs service Convoy.Services.Kinesis/, fn ->
+      Convoy.Queue.child_spec(
+        stream: "x",
+        service: Convoy.Services.Memory,
+        consumer: {:fan_out, "billing"}
+      )
+    end
+
+    assert_raise ArgumentError, ~r/invalid Convoy.Queue option :consumer/, fn ->
+      Convoy.Queue.child_spec(stream: "x", consumer: {:fan_out, "no spaces"})
+    end
+  end
+end
