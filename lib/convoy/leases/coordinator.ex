@@ -467,6 +467,13 @@ defmodule Convoy.Leases.Coordinator do
       Leases.put_checkpoint(state.stream_id, lease.key, lease.checkpoint)
     end
 
+    # A parent without a lease, named by a child's lease, was finished and
+    # cleaned up (leases are created parents first): the consumer, which
+    # reads a child only after its parents, must see it as finished.
+    for lease <- leases, parent <- lease.parent_shard_ids, not Map.has_key?(by_key, parent) do
+      Leases.put_checkpoint(state.stream_id, parent, "SHARD_END")
+    end
+
     # A held lease whose item now names another owner was taken from us.
     state =
       Enum.reduce(Map.keys(state.held), state, fn key, state ->

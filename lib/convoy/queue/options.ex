@@ -128,9 +128,8 @@ defmodule Convoy.Queue.Options do
         type: {:custom, &leases/1, "`nil`, or a keyword list with `:table`"},
         default: nil,
         doc: """
-        Shares the stream's shards with the other nodes running this queue,
-        through a KCL 2.x lease table in DynamoDB (see `Convoy.Leases`); `nil`
-        reads every shard here. Keys: `:table` (required: the table, which
+        Shares the shards with other nodes through a KCL 2.x lease table in
+        DynamoDB; `nil` reads every shard here. See `Convoy.Leases`. Keys: `:table` (required: the table, which
         the KCL names after the application; created on demand if missing),
         `:worker_id` (this node's name in the table; by default unique per
         node and run), `:failover` (ms without renewal after which a lease
