@@ -121,7 +121,7 @@ defmodule Convoy.Leases.Coordinator do
                &1
              )
            ),
-         :ok <- prepare(client, stream_id, leases[:table]) do
+         {:ok, prepared} <- prepare(client, stream_id, leases[:table]) do
       Leases.put_client(stream_id, client, self())
 
       state = %{
@@ -136,7 +136,9 @@ defmodule Convoy.Leases.Coordinator do
         source: Keyword.fetch!(options, :source),
         initial_checkpoint: initial_checkpoint(options[:iterator_type]),
         consumer: options[:consumer],
-        prepared: true,
+        # false while the table could not be checked (DynamoDB unreachable
+        # at start): each take round tries again first.
+        prepared: prepared,
         # key => monotonic ms of the last renewal (or take) that succeeded
         held: %{},
         seen: %{},
@@ -187,14 +189,14 @@ defmodule Convoy.Leases.Coordinator do
   defp prepare(client, stream_id, table) do
     case Native.call(&Native.lease_prepare(client, &1), 60_000) do
       {:ok, _} ->
-        :ok
+        {:ok, true}
 
       {:error, {:kcl3_table, _, _}} = error ->
         error
 
       {:error, reason} ->
         lease_error(stream_id, :prepare, table, reason)
-        :ok
+        {:ok, false}
     end
   end
 
@@ -280,10 +282,25 @@ defmodule Convoy.Leases.Coordinator do
   # Give every lease up, so other nodes take them without waiting for expiry.
   @impl true
   def terminate(_reason, state) do
-    for key <- Map.keys(state.held) do
-      Leases.drop(state.stream_id, key)
-      Native.call(&Native.lease_release(state.client, key, &1), 5_000)
-    end
+    # All at once, then up to 5 s for the answers: a slow or unreachable
+    # DynamoDB must not hold the queue's shutdown (the leases then expire).
+    refs =
+      for key <- Map.keys(state.held) do
+        Leases.drop(state.stream_id, key)
+        ref = make_ref()
+        :ok = Native.lease_release(state.client, key, {self(), ref})
+        ref
+      end
+
+    deadline = System.monotonic_time(:millisecond) + 5_000
+
+    Enum.each(refs, fn ref ->
+      receive do
+        {^ref, _} -> :ok
+      after
+        max(deadline - System.monotonic_time(:millisecond), 0) -> :ok
+      end
+    end)
 
     Leases.clear(state.stream_id)
     :ok
@@ -389,10 +406,12 @@ defmodule Convoy.Leases.Coordinator do
     sync? = state.synced_at == nil or now() - state.synced_at >= state.sync_interval
     %{client: client, source: {module, source}} = state
     initial = state.initial_checkpoint
+    prepared = state.prepared
 
     task =
       Task.async(fn ->
-        with {:ok, leases} <- list(client),
+        with {:ok, _} <- if(prepared, do: {:ok, :exists}, else: prepare_table(client)),
+             {:ok, leases} <- list(client),
              {:ok, created} <-
                if(sync?, do: sync(client, module, source, leases, initial), else: {:ok, 0}),
              {:ok, leases} <- if(created > 0, do: list(client), else: {:ok, leases}) do
@@ -404,6 +423,8 @@ defmodule Convoy.Leases.Coordinator do
   end
 
   defp list(client), do: Native.call(&Native.lease_list(client, &1))
+
+  defp prepare_table(client), do: Native.call(&Native.lease_prepare(client, &1), 60_000)
 
   # Creates the leases of shards that have none, parents before children. A
   # shard with a descendant's lease gets none: it was finished and cleaned up.
@@ -458,6 +479,7 @@ defmodule Convoy.Leases.Coordinator do
 
   defp taken_round(state, {:ok, leases, synced?}) do
     now = now()
+    state = %{state | prepared: true}
     state = if synced?, do: %{state | synced_at: now}, else: state
     state = %{state | errors: 0}
     by_key = Map.new(leases, &{&1.key, &1})
@@ -520,6 +542,11 @@ defmodule Convoy.Leases.Coordinator do
     state = give_up_finished(state)
     clean_up(state, leases)
     schedule_take(state)
+  end
+
+  # Migrated to KCL 3.x while this node ran: stop, with the reason.
+  defp taken_round(_state, {:error, {:kcl3_table, _, _} = reason}) do
+    exit({:shutdown, reason})
   end
 
   defp taken_round(state, {:error, reason}) do

@@ -141,6 +141,34 @@ defmodule Convoy.Leases.QueueTest do
              Enum.sort(for i <- 10..19, do: "record-#{i}")
   end
 
+  test "DynamoDB unreachable at start: the queue starts, and leases come once it is back",
+       %{moto: moto} do
+    "http://127.0.0.1:" <> moto_port = moto
+    {:ok, proxy} = Convoy.TestSupport.TcpProxy.start_link(String.to_integer(moto_port))
+    :ok = Convoy.TestSupport.TcpProxy.block(proxy)
+    via_proxy = Moto.connection("http://127.0.0.1:#{Convoy.TestSupport.TcpProxy.port(proxy)}")
+    stream = create_stream!(unique_stream("late"), 1)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    test = self()
+    :ok = raw_put!(stream, 5)
+
+    start_supervised!(
+      {Convoy.Queue,
+       stream: stream,
+       kinesis: kinesis(),
+       poll_interval: 100,
+       iterator_type: :trim_horizon,
+       leases: [table: table, failover: 3_000] ++ via_proxy,
+       handlers: [{:fwd, fn record, _ -> send(test, {:record, record}) end, nil}]}
+    )
+
+    refute_receive {:record, _}, 1_000
+    :ok = Convoy.TestSupport.TcpProxy.unblock(proxy)
+    assert length(receive_records(5)) == 5
+    refute_more_records()
+    assert Convoy.Leases.held(stream) == ["shardId-000000000000"]
+  end
+
   test "a table migrated to KCL 3.x refuses the queue with a clear error", %{moto: moto} do
     stream = create_stream!(unique_stream("leases"), 1)
     table = "convoy-#{System.unique_integer([:positive])}"
