@@ -142,6 +142,21 @@ defmodule Convoy.Leases.ClusterTest do
 
     for child <- children, do: assert(out =~ "#{child} #{parent} ")
 
+    # Once both children have checkpoints, the finished parent's lease is
+    # deleted (by whichever node's take round sees it first).
+    eventually(
+      fn ->
+        keys =
+          Moto.boto3!(
+            "print([i['leaseKey']['S'] for i in ddb.scan(TableName=#{inspect(table)}, ConsistentRead=True)['Items']])",
+            moto
+          )
+
+        not String.contains?(keys, parent)
+      end,
+      120_000
+    )
+
     figure(
       "split: parent #{parent} finished before its children started; #{total} records, none lost"
     )
