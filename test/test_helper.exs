@@ -3,4 +3,5 @@
 endpoint = Convoy.TestSupport.start_emulator!()
 IO.puts("Kinesis emulator for the tests: #{endpoint}")
 
+Convoy.TestTelemetry.start()
 ExUnit.start(exclude: Convoy.TestSupport.excluded_tags(), timeout: 300_000)

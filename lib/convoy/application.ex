@@ -4,6 +4,8 @@ defmodule Convoy.Application do
 
   @impl true
   def start(_type, _args) do
+    Convoy.Telemetry.setup()
+
     children = [
       {Registry, keys: :unique, name: Convoy.Registry},
       Convoy.Checkpoint.Memory,

@@ -11,7 +11,8 @@ defmodule Convoy.Checkpoint do
   as long as the `:convoy` application runs, so across restarts of the queue)
   and `Convoy.Checkpoint.File` (durable).
 
-  Checkpoints are keyed by `stream_id`. A `:shard_end` is trusted only for a
+  Checkpoints are keyed by `stream_id` (an atom and the string of the same
+  name share them, as they name the same queue). A `:shard_end` is trusted only for a
   shard whose children are listed, so the open shards of a stream deleted
   and created again under the same name start from `:iterator_type` instead
   of being skipped; a stale sequence number there falls back to the shard's

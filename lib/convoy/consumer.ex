@@ -87,6 +87,7 @@ defmodule Convoy.Consumer do
   end
 
   @queue_options [
+    :stream,
     :stream_id,
     :checkpoint,
     :iterator_type,
@@ -184,6 +185,8 @@ defmodule Convoy.Consumer do
     {:ok,
      %{
        stream_id: stream_id,
+       # The stream's name, for telemetry metadata.
+       stream: Keyword.get(options, :stream, stream_id),
        source: Keyword.fetch!(options, :source),
        checkpoint: {checkpoint_module, checkpoint},
        iterator_type: options[:iterator_type],
@@ -424,9 +427,14 @@ defmodule Convoy.Consumer do
   # Handlers and polling
 
   defp add_handler(state, id, handler, config, opts) do
-    if Map.has_key?(state.handlers, id) do
+    existing = Map.get(state.handlers, id)
+
+    if existing && !opts[:replace] do
       {:error, :already_exists}
     else
+      # A replacement takes the old handler's place in the attach order.
+      if existing && existing.monitor, do: Process.demonitor(existing.monitor, [:flush])
+
       # `ref` names this attachment: dispatchers track handlers by it, so a
       # handler detached and attached again under the same id is a new one.
       entry = %{
@@ -435,7 +443,7 @@ defmodule Convoy.Consumer do
         handler: handler,
         config: config,
         opts: opts,
-        order: state.next_order,
+        order: if(existing, do: existing.order, else: state.next_order),
         monitor: if(is_pid(handler), do: Process.monitor(handler))
       }
 
@@ -445,15 +453,28 @@ defmodule Convoy.Consumer do
           next_order: state.next_order + 1
       }
 
+      handler_event(state, :attach, id)
       {:ok, state |> store_handlers() |> broadcast_handlers()}
     end
+  end
+
+  # Convoy 0.1's events, with its measurements and metadata (and the
+  # stream_id added).
+  defp handler_event(state, event, id) do
+    Convoy.Telemetry.execute(
+      [:convoy, :queue, event],
+      %{handler_count: map_size(state.handlers)},
+      %{stream: state.stream, stream_id: state.stream_id, handler_id: id}
+    )
   end
 
   defp remove_handler(state, id) do
     {entry, handlers} = Map.pop(state.handlers, id)
     if entry.monitor, do: Process.demonitor(entry.monitor, [:flush])
+    state = %{state | handlers: handlers}
+    handler_event(state, :detach, id)
 
-    %{state | handlers: handlers}
+    state
     |> store_handlers()
     |> broadcast_handlers()
     |> update_polling()
@@ -615,6 +636,7 @@ defmodule Convoy.Consumer do
              %{
                consumer: self(),
                stream_id: state.stream_id,
+               stream: state.stream,
                shard_id: shard_id,
                source: state.source,
                position: position(state, shard_id),

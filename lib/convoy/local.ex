@@ -175,7 +175,8 @@ defmodule Convoy.Local do
   # Runs one kinesis_raw command; its output is one result per line, or
   # `error<TAB>code<TAB>message`.
   defp admin(args) do
-    case System.cmd(tool!(), args, stderr_to_stdout: true) do
+    # stderr stays apart: only kinesis_raw's result lines are parsed.
+    case System.cmd(tool!(), args) do
       {output, 0} ->
         {:ok, String.split(output, "\n", trim: true)}
 

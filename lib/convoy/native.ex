@@ -50,7 +50,9 @@ defmodule Convoy.Native do
   def poller_start(_client, _stream_id, _options, _position, _dispatcher), do: not_loaded()
   def poller_ack(_poller), do: not_loaded()
   def poller_stop(_poller), do: not_loaded()
-  def fetch_records(_client, _stream, _stream_id, _positions, _limit, _reply_to), do: not_loaded()
+
+  def fetch_records(_client, _stream, _stream_id, _positions, _limit, _telemetry, _reply_to),
+    do: not_loaded()
 
   def list_shards_nif(_client, _stream, _reply_to), do: not_loaded()
 

@@ -22,17 +22,40 @@ defmodule Convoy.Queue do
 
   ## Telemetry
 
-  Emitted when the `:telemetry` application is loaded:
+  When the `:telemetry` library is loaded (checked once, when the `:convoy`
+  application starts), Convoy emits the events below; otherwise it emits
+  nothing, and its Rust tasks send no reports to build them from. Spans
+  follow the `:telemetry` convention: `:start` has `%{monotonic_time,
+  system_time}`; `:stop` and `:exception` have `%{duration, monotonic_time}`
+  (native time units) plus what the table says; all three carry the same
+  `telemetry_span_context` in their metadata, and `:exception` adds `kind`,
+  `reason` and `stacktrace`. Every event's metadata has `stream` (the stream
+  name, a string) and `stream_id`.
 
-    * `[:convoy, :put, :failed]` - records that finally failed after all
-      retries. Measurements: `%{count: n}`. Metadata: `%{stream_id, reason}`.
-    * `[:convoy, :handler, :exception]` - a handler raised, threw or exited.
-      Measurements: `%{count: 1}`. Metadata: `%{stream_id, shard_id, handler_id, kind, reason}`.
-    * `[:convoy, :batch, :stop]` - a shard's batch went through every handler.
-      Measurements: `%{count: records, duration: native_time, millis_behind_latest: ms}`.
-      Metadata: `%{stream_id, shard_id}`.
-    * `[:convoy, :poller, :error]` - a shard poller met an error (it retries
-      transient ones). Measurements: `%{count: 1}`. Metadata: `%{stream_id, shard_id, reason}`.
+  | event | measurements | metadata | when |
+  |---|---|---|---|
+  | `[:convoy, :queue, :attach]` | `handler_count` | `handler_id` | a handler was attached (or replaced); Convoy 0.1 |
+  | `[:convoy, :queue, :detach]` | `handler_count` | `handler_id` | a handler was detached, by a call or after failing; Convoy 0.1 |
+  | `[:convoy, :queue, :records_sent]` | `count` | | Kinesis confirmed `count` records of one PutRecords request; Convoy 0.1 |
+  | `[:convoy, :queue, :records_received]` | `count` | `shard_id`, `next_iterator` | a poll's GetRecords call returned (`count` Kinesis records, 0 for an empty poll); Convoy 0.1 |
+  | `[:convoy, :put_records, :start \\| :stop \\| :exception]` | stop: `records`, `entries`, `bytes`, `acknowledged`, `retried`, `failed` | | one PutRecords request (each retry is a request); `:exception` when the request as a whole failed |
+  | `[:convoy, :get_records, :start \\| :stop \\| :exception]` | stop: `count`, `millis_behind_latest` | `shard_id`, `next_iterator` | one GetRecords call of a shard's poller (empty ones included) or of `get/2`; with enhanced fan-out, one pushed event (duration: the wait for it; `next_iterator`: its continuation sequence number) |
+  | `[:convoy, :handler, :start \\| :stop \\| :exception]` | stop: `count` | `shard_id`, `handler_id`; exception: `detached` | one handler on one batch: a function handler's calls on its records, or a pid handler from the batch sent to its ack |
+  | `[:convoy, :batch, :stop]` | `count`, `duration`, `millis_behind_latest` | `shard_id` | a shard's batch went through every handler and was checkpointed |
+  | `[:convoy, :put, :failed]` | `count` | `reason` | records finally failed after all retries |
+  | `[:convoy, :poller, :error]` | `count` (1) | `shard_id`, `reason` | a shard's reader met an error (it retries transient ones) |
+
+  `records`, `count` and `acknowledged` count user records for PutRecords
+  (an aggregated Kinesis record counts each record it carries) and Kinesis
+  records for GetRecords. A handler's `:exception` is emitted for every
+  failed call, also those that `on_error: :retry` retries (`detached:
+  false`); a pid handler that dies, misses its `:ack_timeout` or is detached
+  while it holds a batch ends its span with `kind: :exit`. The GetRecords
+  calls of pull reads (`get/2`) on Kinesis are spanned too (they emit no
+  `records_received`). `Convoy.Services.Memory` emits every event but
+  the PutRecords span (it sends no requests), with `millis_behind_latest`
+  0; a Convoy 0.1 service (`Convoy.Services.Legacy`) emits them all, each
+  `put_records/2` call being one request, with `millis_behind_latest` nil.
   """
 
   alias Convoy.Queue.{Options, Topology}
@@ -63,21 +86,32 @@ defmodule Convoy.Queue do
   A child spec for a supervision tree. Options are validated here, so a bad
   option raises `ArgumentError` when the tree is built.
 
+  As in the original Convoy, the child id is `:"stream_\#{stream_id}"` and
+  the restart type `:transient`, so supervisor calls that name the child
+  (`Supervisor.terminate_child(sup, :stream_events)`) keep working. A
+  `stream_id` that is neither an atom, a string nor a number has no such
+  name: its child id is `{Convoy.Queue, stream_id}`.
+
   ## Example
 
-      Supervisor.start_link([{Convoy.Queue, stream: "events"}], strategy: :one_for_one)
+      Supervisor.start_link([{Convoy.Queue, stream: :events}], strategy: :one_for_one)
+      Supervisor.terminate_child(MyApp.Supervisor, :stream_events)
   """
   @spec child_spec(keyword) :: Supervisor.child_spec()
   def child_spec(options) do
     options = Options.validate!(options)
 
     %{
-      id: {__MODULE__, options[:stream_id]},
+      id: child_id(options[:stream_id]),
       start: {__MODULE__, :start_link, [options]},
+      restart: :transient,
       type: :supervisor,
       shutdown: :infinity
     }
   end
+
+  defp child_id(id) when is_atom(id) or is_binary(id) or is_number(id), do: :"stream_#{id}"
+  defp child_id(id), do: {__MODULE__, id}
 
   @doc """
   Starts a queue.
@@ -123,8 +157,10 @@ defmodule Convoy.Queue do
   `batch_timeout` ms.
 
   `data` is sent as it is when it is a binary; any other term is encoded as
-  JSON (maps, lists, numbers, strings, booleans, `nil`). `partition_key` is a
-  string of 1..256 characters.
+  JSON the way Convoy 0.1 did with Poison: maps (structs without their
+  `__struct__`), lists, numbers, strings, atoms, booleans and `nil`, with
+  `DateTime`, `NaiveDateTime`, `Date` and `Time` as their ISO 8601 strings.
+  `partition_key` is a string of 1..256 characters.
 
   ## Options
 
@@ -147,7 +183,8 @@ defmodule Convoy.Queue do
     * `{:error, {:invalid_partition_key, detail}}`
     * `{:error, {:invalid_explicit_hash_key, detail}}`
     * `{:error, {:invalid_data, detail}}` - a term with no JSON form (pids,
-      references, functions, tuples)
+      references, functions, tuples); `detail` says where it is, as in
+      `"a pid has no JSON form, at [:user][\"pids\"][1]"`
     * `{:error, {:record_too_large, size, max}}`
 
   ## Example
@@ -210,7 +247,9 @@ defmodule Convoy.Queue do
   def get(_stream_id, limit), do: {:error, {:invalid_limit, limit}}
 
   @doc """
-  Attaches a handler. Same as `attach_handler/5` with no options.
+  Attaches a handler, replacing the one attached under `handler_id`, if any,
+  as the original Convoy did. Same as `attach_handler/5` with
+  `replace: true`; `attach_handler/5` without it refuses an id in use.
 
   ## Example
 
@@ -218,7 +257,7 @@ defmodule Convoy.Queue do
   """
   @spec attach_handler(stream_id, term, handler, term) :: :ok | {:error, reason}
   def attach_handler(stream_id, handler_id, handler, config),
-    do: attach_handler(stream_id, handler_id, handler, config, [])
+    do: attach_handler(stream_id, handler_id, handler, config, replace: true)
 
   @doc """
   Attaches a handler under `handler_id`. Polling starts with the first
@@ -256,8 +295,15 @@ defmodule Convoy.Queue do
     * `:ack_timeout` - ms a pid handler has to ack a batch; past it the
       handler is logged as failed and detached, and the batch goes on to the
       next handler. Defaults to `:infinity`.
+    * `:replace` - when `handler_id` is already attached: `false` (the
+      default) answers `{:error, :already_exists}`; `true` replaces that
+      handler, as `attach_handler/4` and `attach/4` do. The replacement is a
+      new handler in the old one's place in the attach order: a batch the
+      old one was still working on (or had finished, while later handlers
+      had not) is handed to it again.
 
-  Returns `{:error, :already_exists}` when the id is taken.
+  Returns `{:error, :already_exists}` when the id is taken and `:replace` is
+  not `true`.
 
   ## Example
 
@@ -279,25 +325,53 @@ defmodule Convoy.Queue do
   Detaches a handler. Polling stops when the last one goes; positions are
   kept, so attaching again resumes where reading stopped.
 
+  As in the original Convoy, detaching an id that is not attached is a no-op
+  answering `:ok`; with `strict: true` it answers `{:error, :not_found}`.
+
   ## Example
 
       :ok = Convoy.Queue.detach_handler("events", :printer)
+      {:error, :not_found} = Convoy.Queue.detach_handler("events", :printer, strict: true)
   """
-  @spec detach_handler(stream_id, term) :: :ok | {:error, :not_found | reason}
-  def detach_handler(stream_id, handler_id) do
-    case lookup(stream_id) do
-      {:ok, service, handle} -> service.detach_handler(handle, handler_id)
-      error -> error
+  @spec detach_handler(stream_id, term, keyword) :: :ok | {:error, :not_found | reason}
+  def detach_handler(stream_id, handler_id, opts \\ []) do
+    with {:ok, strict} <- strict_option(opts),
+         {:ok, service, handle} <- lookup(stream_id) do
+      case service.detach_handler(handle, handler_id) do
+        {:error, :not_found} when not strict -> :ok
+        result -> result
+      end
     end
   end
 
-  @doc "The original name of `attach_handler/4`."
+  defp strict_option(opts) do
+    case opts do
+      [] -> {:ok, false}
+      [strict: strict] when is_boolean(strict) -> {:ok, strict}
+      _ -> {:error, {:invalid_options, opts}}
+    end
+  end
+
+  @doc """
+  The original name of `attach_handler/4`: an id already attached is
+  replaced.
+
+  ## Example
+
+      :ok = Convoy.Queue.attach(:events, :printer, fn record, _ -> IO.inspect(record) end, nil)
+  """
   @spec attach(stream_id, term, handler, term) :: :ok | {:error, reason}
   def attach(stream_id, handler_id, handler, config),
     do: attach_handler(stream_id, handler_id, handler, config)
 
-  @doc "The original name of `detach_handler/2`."
-  @spec detach(stream_id, term) :: :ok | {:error, :not_found | reason}
+  @doc """
+  The original name of `detach_handler/2`: an unknown id answers `:ok`.
+
+  ## Example
+
+      :ok = Convoy.Queue.detach(:events, :printer)
+  """
+  @spec detach(stream_id, term) :: :ok | {:error, reason}
   def detach(stream_id, handler_id), do: detach_handler(stream_id, handler_id)
 
   @doc """
@@ -346,7 +420,7 @@ defmodule Convoy.Queue do
   """
   @spec register(stream_id, module, Convoy.Service.handle()) :: :ok | {:error, term}
   def register(stream_id, service, handle) do
-    case Registry.register(Convoy.Registry, {:handle, stream_id}, {service, handle}) do
+    case Registry.register(Convoy.Registry, {:handle, Topology.key(stream_id)}, {service, handle}) do
       {:ok, _owner} -> :ok
       {:error, _} = error -> error
     end
@@ -362,10 +436,11 @@ defmodule Convoy.Queue do
       :ok = Convoy.Queue.unregister(options[:stream_id])
   """
   @spec unregister(stream_id) :: :ok
-  def unregister(stream_id), do: Registry.unregister(Convoy.Registry, {:handle, stream_id})
+  def unregister(stream_id),
+    do: Registry.unregister(Convoy.Registry, {:handle, Topology.key(stream_id)})
 
   defp lookup(stream_id) do
-    case Registry.lookup(Convoy.Registry, {:handle, stream_id}) do
+    case Registry.lookup(Convoy.Registry, {:handle, Topology.key(stream_id)}) do
       [{_owner, {service, handle}}] ->
         {:ok, service, handle}
 

@@ -26,6 +26,16 @@ defmodule Convoy.Service do
   goes when that process ends, and `put/4` answers `{:error, :closed}`
   until a new one registers.
 
+  ## Services written for Convoy 0.1
+
+  A module written for the original behaviour, with the four callbacks
+  `c:describe_stream/1`, `c:get_iterator/3`, `c:get_records/2` and
+  `c:put_records/2`, still works as a queue's `service:`: it runs through
+  `Convoy.Services.Legacy`, which describes what it expects of them. Every
+  callback of this behaviour is optional so that such a module compiles
+  without warnings; a service must implement either the current callbacks
+  or the four old ones, which `Convoy.Queue.start_link/1` checks.
+
   ## Example
 
   A complete service over an Agent that keeps one shard in a list. Its tree
@@ -100,6 +110,18 @@ defmodule Convoy.Service do
   @typedoc "Whatever the service registered with `Convoy.Queue.register/3`."
   @type handle :: term
 
+  @optional_callbacks child_spec: 1,
+                      put: 4,
+                      flush: 2,
+                      get: 2,
+                      attach_handler: 5,
+                      detach_handler: 2,
+                      stats: 1,
+                      describe_stream: 1,
+                      get_iterator: 3,
+                      get_records: 2,
+                      put_records: 2
+
   @doc "A child spec that starts the service for one queue."
   @callback child_spec(options :: keyword) :: Supervisor.child_spec()
 
@@ -128,4 +150,20 @@ defmodule Convoy.Service do
 
   @doc "Counters describing the service's state."
   @callback stats(handle) :: map
+
+  # Convoy 0.1's callbacks, run through Convoy.Services.Legacy.
+
+  @doc "Convoy 0.1: describes the stream, `%{\"StreamDescription\" => %{\"Shards\" => [...]}}`."
+  @callback describe_stream(stream :: String.t()) :: map | {:ok, map} | {:error, term}
+
+  @doc "Convoy 0.1: a shard iterator for `iterator_type`."
+  @callback get_iterator(stream :: String.t(), shard_id :: String.t(), iterator_type :: term) ::
+              String.t() | map | {:ok, String.t() | map} | {:error, term}
+
+  @doc "Convoy 0.1: reads records, `{records, next_iterator}`."
+  @callback get_records(iterator :: String.t(), opts :: keyword) ::
+              {[map], String.t() | nil} | {:error, term}
+
+  @doc "Convoy 0.1: sends `[%{data: binary, partition_key: String.t()}]`."
+  @callback put_records(stream :: String.t(), records :: [map]) :: term
 end

@@ -160,10 +160,10 @@ defmodule Convoy.ConsumerTest do
     assert log =~ "boom"
     assert log =~ "consumer_test.exs"
 
-    assert Convoy.Queue.attach_handler(id, :good, forward(:good), nil) ==
+    assert Convoy.Queue.attach_handler(id, :good, forward(:good), nil, []) ==
              {:error, :already_exists}
 
-    assert Convoy.Queue.detach_handler(id, :missing) == {:error, :not_found}
+    assert Convoy.Queue.detach_handler(id, :missing, strict: true) == {:error, :not_found}
   end
 
   test "on_error: :retry calls the handler again until it succeeds" do

@@ -112,7 +112,10 @@ defmodule Convoy.DispatcherTest do
           assert_receive {:convoy_batch, %Convoy.Batch{handler_id: :slow} = held}, 15_000
           assert collect(:after, 2) == ["a1", "a2"]
           # Detached: a second attach under the same id works.
-          eventually(fn -> Convoy.Queue.detach_handler(id, :slow) == {:error, :not_found} end)
+          eventually(fn ->
+            Convoy.Queue.detach_handler(id, :slow, strict: true) == {:error, :not_found}
+          end)
+
           Convoy.Queue.ack(held)
         end)
 
@@ -279,7 +282,10 @@ defmodule Convoy.DispatcherTest do
           )
 
         assert_receive {:failing, "a1"}, 15_000
-        eventually(fn -> Convoy.Queue.detach_handler(id, :bad) == {:error, :not_found} end)
+
+        eventually(fn ->
+          Convoy.Queue.detach_handler(id, :bad, strict: true) == {:error, :not_found}
+        end)
       end)
 
       put!(id, "k", "b1")

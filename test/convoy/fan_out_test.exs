@@ -96,6 +96,48 @@ defmodule Convoy.FanOutTest do
   end
 
   @tag :fan_out_lifecycle
+  test "from :latest, only records written after the start arrive; after a detach, only new ones" do
+    stream = create_stream!(unique_stream("fan-out-latest"), 1)
+    raw_put!(stream, 10)
+    # Arrival times may be kept in whole seconds: start in a later second.
+    Process.sleep(1_100)
+    id = start_queue!(stream, iterator_type: :latest)
+    :ok = Convoy.Queue.attach_handler(id, :h, forward(:rec), nil)
+    Process.sleep(1_000)
+    raw_put!(stream, 10, start: 10)
+    assert Enum.map(collect(:rec, 10), & &1.data) == for(i <- 10..19, do: "record-#{i}")
+    refute_receive {:rec, _}, 1_000
+
+    # Re-attaching resumes after the checkpoint: nothing read twice.
+    :ok = Convoy.Queue.detach_handler(id, :h)
+    raw_put!(stream, 10, start: 20)
+    :ok = Convoy.Queue.attach_handler(id, :h, forward(:rec), nil)
+    assert Enum.map(collect(:rec, 10), & &1.data) == for(i <- 20..29, do: "record-#{i}")
+    refute_receive {:rec, _}, 1_500
+  end
+
+  @tag :embedded_only
+  test "a batch held past the end of its subscription: the next one resumes without a gap" do
+    {:ok, local} = Convoy.Local.start(subscription_seconds: 1)
+    endpoint = Convoy.Local.endpoint(local)
+    stream = create_stream!(unique_stream("fan-out-held"), 1, endpoint)
+    id = start_queue!(stream, kinesis: kinesis(endpoint))
+    :ok = Convoy.Queue.attach_handler(id, :slow, self(), nil)
+
+    raw_put!(stream, 10, endpoint: endpoint)
+    assert_receive {:convoy_batch, first}, 30_000
+    raw_put!(stream, 10, start: 10, endpoint: endpoint)
+    # Held for three subscription lifetimes.
+    Process.sleep(3_000)
+    Convoy.Queue.ack(first)
+
+    rest = receive_batches(20 - length(first.records))
+    assert Enum.map(first.records ++ rest, & &1.data) == for(i <- 0..19, do: "record-#{i}")
+    refute_receive {:convoy_batch, _}, 1_500
+    Convoy.Local.stop(local)
+  end
+
+  @tag :fan_out_lifecycle
   test "a split during a subscription: the parent's records before its children's, nothing lost" do
     stream = create_stream!(unique_stream("fan-out-split"), 1)
     id = start_queue!(stream, shard_refresh_interval: 500)
@@ -143,10 +185,13 @@ defmodule Convoy.FanOutTest do
       id = start_queue!(stream, consumer: {:fan_out, name})
       :ok = Convoy.Queue.attach_handler(id, :h, forward(:rec), nil)
       raw_put!(stream, 5, start: round * 5)
-      # Each queue starts at TRIM_HORIZON with its own (memory) checkpoints.
-      records = collect(:rec, 5 + round * 5)
-      refute_receive {:rec, _}, 500
-      assert length(records) == 5 + round * 5
+      # The second queue resumes from the first one's checkpoint.
+      records = collect(:rec, 5)
+      refute_receive {:rec, _}, 1_000
+
+      assert Enum.map(records, & &1.data) ==
+               for(i <- (round * 5)..(round * 5 + 4), do: "record-#{i}")
+
       stop_supervised!(stream)
     end
 
@@ -202,6 +247,47 @@ defmodule Convoy.FanOutTest do
     refute_receive {:rec, _}, 1_000
     assert Enum.map(records, & &1.data) == for(i <- 100..119, do: "record-#{i}")
     Convoy.Local.stop(local)
+  end
+
+  test "every pushed event reaches telemetry with millis_behind_latest, empty ones included" do
+    Convoy.TestTelemetry.subscribe()
+    stream = create_stream!(unique_stream("fan-out-telemetry"), 1)
+    id = start_queue!(stream, [])
+    :ok = Convoy.Queue.attach_handler(id, :h, forward(:rec), nil)
+    raw_put!(stream, 10)
+    assert length(collect(:rec, 10)) == 10
+
+    events = telemetry_until(stream, 10)
+    stops = for {[:convoy, :get_records, :stop], m, _} <- events, do: m
+    assert Enum.all?(stops, &is_integer(&1.millis_behind_latest))
+    # Empty events are reported too, not only those that carried records.
+    assert Enum.any?(stops, &(&1.count == 0))
+
+    received = for {[:convoy, :queue, :records_received], m, _} <- events, do: m.count
+    assert Enum.sum(received) == 10
+  end
+
+  # Telemetry events of `stream` until `count` records were reported
+  # received and an empty event came after them.
+  defp telemetry_until(stream, count, acc \\ []) do
+    receive do
+      {:telemetry_event, event, measurements, %{stream: ^stream}} ->
+        acc = [{event, measurements, nil} | acc]
+        received = for {[:convoy, :queue, :records_received], m, _} <- acc, do: m.count
+
+        case acc do
+          [{[:convoy, :queue, :records_received], %{count: 0}, _} | _]
+          when length(received) > 1 ->
+            if Enum.sum(received) >= count,
+              do: Enum.reverse(acc),
+              else: telemetry_until(stream, count, acc)
+
+          _ ->
+            telemetry_until(stream, count, acc)
+        end
+    after
+      30_000 -> flunk("telemetry so far: #{inspect(Enum.reverse(acc))}")
+    end
   end
 
   test "fan-out is refused for a service that cannot do it" do

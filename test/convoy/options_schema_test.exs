@@ -134,7 +134,13 @@ defmodule Convoy.OptionsSchemaTest do
       assert options[:checkpoint] == {Convoy.Checkpoint.Memory, []}
       assert %Convoy.KinesisConfig{} = options[:kinesis]
       assert {:ok, opts} = Options.handler(fn _, _ -> :ok end, [])
-      assert Enum.sort(opts) == [ack_timeout: :infinity, on_error: :detach, partition_keys: nil]
+
+      assert Enum.sort(opts) == [
+               ack_timeout: :infinity,
+               on_error: :detach,
+               partition_keys: nil,
+               replace: false
+             ]
     end
 
     test "validated options validate again to themselves (child_spec/1, then start_link/1)" do

@@ -51,10 +51,10 @@ defmodule Convoy.ProducerTest do
                {:error, {:invalid_data, "a tuple has no JSON form"}}
 
       assert Convoy.Queue.put(id, "k", %{pid: self()}) ==
-               {:error, {:invalid_data, "a pid has no JSON form"}}
+               {:error, {:invalid_data, "a pid has no JSON form, at [:pid]"}}
 
       assert Convoy.Queue.put(id, "k", [make_ref()]) ==
-               {:error, {:invalid_data, "a reference has no JSON form"}}
+               {:error, {:invalid_data, "a reference has no JSON form, at [0]"}}
 
       assert Convoy.Queue.put(id, "k", fn -> 1 end) ==
                {:error, {:invalid_data, "a function has no JSON form"}}

@@ -136,7 +136,7 @@ defmodule Convoy.BadInputTest do
       assert {:error, {:invalid_limit, ^limit}} = Convoy.Queue.get(stream, limit)
     end
 
-    assert Convoy.Queue.detach_handler(stream, make_ref()) == {:error, :not_found}
+    assert Convoy.Queue.detach_handler(stream, make_ref(), strict: true) == {:error, :not_found}
     assert Convoy.Queue.attach_handler(:nope, :h, ok, nil) == {:error, :unknown_stream}
     assert Process.alive?(pid)
     assert :ok = Convoy.Queue.attach_handler(stream, :h, ok, nil)

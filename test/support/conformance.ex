@@ -121,11 +121,14 @@ defmodule Convoy.Conformance do
         assert datas == Enum.map(1..12, &"#{&1}")
       end
 
-      test "handler ids are unique; detaching an unknown one says so" do
+      test "attach_handler/5 refuses an id in use; detaching an unknown one strictly says so" do
         {id, _} = open!(1)
-        assert :ok = Convoy.Queue.attach_handler(id, :h, forward(:h), nil)
-        assert Convoy.Queue.attach_handler(id, :h, forward(:h), nil) == {:error, :already_exists}
-        assert Convoy.Queue.detach_handler(id, :other) == {:error, :not_found}
+        assert :ok = Convoy.Queue.attach_handler(id, :h, forward(:h), nil, [])
+
+        assert Convoy.Queue.attach_handler(id, :h, forward(:h), nil, []) ==
+                 {:error, :already_exists}
+
+        assert Convoy.Queue.detach_handler(id, :other, strict: true) == {:error, :not_found}
         assert Convoy.Queue.detach(id, :h) == :ok
       end
 
@@ -171,7 +174,7 @@ defmodule Convoy.Conformance do
           end)
 
         assert log =~ "conformance boom"
-        assert Convoy.Queue.detach_handler(id, :bad) == {:error, :not_found}
+        assert Convoy.Queue.detach_handler(id, :bad, strict: true) == {:error, :not_found}
       end
 
       test "after a shard splits, its records come before its children's" do

@@ -85,7 +85,15 @@ defmodule Convoy.TestSupport do
   defp read_shard(client, stream, shard_id, position, acc) do
     {:ok, [{^shard_id, raw}]} =
       Convoy.Native.call(
-        &Convoy.Native.fetch_records(client, stream, stream, [{shard_id, position}], 10_000, &1)
+        &Convoy.Native.fetch_records(
+          client,
+          stream,
+          stream,
+          [{shard_id, position}],
+          10_000,
+          false,
+          &1
+        )
       )
 
     records = raw

@@ -54,7 +54,11 @@ defmodule Convoy.Checkpoint.File do
 
   defp path(dir, stream_id, shard_id) do
     name =
-      stream_id |> :erlang.term_to_binary() |> :erlang.md5() |> Base.url_encode64(padding: false)
+      stream_id
+      |> Convoy.Queue.Topology.key()
+      |> :erlang.term_to_binary()
+      |> :erlang.md5()
+      |> Base.url_encode64(padding: false)
 
     Path.join(dir, "#{binary_part(name, 0, 16)}.#{shard_id}")
   end

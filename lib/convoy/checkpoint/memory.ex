@@ -39,7 +39,7 @@ defmodule Convoy.Checkpoint.Memory do
   """
   @spec fetch(atom | :ets.tid(), term, String.t()) :: {:ok, Convoy.Checkpoint.position()} | :error
   def fetch(table, stream_id, shard_id) do
-    case :ets.lookup(table, {stream_id, shard_id}) do
+    case :ets.lookup(table, {Convoy.Queue.Topology.key(stream_id), shard_id}) do
       [{_, position}] -> {:ok, position}
       [] -> :error
     end
@@ -57,7 +57,7 @@ defmodule Convoy.Checkpoint.Memory do
   """
   @spec store(atom | :ets.tid(), term, String.t(), Convoy.Checkpoint.position()) :: :ok
   def store(table, stream_id, shard_id, position) do
-    true = :ets.insert(table, {{stream_id, shard_id}, position})
+    true = :ets.insert(table, {{Convoy.Queue.Topology.key(stream_id), shard_id}, position})
     :ok
   end
 

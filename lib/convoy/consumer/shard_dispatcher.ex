@@ -46,6 +46,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
   alias Convoy.Telemetry
 
+  @handler_span [:convoy, :handler]
+
   def start_link(args), do: GenServer.start_link(__MODULE__, args)
 
   def set_handlers(pid, handlers), do: send(pid, {:handlers, handlers})
@@ -64,6 +66,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
     reader =
       module.start_reader(source, args.shard_id, args.position, self(), args.reader_options)
+
+    args = Map.put_new(args, :stream, args.stream_id)
 
     {:ok,
      Map.merge(args, %{reader: reader, reader_module: module, failed: MapSet.new(), batch: nil})}
@@ -88,7 +92,24 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
   def handle_info(:advance, state), do: {:noreply, advance(state)}
 
+  # One GetRecords call, reported by the reader (only when telemetry is on);
+  # it comes before the batch it read.
+  def handle_info({:convoy_get_records, _shard_id, call}, state) do
+    metadata = %{stream: state.stream, stream_id: state.stream_id, shard_id: state.shard_id}
+    measurements = %{count: call.count, millis_behind_latest: call.millis_behind_latest}
+    metadata = Map.put(metadata, :next_iterator, call.next_iterator)
+    Telemetry.reported([:convoy, :get_records], call.duration, measurements, metadata, call.error)
+
+    if is_nil(call.error) do
+      Telemetry.execute([:convoy, :queue, :records_received], %{count: call.count}, metadata)
+    end
+
+    {:noreply, state}
+  end
+
   def handle_info({:convoy_ack, token}, %{batch: %{step: %{wait: :ack, token: token}}} = state) do
+    step = state.batch.step
+    Telemetry.stop(@handler_span, step.span, %{count: step.count})
     {handler, state} = end_step(state)
     {:noreply, state |> handler_done(handler, :finished) |> advance()}
   end
@@ -97,11 +118,17 @@ defmodule Convoy.Consumer.ShardDispatcher do
         {:DOWN, monitor, :process, _pid, reason},
         %{batch: %{step: %{wait: :ack, monitor: monitor}}} = state
       ) do
+    span = state.batch.step.span
+
+    Telemetry.exception(@handler_span, span, :exit, {:handler_down, reason}, [], %{detached: true})
+
     {handler, state} = end_step(state)
     {:noreply, state |> handler_failed(handler, :exit, {:handler_down, reason}, []) |> advance()}
   end
 
   def handle_info({:ack_timeout, token}, %{batch: %{step: %{wait: :ack, token: token}}} = state) do
+    span = state.batch.step.span
+    Telemetry.exception(@handler_span, span, :exit, :ack_timeout, [], %{detached: true})
     {handler, state} = end_step(state)
     {:noreply, state |> handler_failed(handler, :exit, :ack_timeout, []) |> advance()}
   end
@@ -118,11 +145,17 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
     state =
       case state.batch do
-        %{step: %{handler: ref}} ->
+        %{step: %{handler: ref} = step} ->
           # The handler holding the batch was detached: it goes on without it.
-          if MapSet.member?(refs, ref),
-            do: state,
-            else: state |> end_step() |> elem(1) |> put_done(ref)
+          if MapSet.member?(refs, ref) do
+            state
+          else
+            Telemetry.exception(@handler_span, step[:span], :exit, :detached, [], %{
+              detached: true
+            })
+
+            state |> end_step() |> elem(1) |> put_done(ref)
+          end
 
         _ ->
           state
@@ -290,6 +323,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
       dispatcher: self()
     }
 
+    span = Telemetry.start(@handler_span, handler_metadata(state, handler))
     send(pid, {:convoy_batch, batch})
 
     timer =
@@ -298,20 +332,33 @@ defmodule Convoy.Consumer.ShardDispatcher do
         ms -> Process.send_after(self(), {:ack_timeout, token}, ms)
       end
 
-    step = %{wait: :ack, handler: handler.ref, token: token, monitor: monitor, timer: timer}
+    step = %{
+      wait: :ack,
+      handler: handler.ref,
+      token: token,
+      monitor: monitor,
+      timer: timer,
+      span: span,
+      count: length(records)
+    }
+
     put_step(state, step)
   end
 
   # Calls a function handler for each record from `attempt`; a failed call
   # with attempts left waits for its retry as a message, not in a sleep.
   defp run_function(handler, records, attempt, state) do
+    span = Telemetry.start(@handler_span, handler_metadata(state, handler))
+
     case call_each(handler, records, attempt) do
       :ok ->
+        Telemetry.stop(@handler_span, span, %{count: length(records)})
         # Back to the mailbox before the next handler.
         send(self(), :advance)
         handler_done(state, handler, :finished)
 
-      {:retry, records, attempt} ->
+      {:retry, records, attempt, {kind, reason, stack}} ->
+        Telemetry.exception(@handler_span, span, kind, reason, stack, %{detached: false})
         token = make_ref()
         delay = min(100 * Integer.pow(2, attempt - 2), 5_000)
         timer = Process.send_after(self(), {:retry, token}, delay)
@@ -326,6 +373,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
         })
 
       {:failed, kind, reason, stack} ->
+        Telemetry.exception(@handler_span, span, kind, reason, stack, %{detached: true})
         send(self(), :advance)
         handler_failed(state, handler, kind, reason, stack)
     end
@@ -340,7 +388,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
       {kind, reason, stack} ->
         if attempt < attempts(handler),
-          do: {:retry, records, attempt + 1},
+          do: {:retry, records, attempt + 1, {kind, reason, stack}},
           else: {:failed, kind, reason, stack}
     end
   end
@@ -358,6 +406,15 @@ defmodule Convoy.Consumer.ShardDispatcher do
       {:retry, n} -> n
       _ -> 1
     end
+  end
+
+  defp handler_metadata(state, handler) do
+    %{
+      stream: state.stream,
+      stream_id: state.stream_id,
+      shard_id: state.shard_id,
+      handler_id: handler.id
+    }
   end
 
   defp put_step(state, step), do: %{state | batch: %{state.batch | step: step}}
@@ -384,14 +441,6 @@ defmodule Convoy.Consumer.ShardDispatcher do
       "Convoy #{inspect(state.stream_id)}: handler #{inspect(handler.id)} failed on #{state.shard_id} " <>
         "and is detached:\n" <> Exception.format(kind, reason, stack)
     )
-
-    Telemetry.execute([:convoy, :handler, :exception], %{count: 1}, %{
-      stream_id: state.stream_id,
-      shard_id: state.shard_id,
-      handler_id: handler.id,
-      kind: kind,
-      reason: reason
-    })
 
     send(state.consumer, {:handler_failed, handler.id, handler.ref})
     state = put_done(state, handler.ref)

@@ -61,7 +61,9 @@ defmodule Convoy.Queue.Options do
         default: Convoy.Services.Kinesis,
         doc: """
         The module that does the work. `Convoy.Services.Memory` runs without
-        any Kinesis, for tests.
+        any Kinesis, for tests. A service written for Convoy 0.1 (the four
+        callbacks `describe_stream/1`, `get_iterator/3`, `get_records/2` and
+        `put_records/2`) runs through `Convoy.Services.Legacy`.
         """
       ],
       service_options: [
@@ -305,6 +307,15 @@ defmodule Convoy.Queue.Options do
         unit: :ms,
         default: :infinity,
         doc: "How long a pid handler has to ack a batch before it is detached."
+      ],
+      replace: [
+        type: :boolean,
+        default: false,
+        doc: """
+        Whether a handler already attached under the same id is replaced
+        (`true`, what `attach_handler/4` and `attach/4` do) or the call
+        answers `{:error, :already_exists}` (`false`).
+        """
       ]
     ]
   end
@@ -345,6 +356,7 @@ defmodule Convoy.Queue.Options do
 
     options
     |> Keyword.update!(:stream_id, &if(is_nil(&1), do: options[:stream], else: &1))
+    |> legacy_service()
     |> check_aggregation_size!()
     |> check_fan_out_service!()
   end
@@ -451,6 +463,20 @@ defmodule Convoy.Queue.Options do
 
   defp consumer(_), do: :error
 
+  # A Convoy 0.1 service runs through the adapter, which finds the module in
+  # its service options; the result passes this check again unchanged.
+  defp legacy_service(options) do
+    module = options[:service]
+
+    if Convoy.Services.Legacy.legacy?(module) and not current_service?(module) do
+      options
+      |> Keyword.put(:service, Convoy.Services.Legacy)
+      |> Keyword.put(:service_options, [{:module, module} | options[:service_options]])
+    else
+      options
+    end
+  end
+
   defp check_aggregation_size!(options) do
     if options[:aggregation] and options[:aggregation_max_bytes] > options[:max_record_bytes] do
       raise ArgumentError,
@@ -472,10 +498,14 @@ defmodule Convoy.Queue.Options do
   defp stream(_), do: :error
 
   defp service(module) do
-    if is_atom(module) and Code.ensure_loaded?(module) and
-         function_exported?(module, :child_spec, 1) and function_exported?(module, :put, 4),
-       do: {:ok, module},
-       else: :error
+    if current_service?(module) or Convoy.Services.Legacy.legacy?(module),
+      do: {:ok, module},
+      else: :error
+  end
+
+  defp current_service?(module) do
+    is_atom(module) and Code.ensure_loaded?(module) and
+      function_exported?(module, :child_spec, 1) and function_exported?(module, :put, 4)
   end
 
   defp iterator_type(:latest), do: {:ok, :latest}

@@ -6,6 +6,10 @@ defmodule Convoy.Queue.Reporter do
   # producer whose owner was killed still reports to a live process.
   #
   # Reports arrive as `{:convoy_put_failed, [{partition_key, data, reason}]}`.
+  # When telemetry is on, the native producer also sends it one
+  # `{:convoy_put_records, report}` per PutRecords request, which becomes a
+  # `[:convoy, :put_records]` span and, for the records Kinesis confirmed,
+  # Convoy 0.1's `[:convoy, :queue, :records_sent]`.
 
   use GenServer
 
@@ -16,7 +20,7 @@ defmodule Convoy.Queue.Reporter do
   @spec start_link(keyword) :: GenServer.on_start()
   def start_link(options) do
     name = Convoy.Queue.Topology.name(__MODULE__, options[:stream_id])
-    GenServer.start_link(__MODULE__, {options[:stream_id], options[:on_failure]}, name: name)
+    GenServer.start_link(__MODULE__, options, name: name)
   end
 
   @doc "The reporter of a queue, or nil."
@@ -24,7 +28,14 @@ defmodule Convoy.Queue.Reporter do
   def whereis(stream_id), do: Convoy.Queue.Topology.whereis(__MODULE__, stream_id)
 
   @impl true
-  def init({stream_id, on_failure}), do: {:ok, %{stream_id: stream_id, on_failure: on_failure}}
+  def init(options) do
+    {:ok,
+     %{
+       stream_id: options[:stream_id],
+       stream: options[:stream],
+       on_failure: options[:on_failure]
+     }}
+  end
 
   @impl true
   def handle_info({:convoy_put_failed, failures}, state) do
@@ -32,7 +43,37 @@ defmodule Convoy.Queue.Reporter do
     {:noreply, state}
   end
 
+  def handle_info({:convoy_put_records, report}, state) do
+    metadata = %{stream: state.stream, stream_id: state.stream_id}
+    measurements = Map.drop(report, [:duration, :error])
+
+    Telemetry.reported(
+      [:convoy, :put_records],
+      report.duration,
+      measurements,
+      metadata,
+      report.error
+    )
+
+    sent(report.acknowledged, state.stream, state.stream_id)
+    {:noreply, state}
+  end
+
   def handle_info(_other, state), do: {:noreply, state}
+
+  @doc """
+  Emits Convoy 0.1's `[:convoy, :queue, :records_sent]` for `count` records
+  Kinesis (or the service) confirmed; nothing for 0.
+  """
+  @spec sent(non_neg_integer, term, term) :: :ok
+  def sent(0, _stream, _stream_id), do: :ok
+
+  def sent(count, stream, stream_id) do
+    Telemetry.execute([:convoy, :queue, :records_sent], %{count: count}, %{
+      stream: stream,
+      stream_id: stream_id
+    })
+  end
 
   @doc """
   Logs records that finally failed, emits `[:convoy, :put, :failed]` and

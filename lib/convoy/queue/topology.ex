@@ -3,7 +3,8 @@ defmodule Convoy.Queue.Topology do
   # The supervision tree of one queue, started by `Convoy.Queue.start_link/1`:
   #
   #     Convoy.Queue.Topology                 one_for_one, {Convoy.Queue, id}
-  #     ├── Convoy.Queue.Reporter             failure reports: log, telemetry, on_failure
+  #     ├── Convoy.Queue.Reporter             failure reports: log, telemetry, on_failure;
+  #     │                                     per-request telemetry reports from Rust
   #     ├── Convoy.Consumer.Handlers          the attached handlers, kept across restarts
   #     └── the service's tree, for Kinesis:
   #         Convoy.Services.Kinesis           one_for_one, holds the Kinesis client
@@ -29,7 +30,18 @@ defmodule Convoy.Queue.Topology do
 
   @doc "The `Convoy.Registry` name of a queue's process of the given kind."
   @spec name(term, term) :: {:via, Registry, {Convoy.Registry, {term, term}}}
-  def name(kind, stream_id), do: {:via, Registry, {Convoy.Registry, {kind, stream_id}}}
+  def name(kind, stream_id), do: {:via, Registry, {Convoy.Registry, {kind, key(stream_id)}}}
+
+  @doc """
+  The key a `stream_id` is known by: an atom and the string of the same name
+  name the same queue, as in the original Convoy (whose process was
+  registered as `:"stream_\#{stream_id}"`).
+  """
+  @spec key(term) :: term
+  def key(stream_id) when is_atom(stream_id) and stream_id not in [nil, true, false],
+    do: Atom.to_string(stream_id)
+
+  def key(stream_id), do: stream_id
 
   @doc """
   The pid of a queue's live process of the given kind, or nil. The Registry
@@ -38,7 +50,7 @@ defmodule Convoy.Queue.Topology do
   """
   @spec whereis(term, term) :: pid | nil
   def whereis(kind, stream_id) do
-    case Registry.lookup(Convoy.Registry, {kind, stream_id}) do
+    case Registry.lookup(Convoy.Registry, {kind, key(stream_id)}) do
       [{pid, _}] -> if Process.alive?(pid), do: pid
       [] -> nil
     end

@@ -135,7 +135,9 @@ defmodule Convoy.Services.Kinesis do
   Deregisters the enhanced fan-out consumer `name` of `stream` (see the
   queue option `:consumer`). Kinesis bills a registered consumer by the
   hour whether anything reads through it or not, and Convoy never
-  deregisters one by itself: a queue that stops may start again.
+  deregisters one by itself: a queue that stops may start again. Call it
+  once no queue reads through the consumer: a running queue registers it
+  again at its next subscription.
 
   `kinesis` takes the connection settings of the queue option `:kinesis`.
   An unknown consumer is not an error.

@@ -170,6 +170,7 @@ defmodule Convoy.Services.Memory do
 
     state = %{
       stream_id: options[:stream_id],
+      stream: options[:stream],
       on_failure: options[:on_failure],
       shards: shards,
       next_shard: shard_count,
@@ -260,6 +261,7 @@ defmodule Convoy.Services.Memory do
             stats: Map.update!(state.stats, :sent, &(&1 + 1))
         }
 
+        Convoy.Queue.Reporter.sent(1, state.stream, state.stream_id)
         {:reply, {:ok, %{shard_id: id, sequence_number: sequence_string(sequence)}}, state}
     end
   end

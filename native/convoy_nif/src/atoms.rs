@@ -29,6 +29,17 @@ rustler::atoms! {
     convoy_poller_error,
     convoy_poller_stopped,
     convoy_task_panic,
+    // telemetry reports
+    convoy_put_records,
+    convoy_get_records,
+    duration,
+    records,
+    entries,
+    bytes,
+    acknowledged,
+    count,
+    millis_behind_latest,
+    next_iterator,
     // record and shard fields
     shard_id,
     sequence_number,

@@ -1,23 +1,72 @@
 //! Encodes any JSON-able Erlang term to JSON bytes with serde, the way the
-//! original Convoy encoded non-binary data: maps become objects, lists arrays,
-//! `true`/`false`/`nil` the JSON literals, other atoms and binaries strings.
-//! Pids, references, ports, functions and tuples have no JSON form.
+//! original Convoy encoded non-binary data with Poison: maps become objects
+//! (structs without their `__struct__` key), lists arrays, `true`/`false`/`nil`
+//! the JSON literals, other atoms and binaries strings, and `DateTime`,
+//! `NaiveDateTime`, `Date` and `Time` ISO 8601 strings (as their
+//! `to_iso8601/1` writes them). Pids, references, ports, functions and tuples
+//! have no JSON form: the error names where in the term the value is.
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
 
 use rustler::{Binary, Term, TermType};
 use serde::ser::{Error as _, SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
 
+use crate::atoms;
+
+/// The JSON bytes of `term`, or why it has none: `"a pid has no JSON form,
+/// at [:user][\"owner\"][2]"` (no location when the term itself is at fault).
 pub fn encode(term: Term) -> Result<Vec<u8>, String> {
+    let trail = RefCell::new(Vec::new());
     let mut out = Vec::with_capacity(64);
-    serde_json::to_writer(&mut out, &JsonTerm(term)).map_err(|e| e.to_string())?;
-    Ok(out)
+    match serde_json::to_writer(
+        &mut out,
+        &JsonTerm {
+            term,
+            trail: &trail,
+        },
+    ) {
+        Ok(()) => Ok(out),
+        Err(error) => {
+            let mut message = error.to_string();
+            let trail = trail.into_inner();
+            if !trail.is_empty() {
+                message.push_str(", at ");
+                // Segments were pushed from the innermost out.
+                for segment in trail.iter().rev() {
+                    message.push_str(segment);
+                }
+            }
+            Err(message)
+        }
+    }
 }
 
-struct JsonTerm<'a>(Term<'a>);
+/// A term to serialize, and the location of a failure, filled only on the
+/// way back out of an error: a successful encoding pays nothing for it.
+struct JsonTerm<'a, 't> {
+    term: Term<'a>,
+    trail: &'t RefCell<Vec<String>>,
+}
 
-impl Serialize for JsonTerm<'_> {
+impl<'a, 't> JsonTerm<'a, 't> {
+    fn child(&self, term: Term<'a>) -> Self {
+        JsonTerm {
+            term,
+            trail: self.trail,
+        }
+    }
+
+    /// Records where an error happened, on its way out.
+    fn mark(&self, segment: String) {
+        self.trail.borrow_mut().push(segment);
+    }
+}
+
+impl Serialize for JsonTerm<'_, '_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let term = self.0;
+        let term = self.term;
         match term.get_type() {
             TermType::Atom => {
                 let name = term
@@ -37,7 +86,7 @@ impl Serialize for JsonTerm<'_> {
                 } else if let Ok(u) = term.decode::<u64>() {
                     s.serialize_u64(u)
                 } else {
-                    Err(S::Error::custom("integer out of the 64-bit range"))
+                    Err(S::Error::custom("an integer out of the 64-bit range"))
                 }
             }
             TermType::Float => s.serialize_f64(
@@ -47,12 +96,16 @@ impl Serialize for JsonTerm<'_> {
             TermType::List => {
                 let items = proper_list(term).map_err(S::Error::custom)?;
                 let mut seq = s.serialize_seq(Some(items.len()))?;
-                for item in items {
-                    seq.serialize_element(&JsonTerm(item))?;
+                for (index, item) in items.into_iter().enumerate() {
+                    seq.serialize_element(&self.child(item))
+                        .inspect_err(|_| self.mark(format!("[{index}]")))?;
                 }
                 seq.end()
             }
             TermType::Map => {
+                if let Some(text) = calendar_string(term).map_err(S::Error::custom)? {
+                    return s.serialize_str(&text);
+                }
                 let iter = rustler::types::map::MapIterator::new(term)
                     .ok_or_else(|| S::Error::custom("bad map"))?;
                 let mut map = s.serialize_map(None)?;
@@ -64,8 +117,9 @@ impl Serialize for JsonTerm<'_> {
                     }
                     map.serialize_entry(
                         &key_string(key).map_err(S::Error::custom)?,
-                        &JsonTerm(value),
-                    )?;
+                        &self.child(value),
+                    )
+                    .inspect_err(|_| self.mark(format!("[{}]", describe_key(key))))?;
                 }
                 map.end()
             }
@@ -115,6 +169,130 @@ fn key_string(term: Term) -> Result<String, String> {
             .map_err(|_| "bad float key".to_string()),
         _ => Err("map keys must be binaries, atoms or numbers".to_string()),
     }
+}
+
+/// A map key as Elixir code would write it, for error locations.
+fn describe_key(term: Term) -> String {
+    match term.get_type() {
+        TermType::Atom => term
+            .atom_to_string()
+            .map(|a| {
+                let plain = a
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '?' || c == '!');
+                if plain && !a.starts_with(|c: char| c.is_ascii_digit()) {
+                    format!(":{a}")
+                } else {
+                    format!(":{a:?}")
+                }
+            })
+            .unwrap_or_else(|_| "?".into()),
+        TermType::Binary => match binary_str(term) {
+            Ok(s) => format!("{s:?}"),
+            Err(_) => "<<...>>".into(),
+        },
+        TermType::Integer => term
+            .decode::<i64>()
+            .map(|i| i.to_string())
+            .unwrap_or_else(|_| "?".into()),
+        TermType::Float => term
+            .decode::<f64>()
+            .map(|f| f.to_string())
+            .unwrap_or_else(|_| "?".into()),
+        _ => "?".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Calendar types, as Poison encoded them: `to_iso8601/1` strings
+
+/// `Some(iso8601)` for a `%DateTime{}`, `%NaiveDateTime{}`, `%Date{}` or
+/// `%Time{}` of the ISO calendar; `None` for any other map.
+fn calendar_string(term: Term) -> Result<Option<String>, String> {
+    let env = term.get_env();
+    let Ok(module) = term.map_get(atoms::struct_().to_term(env)) else {
+        return Ok(None);
+    };
+    let Ok(module) = module.atom_to_string() else {
+        return Ok(None);
+    };
+    let kind = match module.as_str() {
+        "Elixir.DateTime" => Kind::DateTime,
+        "Elixir.NaiveDateTime" => Kind::NaiveDateTime,
+        "Elixir.Date" => Kind::Date,
+        "Elixir.Time" => Kind::Time,
+        _ => return Ok(None),
+    };
+    let name = module.trim_start_matches("Elixir.");
+    let field = |atom: rustler::Atom| -> Result<Term, String> {
+        term.map_get(atom.to_term(env))
+            .map_err(|_| format!("a %{name}{{}} without all its fields has no JSON form"))
+    };
+    let int = |atom: rustler::Atom| -> Result<i64, String> {
+        field(atom)?
+            .decode::<i64>()
+            .map_err(|_| format!("a %{name}{{}} with a field that is not an integer"))
+    };
+    let calendar = field(atoms::calendar())?
+        .atom_to_string()
+        .unwrap_or_default();
+    if calendar != "Elixir.Calendar.ISO" {
+        return Err(format!(
+            "a %{name}{{}} in calendar {} has no JSON form",
+            calendar.trim_start_matches("Elixir.")
+        ));
+    }
+    let mut out = String::with_capacity(32);
+    if kind != Kind::Time {
+        let (year, month, day) = (
+            int(atoms::year())?,
+            int(atoms::month())?,
+            int(atoms::day())?,
+        );
+        if year < 0 {
+            out.push('-');
+        }
+        let _ = write!(out, "{:04}-{month:02}-{day:02}", year.abs());
+        if kind == Kind::Date {
+            return Ok(Some(out));
+        }
+        out.push('T');
+    }
+    let (hour, minute, second) = (
+        int(atoms::hour())?,
+        int(atoms::minute())?,
+        int(atoms::second())?,
+    );
+    let _ = write!(out, "{hour:02}:{minute:02}:{second:02}");
+    let (micros, precision) = field(atoms::microsecond())?
+        .decode::<(i64, usize)>()
+        .map_err(|_| format!("a %{name}{{}} with a bad :microsecond field"))?;
+    if precision > 0 {
+        let digits = format!("{micros:06}");
+        out.push('.');
+        out.push_str(&digits[..precision.min(6)]);
+    }
+    if kind == Kind::DateTime {
+        let offset = int(atoms::utc_offset())? + int(atoms::std_offset())?;
+        let zone = field(atoms::time_zone())?;
+        let utc = offset == 0 && binary_str(zone).is_ok_and(|z| z == "Etc/UTC");
+        if utc {
+            out.push('Z');
+        } else {
+            let sign = if offset < 0 { '-' } else { '+' };
+            let total = offset.abs();
+            let _ = write!(out, "{sign}{:02}:{:02}", total / 3600, total % 3600 / 60);
+        }
+    }
+    Ok(Some(out))
+}
+
+#[derive(PartialEq, Clone, Copy)]
+enum Kind {
+    DateTime,
+    NaiveDateTime,
+    Date,
+    Time,
 }
 
 /// `{:ok, json}` or `{:error, {:invalid_data, detail}}`: the same encoding

@@ -17,6 +17,7 @@ mod reply;
 mod runtime;
 mod shards;
 mod source;
+mod telemetry;
 mod timestamp;
 
 rustler::init!("Elixir.Convoy.Native");

@@ -28,6 +28,11 @@ impl<'a> Decoder<'a> for ReplyTo {
 }
 
 impl ReplyTo {
+    /// The process that will be answered.
+    pub fn pid(&self) -> LocalPid {
+        self.pid
+    }
+
     /// Sends `{ref, value}`, building the value in `env`. False when the
     /// caller no longer exists.
     pub fn send_with<F>(&self, env: &mut OwnedEnv, build: F) -> bool

@@ -54,7 +54,13 @@ defmodule Convoy.Services.Kinesis.Producer do
     stream_id = options[:stream_id]
     Convoy.Queue.Topology.await_free(:handle, stream_id)
     reporter = Reporter.whereis(stream_id) || exit(:no_reporter)
-    native_options = Map.new(Keyword.take(options, @native_options))
+
+    native_options =
+      options
+      |> Keyword.take(@native_options)
+      |> Map.new()
+      |> Map.put(:telemetry, Convoy.Telemetry.enabled?())
+
     producer = Native.producer_start(client, native_options, reporter)
 
     handle = %{producer: producer, consumer: Convoy.Consumer.name(stream_id)}

@@ -19,7 +19,8 @@ defmodule Convoy.Services.Kinesis.Source do
     options = %{
       shard_id: shard_id,
       retry_backoff: options.retry_backoff,
-      max_backoff: options.max_backoff
+      max_backoff: options.max_backoff,
+      telemetry: Convoy.Telemetry.enabled?()
     }
 
     {:pushed, Native.subscription_start(fan_out, source.stream_id, options, position, dispatcher)}
@@ -27,7 +28,8 @@ defmodule Convoy.Services.Kinesis.Source do
 
   def start_reader(source, shard_id, position, dispatcher, options) do
     %{client: client, stream: stream, stream_id: stream_id} = source
-    options = Map.merge(options, %{stream: stream, shard_id: shard_id})
+    telemetry = Convoy.Telemetry.enabled?()
+    options = Map.merge(options, %{stream: stream, shard_id: shard_id, telemetry: telemetry})
     {:polled, Native.poller_start(client, stream_id, options, position, dispatcher)}
   end
 
@@ -39,8 +41,46 @@ defmodule Convoy.Services.Kinesis.Source do
   def stop_reader({:pushed, reader}), do: Native.reader_stop(reader)
   def stop_reader({:polled, poller}), do: Native.poller_stop(poller)
 
+  # Pull reads run in the consumer process: with telemetry on, the NIF
+  # reports each GetRecords call to it before its reply, and the reports are
+  # turned into `[:convoy, :get_records]` spans here.
   @impl true
   def fetch(%{client: client, stream: stream, stream_id: stream_id}, positions, limit) do
-    Native.call(&Native.fetch_records(client, stream, stream_id, positions, limit, &1), 55_000)
+    telemetry = Convoy.Telemetry.enabled?()
+
+    result =
+      Native.call(
+        &Native.fetch_records(client, stream, stream_id, positions, limit, telemetry, &1),
+        55_000
+      )
+
+    if telemetry, do: emit_reported_calls(stream, stream_id)
+    result
+  end
+
+  defp emit_reported_calls(stream, stream_id) do
+    receive do
+      {:convoy_get_records, shard_id, call} ->
+        metadata = %{
+          stream: stream,
+          stream_id: stream_id,
+          shard_id: shard_id,
+          next_iterator: call.next_iterator
+        }
+
+        measurements = %{count: call.count, millis_behind_latest: call.millis_behind_latest}
+
+        Convoy.Telemetry.reported(
+          [:convoy, :get_records],
+          call.duration,
+          measurements,
+          metadata,
+          call.error
+        )
+
+        emit_reported_calls(stream, stream_id)
+    after
+      0 -> :ok
+    end
   end
 end

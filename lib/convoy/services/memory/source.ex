@@ -39,7 +39,11 @@ defmodule Convoy.Services.Memory.Source do
   end
 
   defp read_loop(server, shard_id, position, dispatcher, options) do
-    case GenServer.call(server, {:read, shard_id, position, options.poll_limit}) do
+    started = System.monotonic_time()
+    result = GenServer.call(server, {:read, shard_id, position, options.poll_limit})
+    if Convoy.Telemetry.enabled?(), do: report(dispatcher, shard_id, started, result)
+
+    case result do
       {:ok, [], true} ->
         send(dispatcher, {:convoy_shard_end, shard_id})
 
@@ -58,5 +62,28 @@ defmodule Convoy.Services.Memory.Source do
       {:error, reason} ->
         send(dispatcher, {:convoy_poller_stopped, shard_id, reason})
     end
+  end
+
+  # The same report the native poller sends for each GetRecords call.
+  defp report(dispatcher, shard_id, started, result) do
+    duration = System.convert_time_unit(System.monotonic_time() - started, :native, :nanosecond)
+
+    {count, error} =
+      case result do
+        {:ok, records, _ended} -> {length(records), nil}
+        {:error, reason} -> {0, reason}
+      end
+
+    send(
+      dispatcher,
+      {:convoy_get_records, shard_id,
+       %{
+         duration: duration,
+         count: count,
+         millis_behind_latest: if(error, do: nil, else: 0),
+         next_iterator: nil,
+         error: error
+       }}
+    )
   end
 end

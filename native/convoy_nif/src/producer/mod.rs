@@ -66,6 +66,8 @@ pub struct ProducerOptions {
     /// ...of at most this many bytes.
     pub aggregation_max_bytes: u64,
     pub shard_refresh_interval: u64,
+    /// Report each PutRecords request to the reporter (see `crate::telemetry`).
+    pub telemetry: bool,
 }
 
 pub struct Producer {
@@ -102,6 +104,8 @@ struct Shared {
     closed: AtomicBool,
     stats: Stats,
     aggregation: Option<Arc<Aggregation>>,
+    /// Whether each request is reported to `reporter` for telemetry.
+    telemetry: bool,
 }
 
 #[derive(Default)]
@@ -282,6 +286,7 @@ fn producer_start(
         aggregation: options
             .aggregation
             .then(|| Arc::new(Aggregation::new(options.aggregation_max_bytes as usize))),
+        telemetry: options.telemetry,
     });
     if let Some(aggregation) = &shared.aggregation {
         runtime::spawn_guarded(

@@ -16,6 +16,7 @@ use super::{Entry, Shared};
 use crate::atoms;
 use crate::error::{Error, Reason};
 use crate::reply::ReplyTo;
+use crate::telemetry;
 
 /// A user record's share of an outgoing Kinesis record.
 pub(super) struct Member {
@@ -120,6 +121,15 @@ pub(super) async fn deliver(
 /// returns the error that stopped them.
 async fn attempt(shared: &Shared, pending: &mut Vec<Outgoing>) -> Error {
     let stats = &shared.stats;
+    let started = Instant::now();
+    // For telemetry: user records, Kinesis records and bytes in the request.
+    let size = shared.telemetry.then(|| {
+        let bytes = pending
+            .iter()
+            .map(|o| o.data.len() + o.key.len())
+            .sum::<usize>();
+        (records(pending), pending.len() as u64, bytes as u64)
+    });
     // The SDK takes the entries by value; a retry needs the data again, so
     // each attempt sends copies.
     let request: Vec<PutRecordsRequestEntry> = pending
@@ -151,6 +161,9 @@ async fn attempt(shared: &Shared, pending: &mut Vec<Outgoing>) -> Error {
                         .throttled
                         .fetch_add(records(pending), Ordering::Relaxed);
                 }
+            }
+            if let Some(size) = size {
+                report(shared, started, size, (0, 0, 0), Some(&error));
             }
             if !retry::error_is_retryable(&error) {
                 fail(shared, std::mem::take(pending), &error);
@@ -205,6 +218,11 @@ async fn attempt(shared: &Shared, pending: &mut Vec<Outgoing>) -> Error {
             }
         }
     }
+    if let Some(size) = size {
+        let rejected: u64 = fatal.iter().map(|(o, _)| o.records()).sum();
+        let counts = (acknowledged.0, records(pending), rejected);
+        report(shared, started, size, counts, None);
+    }
     stats.sent.fetch_add(acknowledged.0, Ordering::Relaxed);
     stats.in_flight.fetch_sub(acknowledged.0, Ordering::Relaxed);
     shared.release(acknowledged.0, acknowledged.1);
@@ -212,6 +230,27 @@ async fn attempt(shared: &Shared, pending: &mut Vec<Outgoing>) -> Error {
         fail(shared, vec![outgoing], &error);
     }
     last_error
+}
+
+/// Sends one request's report to the reporter, for telemetry.
+fn report(
+    shared: &Shared,
+    started: Instant,
+    (records, entries, bytes): (u64, u64, u64),
+    (acknowledged, retried, failed): (u64, u64, u64),
+    error: Option<&Error>,
+) {
+    let report = telemetry::PutRecordsReport {
+        duration: started.elapsed(),
+        records,
+        entries,
+        bytes,
+        acknowledged,
+        retried,
+        failed,
+        error,
+    };
+    telemetry::put_records(&shared.reporter, &report);
 }
 
 /// Tells every awaiting caller of the record's members where it landed.

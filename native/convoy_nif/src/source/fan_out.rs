@@ -4,7 +4,7 @@
 //! last one stood. The reader speaks the same protocol as the poller, so the
 //! dispatcher, handlers and checkpoints are the same for both modes.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::operation::subscribe_to_shard::SubscribeToShardOutput;
@@ -23,6 +23,7 @@ use crate::client::ClientResource;
 use crate::error::Error;
 use crate::reply::ReplyTo;
 use crate::runtime;
+use crate::telemetry;
 use convoy_core::retry::{self, RetryPolicy};
 use convoy_core::sequence;
 
@@ -180,6 +181,8 @@ pub struct SubscriptionOptions {
     pub shard_id: String,
     pub retry_backoff: u64,
     pub max_backoff: u64,
+    /// Report each event to the dispatcher (see `crate::telemetry`).
+    pub telemetry: bool,
 }
 
 /// How a subscription ended.
@@ -192,24 +195,91 @@ enum Ended {
     Failed(Error),
 }
 
+/// AWS allows one SubscribeToShard per second per shard and consumer.
+const MIN_SUBSCRIBE_SPACING: Duration = Duration::from_secs(1);
+
+/// After this many failures in a row a missing resource (shard, stream or
+/// consumer) ends the reader; the consumer restarts it later.
+const NOT_FOUND_RETRIES: u32 = 5;
+
+/// The first record a reader may hand over: a record a server sends again,
+/// or one from before the start, never reaches the handlers. A renewal
+/// starts after the last record delivered, but not every server honours a
+/// starting position (ferrokinesis 0.7 keeps only its type and replays the
+/// shard from its start).
+enum Floor {
+    Any,
+    Since(i64),
+    At(String),
+    After(String),
+}
+
+impl Floor {
+    fn of(position: &Position) -> Floor {
+        match position {
+            Position::Latest | Position::TrimHorizon => Floor::Any,
+            Position::AtTimestamp(ms) => Floor::Since(*ms),
+            Position::AtSequenceNumber(s) => Floor::At(s.clone()),
+            Position::AfterSequenceNumber(s) => Floor::After(s.clone()),
+        }
+    }
+
+    fn admits(&self, record: &Record) -> bool {
+        let seq = record.sequence_number();
+        match self {
+            Floor::Any => true,
+            // To the second: some servers keep arrival times in whole
+            // seconds, and a record of the start's second must not be lost.
+            Floor::Since(ms) => record
+                .approximate_arrival_timestamp()
+                .map(|t| t.secs())
+                .is_none_or(|arrival| arrival >= ms.div_euclid(1000)),
+            Floor::At(s) => !sequence::after(s, seq),
+            Floor::After(s) => sequence::after(seq, s),
+        }
+    }
+
+    /// The records of an event at or past the floor (they come in order).
+    fn cut<'r>(&self, records: &'r [Record]) -> &'r [Record] {
+        let first = records
+            .iter()
+            .position(|r| self.admits(r))
+            .unwrap_or(records.len());
+        &records[first..]
+    }
+}
+
 struct Subscriber {
     consumer: ResourceArc<StreamConsumer>,
     link: Link,
     /// Where the next subscription starts.
     resume: Position,
-    /// Whether a record was handed over, so `resume` follows records.
-    delivered: bool,
+    floor: Floor,
     policy: RetryPolicy,
+    telemetry: bool,
 }
 
 impl Subscriber {
     async fn run(mut self) {
         let mut failures = 0u32;
+        let mut last_subscribe: Option<Instant> = None;
         loop {
+            if let Some(at) = last_subscribe {
+                let wait = MIN_SUBSCRIBE_SPACING.saturating_sub(at.elapsed());
+                if !wait.is_zero() && !self.link.pause(wait).await {
+                    return;
+                }
+            }
             if self.link.stopped() {
                 return;
             }
-            let ended = match self.subscribe().await {
+            last_subscribe = Some(Instant::now());
+            let shard_id = self.link.shard_id().to_owned();
+            let subscribed = tokio::select! {
+                subscribed = subscribe(&self.consumer, &shard_id, &self.resume) => subscribed,
+                _ = self.link.stop_requested() => return,
+            };
+            let ended = match subscribed {
                 Ok(output) => self.consume(output, &mut failures).await,
                 Err(error) => Ended::Failed(error),
             };
@@ -222,14 +292,7 @@ impl Subscriber {
                 Ended::Stop => return,
                 Ended::Failed(error) => {
                     failures += 1;
-                    if !retryable(&error) {
-                        self.link.stopped_by(&error);
-                        return;
-                    }
-                    if failures == 1 {
-                        self.link.report(&error);
-                    }
-                    if !self.link.pause(self.policy.backoff(failures)).await {
+                    if !self.recover(&error, failures).await {
                         return;
                     }
                 }
@@ -237,24 +300,31 @@ impl Subscriber {
         }
     }
 
-    async fn subscribe(&mut self) -> Result<SubscribeToShardOutput, Error> {
-        let consumer = &self.consumer;
-        let arn = consumer.arn().await?;
-        let subscribed = consumer
-            .client
-            .subscribe_to_shard()
-            .consumer_arn(&arn)
-            .shard_id(self.link.shard_id())
-            .starting_position(starting_position(&self.resume))
-            .send()
-            .await
-            .map_err(|e| retry::classify(&e));
-        if let Err(Error::Aws { code, .. }) = &subscribed {
-            if code == "ResourceNotFoundException" {
-                consumer.forget(&arn).await;
-            }
+    /// After a failed subscription: false ends the reader.
+    async fn recover(&mut self, error: &Error, failures: u32) -> bool {
+        self.report_failure(error);
+        if super::refused_as_foreign(&self.resume, error) {
+            // The stream was deleted and created again: read what it holds.
+            self.link.report(error);
+            self.resume = Position::TrimHorizon;
+            self.floor = Floor::Any;
+            return true;
         }
-        subscribed
+        if !retryable(error, failures) {
+            self.link.stopped_by(error);
+            return false;
+        }
+        if failures == 1 {
+            self.link.report(error);
+        }
+        self.link.pause(self.policy.backoff(failures)).await
+    }
+
+    fn report_failure(&self, error: &Error) {
+        if self.telemetry {
+            let (to, shard_id) = (self.link.dispatcher(), self.link.shard_id());
+            telemetry::get_records(to, shard_id, Duration::ZERO, 0, None, None, Some(error));
+        }
     }
 
     /// Reads a subscription's events until it ends. While a batch waits for
@@ -262,6 +332,7 @@ impl Subscriber {
     /// holds the shard back instead of filling memory.
     async fn consume(&mut self, mut output: SubscribeToShardOutput, failures: &mut u32) -> Ended {
         loop {
+            let waited = Instant::now();
             let event = tokio::select! {
                 event = tokio::time::timeout(SILENCE_LIMIT, output.event_stream.recv()) => event,
                 _ = self.link.stop_requested() => return Ended::Stop,
@@ -276,56 +347,83 @@ impl Subscriber {
                 Ok(Err(error)) => return Ended::Failed(classify_stream_error(&error)),
             };
             *failures = 0;
-            if let Some(ended) = self.handle(&event).await {
+            if let Some(ended) = self.handle(&event, waited).await {
                 return ended;
             }
         }
     }
 
-    async fn handle(&mut self, event: &SubscribeToShardEvent) -> Option<Ended> {
-        let records = self.unseen(event.records());
+    async fn handle(&mut self, event: &SubscribeToShardEvent, waited: Instant) -> Option<Ended> {
+        let records = self.floor.cut(event.records());
+        let millis_behind = event.millis_behind_latest();
         let continuation = Some(event.continuation_sequence_number()).filter(|c| !c.is_empty());
+        if self.telemetry {
+            // Reported as a GetRecords call would be: the wait for the
+            // event, the records it brought, the continuation as next position.
+            let (to, shard_id) = (self.link.dispatcher(), self.link.shard_id());
+            let next = continuation;
+            let n = records.len();
+            telemetry::get_records(
+                to,
+                shard_id,
+                waited.elapsed(),
+                n,
+                Some(millis_behind),
+                next,
+                None,
+            );
+        }
         if let Some(last) = records.last() {
-            if let Flow::Stop = self
-                .link
-                .deliver(records, Some(event.millis_behind_latest()))
-                .await
-            {
+            if let Flow::Stop = self.link.deliver(records, Some(millis_behind)).await {
                 return Some(Ended::Stop);
             }
-            self.resume = Position::AfterSequenceNumber(last.sequence_number().to_owned());
-            self.delivered = true;
-        } else if let (false, Some(continuation)) = (self.delivered, continuation) {
-            // Nothing read yet: the continuation marks how far the shard was
-            // seen. AT, not AFTER, so a renewal can never skip a record (an
-            // emulator's continuation may already be the next number).
-            self.resume = Position::AtSequenceNumber(continuation.to_owned());
+            let last = last.sequence_number().to_owned();
+            self.resume = Position::AfterSequenceNumber(last.clone());
+            self.floor = Floor::After(last);
+        } else if let Some(continuation) = continuation {
+            // Before the first record of a position without a sequence
+            // number, the continuation marks how far the shard was seen. AT,
+            // not AFTER: an emulator's continuation may already be the next
+            // number, and a renewal must never skip a record.
+            if matches!(
+                self.resume,
+                Position::Latest | Position::TrimHorizon | Position::AtTimestamp(_)
+            ) {
+                self.resume = Position::AtSequenceNumber(continuation.to_owned());
+                self.floor = Floor::At(continuation.to_owned());
+            }
         }
-        // The end of a closed shard: no continuation, or the children named
-        // once everything is read.
-        let at_end =
-            continuation.is_none() || (records.is_empty() && !event.child_shards().is_empty());
+        // The end of a closed shard: no continuation, or its children named
+        // in an event with nothing more to read.
+        let at_end = continuation.is_none()
+            || (event.records().is_empty() && !event.child_shards().is_empty());
         at_end.then_some(Ended::ShardEnd)
     }
 }
 
-impl Subscriber {
-    /// The records after the last one delivered. A renewed subscription
-    /// starts after it, but an emulator may start earlier (ferrokinesis 0.7
-    /// ignores the sequence number of the starting position), and a record
-    /// must not reach the handlers twice.
-    fn unseen<'r>(&self, records: &'r [Record]) -> &'r [Record] {
-        match (&self.resume, self.delivered) {
-            (Position::AfterSequenceNumber(last), true) => {
-                let first_new = records
-                    .iter()
-                    .position(|r| sequence::after(r.sequence_number(), last))
-                    .unwrap_or(records.len());
-                &records[first_new..]
-            }
-            _ => records,
+async fn subscribe(
+    consumer: &StreamConsumer,
+    shard_id: &str,
+    position: &Position,
+) -> Result<SubscribeToShardOutput, Error> {
+    let arn = consumer.arn().await?;
+    let subscribed = consumer
+        .client
+        .subscribe_to_shard()
+        .consumer_arn(&arn)
+        .shard_id(shard_id)
+        .starting_position(starting_position(position))
+        .send()
+        .await
+        .map_err(|e| retry::classify(&e));
+    if let Err(Error::Aws { code, message }) = &subscribed {
+        // The consumer is gone (deregistered, or the stream created again):
+        // the next try registers it anew.
+        if code == "ResourceNotFoundException" && message.contains("onsumer") {
+            consumer.forget(&arn).await;
         }
     }
+    subscribed
 }
 
 fn starting_position(position: &Position) -> StartingPosition {
@@ -347,19 +445,23 @@ fn starting_position(position: &Position) -> StartingPosition {
 }
 
 /// Errors that end a subscription but not the reader: two subscribers
-/// racing for the shard (or our previous subscription still closing), a
-/// consumer that is gone (registered again on the next try), a dropped or
-/// silent connection, an error the SDK could not name (kinesis-mock's
-/// "another active subscription exists" arrives so), besides the usual
-/// transient ones.
-fn retryable(error: &Error) -> bool {
-    retry::error_is_retryable(error)
-        || matches!(error, Error::Aws { code, .. }
-            if code == "ResourceInUseException"
-                || code == "Unknown"
-                || code == "ResourceNotFoundException"
-                || code == "SubscriptionSilent"
-                || code == "LimitExceededException")
+/// racing for the shard, or our previous subscription still closing
+/// (ResourceInUse; kinesis-mock sends it unnamed), a dropped or silent
+/// connection, a missing consumer (registered again) for a few tries,
+/// besides the usual transient ones.
+fn retryable(error: &Error, failures: u32) -> bool {
+    if retry::error_is_retryable(error) {
+        return true;
+    }
+    match error {
+        Error::Aws { code, message } => match code.as_str() {
+            "SubscriptionSilent" | "LimitExceededException" => true,
+            "ResourceNotFoundException" => failures <= NOT_FOUND_RETRIES,
+            "Unknown" => message.contains("active subscription"),
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 fn classify_stream_error<E, R>(error: &SdkError<E, R>) -> Error
@@ -393,13 +495,14 @@ fn subscription_start(
     let subscriber = Subscriber {
         consumer,
         link,
+        floor: Floor::of(&position),
         resume: position,
-        delivered: false,
         policy: RetryPolicy {
             base: Duration::from_millis(options.retry_backoff),
             max_backoff: Duration::from_millis(options.max_backoff),
             ..RetryPolicy::default()
         },
+        telemetry: options.telemetry,
     };
     runtime::spawn_guarded("shard subscription", Some(dispatcher), subscriber.run());
     reader

@@ -3,6 +3,9 @@
 use aws_sdk_kinesis::types::Record;
 use rustler::{Encoder, Env, ResourceArc, Term};
 
+use std::time::Instant;
+
+use super::poller::report_call;
 use super::{shard_iterator, Position};
 use crate::atoms;
 use crate::client::ClientResource;
@@ -19,6 +22,8 @@ struct ShardRecords {
 
 /// Reads up to `limit` records in total from the given shards, in order,
 /// starting at each shard's position. Replies with one entry per shard read.
+/// With `telemetry`, each GetRecords call is first reported to the caller
+/// (`crate::telemetry::get_records`).
 #[rustler::nif]
 fn fetch_records(
     client: ResourceArc<ClientResource>,
@@ -26,8 +31,10 @@ fn fetch_records(
     stream_id: Term,
     positions: Vec<(String, Position)>,
     limit: i32,
+    telemetry: bool,
     reply: ReplyTo,
 ) -> rustler::Atom {
+    let caller = reply.pid();
     let client = client.client.clone();
     let stream_id = KeptTerm::new(stream_id);
     runtime::spawn_reply(reply, async move {
@@ -38,13 +45,17 @@ fn fetch_records(
                 break;
             }
             let iterator = shard_iterator(&client, &stream_name, &shard_id, &position).await?;
-            let output = client
+            let called = Instant::now();
+            let response = client
                 .get_records()
                 .shard_iterator(iterator)
                 .limit(remaining)
                 .send()
-                .await
-                .map_err(|e| retry::classify(&e))?;
+                .await;
+            if telemetry {
+                report_call(&caller, &shard_id, called, &response);
+            }
+            let output = response.map_err(|e| retry::classify(&e))?;
             let records = output.records().to_vec();
             remaining -= records.len() as i32;
             out.push(ShardRecords { shard_id, records });

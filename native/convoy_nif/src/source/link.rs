@@ -59,12 +59,17 @@ impl Link {
         (link, ResourceArc::new(Reader { credits, stop }))
     }
 
+    pub fn dispatcher(&self) -> &LocalPid {
+        &self.dispatcher
+    }
+
     pub fn shard_id(&self) -> &str {
         &self.shard_id
     }
 
+    /// Told to stop, or the dispatcher's handle is gone.
     pub fn stopped(&self) -> bool {
-        *self.stop.borrow()
+        *self.stop.borrow() || self.stop.has_changed().is_err()
     }
 
     /// Resolves when the dispatcher stops the reader.

@@ -109,3 +109,16 @@ fn list_shards_nif(
     });
     atoms::ok()
 }
+
+/// Whether Kinesis refused a sequence-number position as not from this
+/// stream (the wording Kinesis and the emulators use): the stream was
+/// deleted and created again.
+pub(super) fn refused_as_foreign(position: &Position, error: &Error) -> bool {
+    let by_sequence = matches!(
+        position,
+        Position::AtSequenceNumber(_) | Position::AfterSequenceNumber(_)
+    );
+    by_sequence
+        && matches!(error, Error::Aws { code, message }
+            if code == "InvalidArgumentException" && message.contains("did not come from this stream"))
+}

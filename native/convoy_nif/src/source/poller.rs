@@ -10,7 +10,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_kinesis::operation::get_records::GetRecordsOutput;
+use aws_sdk_kinesis::error::SdkError;
+use aws_sdk_kinesis::operation::get_records::{GetRecordsError, GetRecordsOutput};
 use aws_sdk_kinesis::types::Record;
 use rustler::{Encoder, LocalPid, ResourceArc, Term};
 use tokio::sync::{watch, Semaphore};
@@ -22,6 +23,7 @@ use crate::delivery::{self, KeptTerm};
 use crate::error::{Error, Reason};
 use crate::record::{encode_records, Origin};
 use crate::runtime;
+use crate::telemetry;
 use convoy_core::retry::{self, RetryPolicy};
 
 /// Kinesis allows 5 GetRecords calls per second per shard.
@@ -36,6 +38,8 @@ pub struct PollerOptions {
     pub poll_interval: u64,
     pub retry_backoff: u64,
     pub max_backoff: u64,
+    /// Report each GetRecords call to the dispatcher (see `crate::telemetry`).
+    pub telemetry: bool,
 }
 
 /// Held by the shard's dispatcher. Dropping it (the dispatcher died) or
@@ -170,7 +174,8 @@ impl ShardTask {
             if self.stopped() {
                 return;
             }
-            last_call = Some(Instant::now());
+            let called = Instant::now();
+            last_call = Some(called);
             let response = self
                 .client
                 .get_records()
@@ -178,6 +183,9 @@ impl ShardTask {
                 .limit(self.options.poll_limit)
                 .send()
                 .await;
+            if self.options.telemetry {
+                report_call(&self.dispatcher, &self.options.shard_id, called, &response);
+            }
             let next = match response {
                 Ok(output) => {
                     failures = 0;
@@ -280,6 +288,31 @@ impl ShardTask {
                 Err(_) => Flow::Stop,
             },
             _ = self.stop.changed() => Flow::Stop,
+        }
+    }
+}
+
+/// One GetRecords call's report for telemetry, sent before its records.
+pub(super) fn report_call(
+    to: &LocalPid,
+    shard_id: &str,
+    called: Instant,
+    response: &Result<GetRecordsOutput, SdkError<GetRecordsError>>,
+) {
+    let elapsed = called.elapsed();
+    match response {
+        Ok(output) => telemetry::get_records(
+            to,
+            shard_id,
+            elapsed,
+            output.records().len(),
+            output.millis_behind_latest(),
+            output.next_shard_iterator(),
+            None,
+        ),
+        Err(error) => {
+            let error = retry::classify(error);
+            telemetry::get_records(to, shard_id, elapsed, 0, None, None, Some(&error));
         }
     }
 }
