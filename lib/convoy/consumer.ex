@@ -164,6 +164,8 @@ defmodule Convoy.Consumer do
 
     stream_id = Keyword.fetch!(options, :stream_id)
     {:ok, checkpoint} = checkpoint_module.init([{:stream_id, stream_id} | checkpoint_options])
+    # Not reading yet: the lease coordinator takes nothing until polling starts.
+    if options[:leases], do: Convoy.Leases.set_consuming(stream_id, false)
     stop_orphan_dispatchers(stream_id)
 
     # Handlers given at start are attached after init, so a slow or
@@ -510,11 +512,20 @@ defmodule Convoy.Consumer do
     wanted = map_size(state.handlers) > 0 and (state.pushed or not is_nil(state.poll_interval))
 
     cond do
-      wanted and not state.polling -> refresh(%{state | polling: true})
-      not wanted and state.polling -> stop_polling(state)
+      wanted and not state.polling -> consuming(refresh(%{state | polling: true}), true)
+      not wanted and state.polling -> consuming(stop_polling(state), false)
       true -> state
     end
   end
+
+  # With leases, the coordinator takes leases only while shards are read,
+  # and gives them up when reading stops (no handler left).
+  defp consuming(%{leased: true} = state, consuming?) do
+    Convoy.Leases.set_consuming(state.stream_id, consuming?)
+    state
+  end
+
+  defp consuming(state, _consuming?), do: state
 
   defp stop_polling(state) do
     if state.refresh_ref, do: Process.cancel_timer(state.refresh_ref)

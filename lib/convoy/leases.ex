@@ -93,6 +93,32 @@ defmodule Convoy.Leases do
     end
   end
 
+  @doc """
+  True while the queue `stream_id` reads its shards (a handler is attached
+  and polling is on): only then does its coordinator take leases.
+
+  ## Example
+
+      Convoy.Leases.consuming?("orders")
+  """
+  @spec consuming?(term) :: boolean
+  def consuming?(stream_id) do
+    match?([{_, true}], :ets.lookup(@table, {stream_id, :consuming}))
+  end
+
+  @doc false
+  # Set by the consumer; the coordinator is told at once.
+  def set_consuming(stream_id, consuming?) do
+    :ets.insert(@table, {{stream_id, :consuming}, consuming?})
+
+    case client(stream_id) do
+      {:ok, _client, coordinator} -> send(coordinator, :take)
+      :error -> :ok
+    end
+
+    :ok
+  end
+
   @doc false
   def put_client(stream_id, client, coordinator),
     do: :ets.insert(@table, {{stream_id, :client}, client, coordinator})
@@ -141,7 +167,7 @@ defmodule Convoy.Leases do
   @doc false
   # Everything a queue's coordinator published, removed when it starts or stops.
   def clear(stream_id) do
-    :ets.match_delete(@table, {{stream_id, :_}, :_, :_})
+    :ets.match_delete(@table, {{stream_id, :client}, :_, :_})
     :ets.match_delete(@table, {{stream_id, :_, :_}, :_, :_})
     :ets.match_delete(@table, {{stream_id, :_, :_}, :_})
     :ok

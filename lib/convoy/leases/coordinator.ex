@@ -158,7 +158,9 @@ defmodule Convoy.Leases.Coordinator do
         # (`Balance.to_shed/4`) in between, and stealing is abrupt.
         steal_armed: false,
         # Successful take rounds so far (see warm_up/4).
-        rounds: 0
+        rounds: 0,
+        # Leases held while the queue reads nothing, as of the last round.
+        idle: MapSet.new()
       }
 
       send(self(), :take)
@@ -517,7 +519,10 @@ defmodule Convoy.Leases.Coordinator do
       end)
 
     workable = Enum.filter(leases, &workable?(&1, by_key))
-    to_take = Balance.to_take(workable, available, state.worker_id)
+    consuming? = Leases.consuming?(state.stream_id)
+
+    to_take = if consuming?, do: Balance.to_take(workable, available, state.worker_id), else: []
+
     counts = Balance.counts(workable, available, state.worker_id)
     steal? = Enum.any?(to_take, &(not MapSet.member?(available, &1.key)))
 
@@ -538,7 +543,12 @@ defmodule Convoy.Leases.Coordinator do
     }
 
     state = Enum.reduce(to_take, state, &take(&2, &1))
-    state = shed(state, workable, available)
+
+    state =
+      if consuming?,
+        do: shed(%{state | idle: MapSet.new()}, workable, available),
+        else: release_idle(state)
+
     state = give_up_finished(state)
     clean_up(state, leases)
     schedule_take(state)
@@ -664,6 +674,15 @@ defmodule Convoy.Leases.Coordinator do
 
         %{state | shedding: {key, now()}}
     end
+  end
+
+  # The queue stopped reading (no handler): its dispatchers were told to
+  # stop, finishing their batches. Leases seen idle in two rounds in a row
+  # are given up, so other nodes read their shards.
+  defp release_idle(state) do
+    held = MapSet.new(Map.keys(state.held))
+    state = Enum.reduce(MapSet.intersection(held, state.idle), state, &release(&2, &1))
+    %{state | idle: MapSet.new(Map.keys(state.held))}
   end
 
   defp give_up_finished(state) do

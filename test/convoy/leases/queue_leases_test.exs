@@ -169,6 +169,36 @@ defmodule Convoy.Leases.QueueTest do
     assert Convoy.Leases.held(stream) == ["shardId-000000000000"]
   end
 
+  test "leases are taken only while handlers read, and given up when the last one detaches",
+       %{moto: moto} do
+    stream = create_stream!(unique_stream("idle"), 2)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    test = self()
+    :ok = raw_put!(stream, 6)
+
+    start_supervised!(
+      {Convoy.Queue,
+       stream: stream,
+       kinesis: kinesis(),
+       poll_interval: 100,
+       iterator_type: :trim_horizon,
+       leases: [table: table, failover: 1_000] ++ Moto.connection(moto)}
+    )
+
+    # No handler: several take rounds go by, and nothing is taken.
+    Process.sleep(3_000)
+    assert Convoy.Leases.held(stream) == []
+
+    :ok = Convoy.Queue.attach_handler(stream, :fwd, fn r, _ -> send(test, {:record, r}) end, nil)
+    assert length(receive_records(6)) == 6
+    assert Convoy.Leases.held(stream) == ["shardId-000000000000", "shardId-000000000001"]
+
+    # Detached: the leases go back to the table, owner removed.
+    :ok = Convoy.Queue.detach_handler(stream, :fwd)
+    eventually(fn -> Enum.all?(scan(table, moto), &(not Map.has_key?(&1, "leaseOwner"))) end)
+    assert Convoy.Leases.held(stream) == []
+  end
+
   test "a table migrated to KCL 3.x refuses the queue with a clear error", %{moto: moto} do
     stream = create_stream!(unique_stream("leases"), 1)
     table = "convoy-#{System.unique_integer([:positive])}"
