@@ -26,8 +26,14 @@ defmodule Convoy.Checkpoint do
        checkpoint: {Convoy.Checkpoint.File, dir: "/var/lib/my_app/checkpoints"}}
   """
 
-  @typedoc "A sequence number, or `:shard_end` for a shard read to its end."
-  @type position :: String.t() | :shard_end
+  @typedoc """
+  A sequence number, `:shard_end` for a shard read to its end, or
+  `{:at_timestamp, unix_ms}`: the first position of a shard read from
+  `:latest`, stored before any record of it was processed, so that a
+  restarted queue resumes at the time the first one started instead of
+  at its own start (which would skip what arrived in between).
+  """
+  @type position :: String.t() | :shard_end | {:at_timestamp, integer}
 
   @doc "Prepares the store; `options` include `:stream_id` and the queue's checkpoint options."
   @callback init(options :: keyword) :: {:ok, state :: term}

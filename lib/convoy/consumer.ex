@@ -184,6 +184,9 @@ defmodule Convoy.Consumer do
           {handlers, next_order}
       end
 
+    # Under :latest the shards' first positions are resolved at once.
+    if options[:iterator_type] == :latest, do: send(self(), :pin)
+
     {:ok,
      %{
        stream_id: stream_id,
@@ -207,6 +210,10 @@ defmodule Convoy.Consumer do
        store_monitor: watch_handler_store(stream_id),
        shards: %{},
        ended: MapSet.new(),
+       # Pull reads: per shard cursors and records not yet returned, and the
+       # shard the next get/2 starts with.
+       pull: %{},
+       pull_turn: 0,
        dispatchers: %{},
        stopping: %{},
        restarts: %{},
@@ -216,7 +223,10 @@ defmodule Convoy.Consumer do
        # was asked for meanwhile.
        listing: nil,
        relist: false,
-       started_at: System.system_time(:millisecond)
+       started_at: System.system_time(:millisecond),
+       # Whether the shards' first positions were resolved (see pin_shards/1).
+       pinned: options[:iterator_type] != :latest,
+       pin_failures: 0
      }}
   end
 
@@ -243,23 +253,13 @@ defmodule Convoy.Consumer do
   end
 
   def handle_call({:get, limit}, _from, state) do
-    {module, source} = state.source
+    case list_shards(state) do
+      {:ok, state} ->
+        {reply, state} = pull(state, limit)
+        {:reply, reply, state}
 
-    with {:ok, state} <- list_shards(state),
-         positions = Enum.map(readable_shards(state), &{&1, position(state, &1)}),
-         {:ok, shards} <- module.fetch(source, positions, limit) do
-      records =
-        Enum.flat_map(shards, fn {shard_id, records} ->
-          if last = List.last(records) do
-            store_checkpoint(state, shard_id, last.sequence_number)
-          end
-
-          records
-        end)
-
-      {:reply, records, state}
-    else
-      {:error, reason} -> {:reply, {:error, reason}, state}
+      {:error, reason} ->
+        {:reply, {:error, reason}, state}
     end
   end
 
@@ -268,6 +268,8 @@ defmodule Convoy.Consumer do
 
   @impl true
   def handle_info(:resume, state), do: {:noreply, update_polling(state)}
+
+  def handle_info(:pin, state), do: {:noreply, refresh(state)}
 
   # The handler store went down: fill the new one once it is back.
   def handle_info({:DOWN, ref, :process, _pid, _reason}, %{store_monitor: ref} = state) do
@@ -512,9 +514,15 @@ defmodule Convoy.Consumer do
     wanted = map_size(state.handlers) > 0 and (state.pushed or not is_nil(state.poll_interval))
 
     cond do
-      wanted and not state.polling -> consuming(refresh(%{state | polling: true}), true)
-      not wanted and state.polling -> consuming(stop_polling(state), false)
-      true -> state
+      # Pollers start from the checkpoints: what get/2 held is read again.
+      wanted and not state.polling ->
+        consuming(refresh(%{state | polling: true, pull: %{}}), true)
+
+      not wanted and state.polling ->
+        consuming(stop_polling(state), false)
+
+      true ->
+        state
     end
   end
 
@@ -541,7 +549,7 @@ defmodule Convoy.Consumer do
 
   # Shards are listed in a task: the call goes over the network, and a slow
   # endpoint must not hold up attach or detach. One listing at a time.
-  defp refresh(%{polling: false} = state), do: state
+  defp refresh(%{polling: false, pinned: true} = state), do: state
   defp refresh(%{listing: ref} = state) when ref != nil, do: %{state | relist: true}
 
   defp refresh(state) do
@@ -556,8 +564,22 @@ defmodule Convoy.Consumer do
     {state, next} =
       case result do
         {:ok, shards} ->
-          state = %{state | shards: Map.new(shards, &{&1.shard_id, &1})}
+          state = pin_shards(%{state | shards: Map.new(shards, &{&1.shard_id, &1})})
           {start_shards(state, readable_shards(state)), state.shard_refresh_interval}
+
+        {:error, reason} when not state.polling ->
+          # Resolving :latest before any handler: a queue that only produces
+          # (perhaps without the right to list shards) is not flooded with
+          # warnings. Logged once, then tried again less and less often.
+          if state.pin_failures == 0 do
+            Logger.warning(
+              "Convoy #{inspect(state.stream_id)}: listing shards to resolve :latest " <>
+                "failed: #{inspect(reason)}; trying again"
+            )
+          end
+
+          delay = min(1_000 * Integer.pow(2, min(state.pin_failures, 6)), 60_000)
+          {%{state | pin_failures: state.pin_failures + 1}, delay}
 
         {:error, reason} ->
           Logger.warning(
@@ -569,6 +591,9 @@ defmodule Convoy.Consumer do
       end
 
     cond do
+      not state.polling and not state.pinned ->
+        %{state | refresh_ref: Process.send_after(self(), :pin, next)}
+
       not state.polling ->
         state
 
@@ -622,7 +647,17 @@ defmodule Convoy.Consumer do
   # and made again reuses shard ids, so an open shard may inherit a stale one.
   defp ended?(state, shard_id) do
     MapSet.member?(state.ended, shard_id) or
-      (fetch_checkpoint(state, shard_id) == {:ok, :shard_end} and has_children?(state, shard_id))
+      case fetch_checkpoint(state, shard_id) do
+        {:ok, :shard_end} -> has_children?(state, shard_id)
+        :error -> skipped?(state, shard_id)
+        _ -> false
+      end
+  end
+
+  # A closed shard that `:latest` does not read (see first_position/2).
+  defp skipped?(state, shard_id) do
+    state.iterator_type == :latest and closed?(state, shard_id) and
+      not continues_parent?(state, shard_id)
   end
 
   defp has_children?(state, shard_id) do
@@ -637,7 +672,12 @@ defmodule Convoy.Consumer do
     Enum.reduce(shard_ids, state, fn shard_id, state ->
       busy = Map.has_key?(state.dispatchers, shard_id) or shard_id in Map.values(state.stopping)
 
-      if busy or not held?(state, shard_id) or ended?(state, shard_id) do
+      position =
+        if busy or not held?(state, shard_id) or ended?(state, shard_id),
+          do: :skip,
+          else: position(state, shard_id)
+
+      if position == :skip do
         state
       else
         {:ok, pid} =
@@ -650,7 +690,7 @@ defmodule Convoy.Consumer do
                stream: state.stream,
                shard_id: shard_id,
                source: state.source,
-               position: position(state, shard_id),
+               position: position,
                handlers: handler_list(state),
                checkpoint: state.checkpoint,
                reader_options: state.reader_options,
@@ -666,6 +706,167 @@ defmodule Convoy.Consumer do
 
   defp dispatchers(state), do: Convoy.Consumer.Supervisor.dispatchers(state.stream_id)
 
+  # ---------------------------------------------------------------------------
+  # Pull reads (get/2)
+  #
+  # Each shard being pulled has an entry in `state.pull`: the cursor to read
+  # on from (an iterator kept across calls, so empty answers still make
+  # progress), the position after the last record received (to start again
+  # when the cursor fails, an expired iterator say), user records received
+  # but not yet returned (an aggregated record may hold more than `limit`),
+  # and the time of its last read (Kinesis allows 5 reads per second per
+  # shard). A call reads in rounds, each shard in turn from a rotating
+  # first one, each taking its share of what is left of `limit`, until
+  # `limit` records are in hand, every shard is caught up or ended, or
+  # @pull_rounds rounds are done. A shard read to its end is checkpointed
+  # `:shard_end` and its children become readable in the same call. The
+  # checkpoint of a shard is the last Kinesis record whose user records
+  # were all returned.
+
+  @pull_rounds 10
+  @read_spacing_ms 200
+
+  defp pull(state, limit) do
+    pull_rounds(state, limit, [], 0, MapSet.new())
+  end
+
+  defp pull_rounds(state, remaining, acc, round, idle) do
+    shards = Enum.reject(readable_shards(state), &MapSet.member?(idle, &1))
+
+    if remaining == 0 or shards == [] or round == @pull_rounds do
+      {Enum.reverse(acc) |> List.flatten(), %{state | pull_turn: state.pull_turn + 1}}
+    else
+      {first, second} = Enum.split(shards, rem(state.pull_turn, length(shards)))
+      share = max(1, div(remaining + length(shards) - 1, length(shards)))
+
+      result =
+        Enum.reduce_while(second ++ first, {state, remaining, acc, idle}, fn
+          _shard_id, {_, 0, _, _} = done ->
+            {:halt, done}
+
+          shard_id, {state, remaining, acc, idle} ->
+            case pull_shard(state, shard_id, min(share, remaining)) do
+              {:ok, records, caught_up?, state} ->
+                idle = if caught_up?, do: MapSet.put(idle, shard_id), else: idle
+                {:cont, {state, remaining - length(records), [records | acc], idle}}
+
+              {:error, reason, state} ->
+                {:halt, {:error, reason, state, acc}}
+            end
+        end)
+
+      case result do
+        {:error, reason, state, []} ->
+          {{:error, reason}, state}
+
+        {:error, reason, state, acc} ->
+          # What was read is returned (and checkpointed); the error is logged.
+          Logger.warning("Convoy #{inspect(state.stream_id)}: get/2: #{inspect(reason)}")
+          {Enum.reverse(acc) |> List.flatten(), %{state | pull_turn: state.pull_turn + 1}}
+
+        {state, remaining, acc, idle} ->
+          pull_rounds(state, remaining, acc, round + 1, idle)
+      end
+    end
+  end
+
+  # Up to `n` user records of a shard: {:ok, records, caught_up?, state}.
+  defp pull_shard(state, shard_id, n) do
+    entry =
+      Map.get_lazy(state.pull, shard_id, fn ->
+        position = position(state, shard_id)
+        %{cursor: position, resume: position, buffer: [], ended: false, last_read: nil}
+      end)
+
+    if entry.buffer != [] or entry.ended do
+      {records, rest} = Enum.split(entry.buffer, n)
+      {:ok, records, false, hand_out(state, shard_id, %{entry | buffer: rest}, records)}
+    else
+      pause_reads(entry)
+
+      case read_shard(state, shard_id, entry, n) do
+        {:ok, records, next, millis_behind, entry} ->
+          {taken, rest} = Enum.split(records, n)
+
+          entry = %{
+            entry
+            | cursor: next,
+              ended: is_nil(next),
+              buffer: rest,
+              resume:
+                if(last = List.last(records),
+                  do: {:after_sequence_number, last.sequence_number},
+                  else: entry.resume
+                )
+          }
+
+          # Caught up: an answer that was all there is (and no end to note).
+          caught_up? = next != nil and rest == [] and length(records) < n and millis_behind <= 0
+          {:ok, taken, caught_up?, hand_out(state, shard_id, entry, taken)}
+
+        {:error, reason, entry} ->
+          {:error, reason, %{state | pull: Map.put(state.pull, shard_id, entry)}}
+      end
+    end
+  end
+
+  defp pause_reads(%{last_read: nil}), do: :ok
+
+  defp pause_reads(%{last_read: at}) do
+    wait = at + @read_spacing_ms - System.monotonic_time(:millisecond)
+    if wait > 0, do: Process.sleep(wait)
+  end
+
+  # One read; a cursor that fails (an expired iterator) is replaced by the
+  # position after the last record received, once.
+  defp read_shard(%{source: {module, source}}, shard_id, entry, n) do
+    entry = %{entry | last_read: System.monotonic_time(:millisecond)}
+
+    case module.read(source, shard_id, entry.cursor, n) do
+      {:ok, records, next, millis_behind} ->
+        {:ok, records, next, millis_behind, entry}
+
+      {:error, reason} when entry.cursor != entry.resume ->
+        Logger.info(
+          "Convoy: get/2 reads #{shard_id} again from its last position after: #{inspect(reason)}"
+        )
+
+        Process.sleep(@read_spacing_ms)
+        read_shard(%{source: {module, source}}, shard_id, %{entry | cursor: entry.resume}, n)
+
+      {:error, reason} ->
+        {:error, reason, entry}
+    end
+  end
+
+  # Records returned: checkpoints the last Kinesis record fully returned, and
+  # ends a shard whose every record was returned.
+  defp hand_out(state, shard_id, entry, records) do
+    case entry do
+      %{ended: true, buffer: []} ->
+        if records != [],
+          do: store_checkpoint(state, shard_id, List.last(records).sequence_number)
+
+        :ok = store_checkpoint(state, shard_id, :shard_end)
+
+        %{
+          state
+          | pull: Map.delete(state.pull, shard_id),
+            ended: MapSet.put(state.ended, shard_id)
+        }
+
+      _ ->
+        partial = with [next | _] <- entry.buffer, do: next.sequence_number
+
+        case records |> Enum.reject(&(&1.sequence_number == partial)) |> List.last() do
+          nil -> :ok
+          last -> store_checkpoint(state, shard_id, last.sequence_number)
+        end
+
+        %{state | pull: Map.put(state.pull, shard_id, entry)}
+    end
+  end
+
   # Dispatchers a crashed predecessor started still read their shards: stop
   # them, so each shard has one reader.
   defp stop_orphan_dispatchers(stream_id) do
@@ -680,26 +881,82 @@ defmodule Convoy.Consumer do
     Enum.find_value(state.dispatchers, fn {shard_id, p} -> if p == pid, do: shard_id end)
   end
 
-  # Where a shard resumes: after its checkpoint; a shard born from resharding
-  # from its start; any other from `iterator_type`, with `:latest` pinned to
-  # the consumer's start time so that no restart of polling leaves a gap.
+  # Where a shard starts reading, or :skip for a shard this consumer does
+  # not read at all. After its checkpoint when it has one (a `:latest`
+  # resolved at first start is stored as `{:at_timestamp, ms}`); otherwise
+  # see `first_position/2`.
   defp position(state, shard_id) do
-    shard = Map.get(state.shards, shard_id, %{parent_shard_id: nil})
-
     case fetch_checkpoint(state, shard_id) do
       {:ok, sequence} when is_binary(sequence) -> {:after_sequence_number, sequence}
-      _ when shard.parent_shard_id != nil -> :trim_horizon
-      _ -> initial_position(state)
+      {:ok, {:at_timestamp, ms}} when is_integer(ms) -> {:at_timestamp, ms}
+      _ -> first_position(state, shard_id)
     end
   end
 
-  defp initial_position(state) do
+  # A shard without a checkpoint, as the KCL treats initial positions: a
+  # child of a shard this consumer read (it has a checkpoint) goes on from
+  # its start; any other shard starts at `iterator_type`. Under `:latest` a
+  # closed shard nobody read holds nothing "after now": it is skipped, and
+  # an open one is pinned to the consumer's start time, stored as its first
+  # checkpoint so that a restarted consumer or queue resumes there.
+  defp first_position(state, shard_id) do
+    continues? = continues_parent?(state, shard_id)
+
     case state.iterator_type do
-      :latest -> {:at_timestamp, state.started_at}
-      {:at_timestamp, %DateTime{} = at} -> {:at_timestamp, DateTime.to_unix(at, :millisecond)}
-      other -> other
+      {:at_timestamp, %DateTime{} = at} ->
+        {:at_timestamp, DateTime.to_unix(at, :millisecond)}
+
+      _ when continues? ->
+        :trim_horizon
+
+      :latest ->
+        if closed?(state, shard_id), do: :skip, else: pin_latest(state, shard_id)
+
+      {kind, sequences} when is_map(sequences) ->
+        case Map.fetch(sequences, shard_id) do
+          {:ok, sequence} -> {kind, sequence}
+          :error -> :trim_horizon
+        end
+
+      other ->
+        other
     end
   end
+
+  defp pin_latest(state, shard_id) do
+    store_checkpoint(state, shard_id, {:at_timestamp, state.started_at})
+    {:at_timestamp, state.started_at}
+  end
+
+  # Whether a parent of the shard was read by this consumer: it has a
+  # checkpoint, or ended while this consumer read it.
+  defp continues_parent?(state, shard_id) do
+    shard = Map.get(state.shards, shard_id, %{})
+
+    Enum.any?([shard[:parent_shard_id], shard[:adjacent_parent_shard_id]], fn parent ->
+      parent != nil and
+        (MapSet.member?(state.ended, parent) or fetch_checkpoint(state, parent) != :error)
+    end)
+  end
+
+  defp closed?(state, shard_id) do
+    case Map.get(state.shards, shard_id) do
+      %{ending_sequence_number: ending} when ending != nil -> true
+      _ -> has_children?(state, shard_id)
+    end
+  end
+
+  # Under `:latest`, the open shards without a checkpoint are pinned as soon
+  # as the shard list is known, whether or not a handler is attached yet.
+  defp pin_shards(%{iterator_type: :latest} = state) do
+    for shard_id <- readable_shards(state),
+        fetch_checkpoint(state, shard_id) == :error,
+        do: position(state, shard_id)
+
+    %{state | pinned: true}
+  end
+
+  defp pin_shards(state), do: %{state | pinned: true}
 
   defp fetch_checkpoint(%{checkpoint: {module, checkpoint}, stream_id: stream_id}, shard_id),
     do: module.fetch(checkpoint, stream_id, shard_id)

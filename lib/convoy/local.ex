@@ -31,6 +31,8 @@ defmodule Convoy.Local do
     * `:subscription_seconds` - how long an enhanced fan-out subscription
       (SubscribeToShard) lasts before the reader must renew it. Default
       `300`, as in AWS.
+    * `:log_put_records` - record the size of every PutRecords request, for
+      `put_requests/1`. Default `false`.
     * `:name` - a name to register the process under.
 
   ## Example
@@ -66,6 +68,19 @@ defmodule Convoy.Local do
   """
   @spec endpoint(GenServer.server()) :: String.t()
   def endpoint(server), do: GenServer.call(server, :endpoint)
+
+  @doc """
+  The PutRecords requests a server started with `log_put_records: true`
+  received, in order, as `{entries, bytes}` (bytes: data plus partition
+  keys). For tests of how a producer cuts its requests.
+
+  ## Example
+
+      {:ok, local} = Convoy.Local.start(log_put_records: true)
+      [{500, _}, {500, _}, {200, _}] = Convoy.Local.put_requests(local)
+  """
+  @spec put_requests(GenServer.server()) :: [{non_neg_integer, non_neg_integer}]
+  def put_requests(server), do: GenServer.call(server, :put_requests)
 
   @doc """
   Stops the emulator.
@@ -247,7 +262,8 @@ defmodule Convoy.Local do
         port: 0,
         enforce_limits: false,
         iterator_ttl_seconds: 300,
-        subscription_seconds: 300
+        subscription_seconds: 300,
+        log_put_records: false
       )
 
     Process.flag(:trap_exit, true)
@@ -256,7 +272,8 @@ defmodule Convoy.Local do
       ["serve", "--port", Integer.to_string(options[:port])] ++
         if(options[:enforce_limits], do: ["--enforce-limits"], else: []) ++
         ["--iterator-ttl-seconds", Integer.to_string(options[:iterator_ttl_seconds])] ++
-        ["--subscription-seconds", Integer.to_string(options[:subscription_seconds])]
+        ["--subscription-seconds", Integer.to_string(options[:subscription_seconds])] ++
+        if(options[:log_put_records], do: ["--log-put-records"], else: [])
 
     port =
       Port.open({:spawn_executable, binary!()}, [
@@ -270,7 +287,7 @@ defmodule Convoy.Local do
     case await_listening(port, "") do
       {:ok, endpoint} ->
         :ok = await_answer(endpoint, 50)
-        {:ok, %{port: port, endpoint: endpoint}}
+        {:ok, %{port: port, endpoint: endpoint, put_requests: []}}
 
       {:error, reason} ->
         {:stop, reason}
@@ -319,9 +336,20 @@ defmodule Convoy.Local do
   @impl true
   def handle_call(:endpoint, _from, state), do: {:reply, state.endpoint, state}
 
+  def handle_call(:put_requests, _from, state),
+    do: {:reply, Enum.reverse(state.put_requests), state}
+
   @impl true
   def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
     {:stop, {:convoy_local_exited, status}, state}
+  end
+
+  def handle_info(
+        {port, {:data, {:eol, "convoy_local put_records " <> counts}}},
+        %{port: port} = state
+      ) do
+    [entries, bytes] = counts |> String.split() |> Enum.map(&String.to_integer/1)
+    {:noreply, %{state | put_requests: [{entries, bytes} | state.put_requests]}}
   end
 
   def handle_info({port, {:data, _}}, %{port: port} = state), do: {:noreply, state}

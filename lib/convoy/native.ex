@@ -51,8 +51,18 @@ defmodule Convoy.Native do
   def poller_ack(_poller), do: not_loaded()
   def poller_stop(_poller), do: not_loaded()
 
-  def fetch_records(_client, _stream, _stream_id, _positions, _limit, _telemetry, _reply_to),
-    do: not_loaded()
+  def fetch_records(
+        _client,
+        _stream,
+        _stream_id,
+        _shard_id,
+        _position,
+        _iterator,
+        _limit,
+        _telemetry,
+        _reply_to
+      ),
+      do: not_loaded()
 
   def list_shards_nif(_client, _stream, _reply_to), do: not_loaded()
 

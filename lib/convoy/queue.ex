@@ -44,6 +44,9 @@ defmodule Convoy.Queue do
   | `[:convoy, :batch, :stop]` | `count`, `duration`, `millis_behind_latest` | `shard_id` | a shard's batch went through every handler and was checkpointed |
   | `[:convoy, :put, :failed]` | `count` | `reason` | records finally failed after all retries |
   | `[:convoy, :poller, :error]` | `count` (1) | `shard_id`, `reason` | a shard's reader met an error (it retries transient ones) |
+  | `[:convoy, :handler, :failed]` | `count` (1) | `shard_id`, `handler_id`, `kind`, `reason`, `action`, `sequence_number` | a handler failed on a record for the last time its `:on_error` allows; `action` is `:detach`, `:halt` or `:dead_letter` |
+  | `[:convoy, :shard, :halted]` | `count` (1) | `shard_id`, `handler_id`, `sequence_number`, `reason` | a shard stopped at a record under `on_error: :halt` |
+  | `[:convoy, :record, :unparseable]` | `count` | `shard_id`, `records` (`[{sequence_number, reason}]`) | records that looked aggregated but could not be unpacked: one holding no user record (nothing delivered) or with a bad checksum or protobuf (delivered as a plain record, as the KCL does); the shard goes on |
 
   `records`, `count` and `acknowledged` count user records for PutRecords
   (an aggregated Kinesis record counts each record it carries) and Kinesis
@@ -225,10 +228,19 @@ defmodule Convoy.Queue do
   queue's positions, so the next call continues where this one stopped.
   Returns `{:error, :polling}` while handlers are attached and polling.
 
-  `limit` counts the records Kinesis stores. An aggregated record (see
-  `:aggregation`) is returned whole, as all the user records it carries, so
-  a call can return more than `limit` of them; positions never fall inside
-  an aggregated record, which is what keeps the next call exact.
+  A call reads the shards in turn, starting each time with the next one, so
+  no shard waits for another to be drained; it follows each shard's
+  iterator across empty answers, spaces the reads of a shard by 200 ms (the
+  5 reads per second Kinesis allows), and stops once it has `limit`
+  records, every shard is caught up, or after 10 rounds. A closed shard read
+  to its end is checkpointed as ended and its children are read next, as
+  when polling.
+
+  `limit` counts user records: the user records of an aggregated record
+  (see `:aggregation`) that do not fit are kept for the next call. The
+  checkpoint of a shard is the last Kinesis record whose user records were
+  all returned, so a restart may return the rest of an aggregated record
+  again, never skip it.
 
   ## Example
 
@@ -273,9 +285,11 @@ defmodule Convoy.Queue do
 
   A shard's batch goes through the handlers one after another, in attach
   order: a handler gets it once the handler attached before it has finished
-  it (a pid handler by acking it). A pid handler that is detached, dies or
-  misses its `:ack_timeout` while it holds a batch no longer holds up the
-  shard: the batch goes on to the next handler, and a late ack is ignored.
+  it (a pid handler by acking it). A pid handler that is detached or dies
+  while it holds a batch no longer holds up the shard: the batch goes on to
+  the next handler, and a late ack is ignored. One that misses its
+  `:ack_timeout`, nacks or acks part of the batch is dealt with by its
+  `:on_error` (by default it is detached and the batch goes on).
   A batch that none of the attached handlers finished (they all failed on it,
   or the last one was detached) is not checkpointed: handlers attached later
   receive it again. A handler detached, or detached after a failure, and
@@ -286,15 +300,21 @@ defmodule Convoy.Queue do
 
     * `:partition_keys` - only records with these keys: a string, a list of
       strings, or a 1-arity predicate on the key.
-    * `:on_error` - what happens when a function handler raises, throws or
-      exits: `:detach` (the default, as the original Convoy did) logs the
-      error with its stacktrace and detaches the handler; `:retry` calls it
-      again with backoff, up to 5 attempts, then detaches; `{:retry, n}`
-      allows `n` attempts. The shard waits for the retries, but detaching the
-      handler meanwhile lets the batch go on.
+    * `:on_error` - what happens when a handler fails on a record (a
+      function raises, throws or exits; a pid handler nacks, acks part of a
+      batch with `ack/2`, or misses its `:ack_timeout`): `:detach` (the
+      default, as the original Convoy did) logs the error with its
+      stacktrace and detaches the handler; `:halt` stops the shard at that
+      record, with no checkpoint past it, until the handlers change or the
+      queue restarts; `{:dead_letter, fun}` hands the record to
+      `fun.(record, %{handler_id:, kind:, reason:, attempts:})` and goes on;
+      `:retry` tries again with backoff until it works; `{:retry, n}` makes
+      `n` attempts, then detaches; `{:retry, n, then}` does `then` (one of
+      the first three) after the last attempt. The checkpoint never moves
+      past a record no policy accounted for.
     * `:ack_timeout` - ms a pid handler has to ack a batch; past it the
-      handler is logged as failed and detached, and the batch goes on to the
-      next handler. Defaults to `:infinity`.
+      batch counts as failed and `:on_error` applies. Defaults to
+      `:infinity`.
     * `:replace` - when `handler_id` is already attached: `false` (the
       default) answers `{:error, :already_exists}`; `true` replaces that
       handler, as `attach_handler/4` and `attach/4` do. The replacement is a
@@ -388,6 +408,50 @@ defmodule Convoy.Queue do
   @spec ack(Convoy.Batch.t()) :: :ok
   def ack(%Convoy.Batch{dispatcher: dispatcher, ref: ref}) do
     send(dispatcher, {:convoy_ack, ref})
+    :ok
+  end
+
+  @doc """
+  Acknowledges the first `count` records of a batch delivered to a pid
+  handler; the records after them failed, and the handler's `:on_error`
+  policy applies to them (with `:retry`, a batch of the rest is sent
+  again). The checkpoint never moves past a record that was neither
+  acknowledged nor accounted for by the policy.
+
+  ## Example
+
+      {done, _rest} = Enum.split_while(batch.records, &process/1)
+      Convoy.Queue.ack(batch, length(done))
+  """
+  @spec ack(Convoy.Batch.t(), non_neg_integer) :: :ok
+  def ack(%Convoy.Batch{dispatcher: dispatcher, ref: ref, records: records}, count)
+      when is_integer(count) and count >= 0 do
+    if count >= length(records),
+      do: send(dispatcher, {:convoy_ack, ref}),
+      else: send(dispatcher, {:convoy_ack, ref, count})
+
+    :ok
+  end
+
+  @doc """
+  Refuses a whole batch delivered to a pid handler: the handler's
+  `:on_error` policy applies to all of its records (with `:retry` the batch
+  is sent again after a pause, with `:halt` the shard stops at its first
+  record).
+
+  ## Example
+
+      receive do
+        {:convoy_batch, batch} ->
+          case store(batch.records) do
+            :ok -> Convoy.Queue.ack(batch)
+            {:error, reason} -> Convoy.Queue.nack(batch, reason)
+          end
+      end
+  """
+  @spec nack(Convoy.Batch.t(), term) :: :ok
+  def nack(%Convoy.Batch{dispatcher: dispatcher, ref: ref}, reason \\ :nack) do
+    send(dispatcher, {:convoy_nack, ref, reason})
     :ok
   end
 

@@ -81,21 +81,25 @@ defmodule Convoy.Service do
 
         # Convoy.Consumer.Source
         def list_shards(_agent), do: {:ok, [%{shard_id: "only", parent_shard_id: nil, adjacent_parent_shard_id: nil}]}
-        def fetch(agent, [{"only", position}], limit), do: {:ok, [{"only", after_position(agent, position, limit)}]}
+        def read(agent, "only", position, limit) do
+          records = after_position(agent, position, limit)
+          next = if last = List.last(records), do: {:after_sequence_number, last.sequence_number}, else: position
+          {:ok, records, next, 0}
+        end
         def start_reader(agent, "only", position, dispatcher, options),
-          do: spawn_link(fn -> read(agent, position, dispatcher, options) end)
+          do: spawn_link(fn -> read_loop(agent, position, dispatcher, options) end)
         def ack(reader), do: send(reader, :ack) && :ok
         def stop_reader(reader), do: Process.exit(reader, :shutdown) && :ok
 
-        defp read(agent, position, dispatcher, options) do
+        defp read_loop(agent, position, dispatcher, options) do
           case after_position(agent, position, 100) do
             [] ->
               Process.sleep(options.poll_interval)
-              read(agent, position, dispatcher, options)
+              read_loop(agent, position, dispatcher, options)
 
             records ->
               send(dispatcher, {:convoy_records, "only", records, 0})
-              receive do: (:ack -> read(agent, {:after_sequence_number, List.last(records).sequence_number}, dispatcher, options))
+              receive do: (:ack -> read_loop(agent, {:after_sequence_number, List.last(records).sequence_number}, dispatcher, options))
           end
         end
 

@@ -296,17 +296,23 @@ defmodule Convoy.ConsumerTest do
 
     raw_put!(stream, 30, endpoint: endpoint)
 
-    datas =
-      for _ <- 1..3 do
-        assert_receive {:convoy_batch, batch}, 10_000
-        # Hold the batch past the iterator's lifetime.
-        Process.sleep(1_500)
-        Convoy.Queue.ack(batch)
-        Enum.map(batch.records, & &1.data)
-      end
+    log =
+      capture_log(fn ->
+        datas =
+          for _ <- 1..3 do
+            assert_receive {:convoy_batch, batch}, 10_000
+            # Hold the batch past the iterator's lifetime.
+            Process.sleep(1_500)
+            Convoy.Queue.ack(batch)
+            Enum.map(batch.records, & &1.data)
+          end
 
-    refute_receive {:convoy_batch, _}, 1_000
-    assert List.flatten(datas) == for(i <- 0..29, do: "record-#{i}")
+        refute_receive {:convoy_batch, _}, 1_000
+        assert List.flatten(datas) == for(i <- 0..29, do: "record-#{i}")
+      end)
+
+    # The iterator did expire, and reading went on from the last record.
+    assert log =~ "ExpiredIteratorException"
     Convoy.Local.stop(local)
   end
 end

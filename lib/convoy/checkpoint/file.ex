@@ -37,6 +37,7 @@ defmodule Convoy.Checkpoint.File do
   def fetch(dir, stream_id, shard_id) do
     case File.read(path(dir, stream_id, shard_id)) do
       {:ok, "shard_end"} -> {:ok, :shard_end}
+      {:ok, "at_timestamp:" <> ms} -> {:ok, {:at_timestamp, String.to_integer(ms)}}
       {:ok, sequence} when sequence != "" -> {:ok, sequence}
       _ -> :error
     end
@@ -48,9 +49,13 @@ defmodule Convoy.Checkpoint.File do
   def store(dir, stream_id, shard_id, position) do
     target = path(dir, stream_id, shard_id)
     tmp = target <> ".tmp"
-    File.write!(tmp, if(position == :shard_end, do: "shard_end", else: position), [:sync])
+    File.write!(tmp, encode(position), [:sync])
     File.rename!(tmp, target)
   end
+
+  defp encode(:shard_end), do: "shard_end"
+  defp encode({:at_timestamp, ms}) when is_integer(ms), do: "at_timestamp:#{ms}"
+  defp encode(sequence) when is_binary(sequence), do: sequence
 
   defp path(dir, stream_id, shard_id) do
     name =

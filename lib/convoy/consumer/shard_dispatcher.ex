@@ -92,8 +92,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
   def handle_info(:advance, state), do: {:noreply, advance(state)}
 
-  # One GetRecords call, reported by the reader (only when telemetry is on);
-  # it comes before the batch it read.
+  # One GetRecords call (or fan-out event), reported by the reader only when
+  # telemetry is on; it comes before the batch it read.
   def handle_info({:convoy_get_records, _shard_id, call}, state) do
     metadata = %{stream: state.stream, stream_id: state.stream_id, shard_id: state.shard_id}
     measurements = %{count: call.count, millis_behind_latest: call.millis_behind_latest}
@@ -109,34 +109,65 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
   def handle_info({:convoy_ack, token}, %{batch: %{step: %{wait: :ack, token: token}}} = state) do
     step = state.batch.step
-    Telemetry.stop(@handler_span, step.span, %{count: step.count})
+    Telemetry.stop(@handler_span, step.span, %{count: length(step.records)})
     {handler, state} = end_step(state)
     {:noreply, state |> handler_done(handler, :finished) |> advance()}
   end
 
+  # A partial ack: the first `count` records are done, the rest failed.
+  def handle_info(
+        {:convoy_ack, token, count},
+        %{batch: %{step: %{wait: :ack, token: token}}} = state
+      ) do
+    %{records: records, attempt: attempt, span: span} = state.batch.step
+    {handler, state} = end_step(state)
+
+    case Enum.drop(records, count) do
+      [] ->
+        Telemetry.stop(@handler_span, span, %{count: length(records)})
+        {:noreply, state |> handler_done(handler, :finished) |> advance()}
+
+      rest ->
+        {:noreply, pid_failed(handler, rest, attempt, :exit, :partial_ack, state, span)}
+    end
+  end
+
+  def handle_info(
+        {:convoy_nack, token, reason},
+        %{batch: %{step: %{wait: :ack, token: token}}} = state
+      ) do
+    %{records: records, attempt: attempt, span: span} = state.batch.step
+    {handler, state} = end_step(state)
+    {:noreply, pid_failed(handler, records, attempt, :exit, {:nack, reason}, state, span)}
+  end
+
+  # A handler that died cannot be retried: it is detached, whatever its policy.
   def handle_info(
         {:DOWN, monitor, :process, _pid, reason},
         %{batch: %{step: %{wait: :ack, monitor: monitor}}} = state
       ) do
-    span = state.batch.step.span
+    %{records: [record | _], span: span} = state.batch.step
 
     Telemetry.exception(@handler_span, span, :exit, {:handler_down, reason}, [], %{detached: true})
 
     {handler, state} = end_step(state)
+    failure(state, handler, :exit, {:handler_down, reason}, :detach, record)
     {:noreply, state |> handler_failed(handler, :exit, {:handler_down, reason}, []) |> advance()}
   end
 
   def handle_info({:ack_timeout, token}, %{batch: %{step: %{wait: :ack, token: token}}} = state) do
-    span = state.batch.step.span
-    Telemetry.exception(@handler_span, span, :exit, :ack_timeout, [], %{detached: true})
+    %{records: records, attempt: attempt, span: span} = state.batch.step
     {handler, state} = end_step(state)
-    {:noreply, state |> handler_failed(handler, :exit, :ack_timeout, []) |> advance()}
+    {:noreply, pid_failed(handler, records, attempt, :exit, :ack_timeout, state, span)}
   end
 
   def handle_info({:retry, token}, %{batch: %{step: %{wait: :retry, token: token}}} = state) do
     %{records: records, attempt: attempt} = state.batch.step
     {handler, state} = end_step(state)
-    {:noreply, run_function(handler, records, attempt, state)}
+
+    if is_pid(handler.handler),
+      do: {:noreply, send_batch(handler, records, attempt, state)},
+      else: {:noreply, run_function(handler, records, attempt, state)}
   end
 
   def handle_info({:handlers, handlers}, state) do
@@ -146,15 +177,25 @@ defmodule Convoy.Consumer.ShardDispatcher do
     state =
       case state.batch do
         %{step: %{handler: ref} = step} ->
-          # The handler holding the batch was detached: it goes on without it.
-          if MapSet.member?(refs, ref) do
-            state
-          else
-            Telemetry.exception(@handler_span, step[:span], :exit, :detached, [], %{
-              detached: true
-            })
+          cond do
+            # The handler holding the batch was detached: it goes on without it.
+            not MapSet.member?(refs, ref) ->
+              if step[:span] do
+                Telemetry.exception(@handler_span, step.span, :exit, :detached, [], %{
+                  detached: true
+                })
+              end
 
-            state |> end_step() |> elem(1) |> put_done(ref)
+              state |> end_step() |> elem(1) |> put_done(ref)
+
+            # A shard halted on a handler's failure tries that record again.
+            step.wait == :halted ->
+              {handler, state} = end_step(state)
+              log_resume(state, handler)
+              retry(handler, step.records, 1, state)
+
+            true ->
+              state
           end
 
         _ ->
@@ -170,6 +211,11 @@ defmodule Convoy.Consumer.ShardDispatcher do
     :ok = module.store(checkpoint, state.stream_id, state.shard_id, :shard_end)
     send(state.consumer, {:shard_ended, state.shard_id})
     {:stop, :normal, state}
+  end
+
+  def handle_info({:convoy_unparseable, shard_id, records}, state) do
+    Convoy.Consumer.Source.report_unparseable(state.stream_id, shard_id, records)
+    {:noreply, state}
   end
 
   def handle_info({:convoy_poller_error, _shard_id, reason}, state) do
@@ -294,10 +340,16 @@ defmodule Convoy.Consumer.ShardDispatcher do
   defp run(handler, state) do
     case select(state.batch.records, handler.opts[:partition_keys]) do
       [] -> advance(handler_done(state, handler, :finished))
-      records when is_pid(handler.handler) -> send_batch(handler, records, state)
-      records -> run_function(handler, records, 1, state)
+      records -> retry(handler, records, 1, state)
     end
   end
+
+  # Hands `records` to the handler, as its attempt number `attempt`.
+  defp retry(handler, records, attempt, state) when is_pid(handler.handler),
+    do: send_batch(handler, records, attempt, state)
+
+  defp retry(handler, records, attempt, state),
+    do: run_function(handler, records, attempt, state)
 
   defp select(records, nil), do: records
 
@@ -310,7 +362,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
   defp select(records, fun) when is_function(fun, 1),
     do: Enum.filter(records, &fun.(&1.partition_key))
 
-  defp send_batch(%{handler: pid} = handler, records, state) do
+  defp send_batch(%{handler: pid} = handler, records, attempt, state) do
     token = make_ref()
     monitor = Process.monitor(pid)
 
@@ -338,15 +390,35 @@ defmodule Convoy.Consumer.ShardDispatcher do
       token: token,
       monitor: monitor,
       timer: timer,
-      span: span,
-      count: length(records)
+      records: records,
+      attempt: attempt,
+      span: span
     }
 
     put_step(state, step)
   end
 
-  # Calls a function handler for each record from `attempt`; a failed call
-  # with attempts left waits for its retry as a message, not in a sleep.
+  # A pid handler nacked `records`, acked only the records before them, or
+  # missed its ack timeout: its policy decides.
+  defp pid_failed(handler, records, attempt, kind, reason, state, span) do
+    final = policy_after(handler, attempt)
+    detached = %{detached: final == :detach}
+    Telemetry.exception(@handler_span, span, kind, reason, [], detached)
+
+    case final do
+      :retry ->
+        wait_retry(handler, records, attempt + 1, state)
+
+      final ->
+        state
+        |> give_up(handler, records, final, kind, reason, [], attempt)
+        |> advance()
+    end
+  end
+
+  # Calls a function handler for each record; a failed call with attempts
+  # left waits for its retry as a message, not in a sleep. `attempt` is the
+  # attempt number of the first record.
   defp run_function(handler, records, attempt, state) do
     span = Telemetry.start(@handler_span, handler_metadata(state, handler))
 
@@ -357,25 +429,26 @@ defmodule Convoy.Consumer.ShardDispatcher do
         send(self(), :advance)
         handler_done(state, handler, :finished)
 
-      {:retry, records, attempt, {kind, reason, stack}} ->
-        Telemetry.exception(@handler_span, span, kind, reason, stack, %{detached: false})
-        token = make_ref()
-        delay = min(100 * Integer.pow(2, attempt - 2), 5_000)
-        timer = Process.send_after(self(), {:retry, token}, delay)
+      {:failed, records, attempt, kind, reason, stack} ->
+        final = policy_after(handler, attempt)
+        detached = %{detached: final == :detach}
+        Telemetry.exception(@handler_span, span, kind, reason, stack, detached)
 
-        put_step(state, %{
-          wait: :retry,
-          handler: handler.ref,
-          token: token,
-          timer: timer,
-          records: records,
-          attempt: attempt
-        })
+        case final do
+          :retry ->
+            wait_retry(handler, records, attempt + 1, state)
 
-      {:failed, kind, reason, stack} ->
-        Telemetry.exception(@handler_span, span, kind, reason, stack, %{detached: true})
-        send(self(), :advance)
-        handler_failed(state, handler, kind, reason, stack)
+          final ->
+            case give_up(state, handler, records, final, kind, reason, stack, attempt) do
+              # The dead-letter function took the record: on with the rest.
+              %{batch: %{step: nil}} = state when final != :detach ->
+                run_function(handler, tl(records), 1, state)
+
+              state ->
+                send(self(), :advance)
+                state
+            end
+        end
     end
   end
 
@@ -383,13 +456,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
   defp call_each(handler, [record | rest] = records, attempt) do
     case call(handler, record) do
-      :ok ->
-        call_each(handler, rest, 1)
-
-      {kind, reason, stack} ->
-        if attempt < attempts(handler),
-          do: {:retry, records, attempt + 1, {kind, reason, stack}},
-          else: {:failed, kind, reason, stack}
+      :ok -> call_each(handler, rest, 1)
+      {kind, reason, stack} -> {:failed, records, attempt, kind, reason, stack}
     end
   end
 
@@ -400,12 +468,109 @@ defmodule Convoy.Consumer.ShardDispatcher do
     kind, reason -> {kind, reason, __STACKTRACE__}
   end
 
-  defp attempts(handler) do
+  defp wait_retry(handler, records, attempt, state) do
+    token = make_ref()
+    # 100 ms, 200 ms, 400 ms ... up to 5 s.
+    delay = min(100 * Integer.pow(2, min(attempt - 2, 6)), 5_000)
+    timer = Process.send_after(self(), {:retry, token}, delay)
+
+    put_step(state, %{
+      wait: :retry,
+      handler: handler.ref,
+      token: token,
+      timer: timer,
+      records: records,
+      attempt: attempt
+    })
+  end
+
+  # What the handler's `on_error` says after `attempt` failed attempts:
+  # `:retry`, or the final action `:detach`, `:halt` or `{:dead_letter, fun}`.
+  defp policy_after(handler, attempt) do
     case Keyword.get(handler.opts, :on_error, :detach) do
-      :retry -> 5
-      {:retry, n} -> n
-      _ -> 1
+      :retry -> :retry
+      {:retry, n} when attempt < n -> :retry
+      {:retry, _n} -> :detach
+      {:retry, n, _then} when attempt < n -> :retry
+      {:retry, _n, then} -> then
+      final -> final
     end
+  end
+
+  # The final action on `records` (what is left of the handler's share of
+  # the batch, from the record that failed). Returns the state with the
+  # handler detached, the shard halted (a `:halted` step holding the
+  # records), or, with a dead-letter function that took the failed records
+  # (all of a pid handler's; the first of a function handler's, which goes
+  # on with the rest), the state as it was.
+  defp give_up(state, handler, records, final, kind, reason, stack, attempts) do
+    failure(state, handler, kind, reason, final, hd(records))
+
+    case final do
+      :detach ->
+        handler_failed(state, handler, kind, reason, stack)
+
+      :halt ->
+        halt(state, handler, records, kind, reason, stack)
+
+      {:dead_letter, fun} ->
+        info = %{handler_id: handler.id, kind: kind, reason: reason, attempts: attempts}
+
+        dead = if is_pid(handler.handler), do: records, else: [hd(records)]
+
+        case dead_letter(fun, dead, info) do
+          :ok when is_pid(handler.handler) ->
+            handler_done(state, handler, :finished)
+
+          :ok ->
+            state
+
+          {kind, reason, stack} ->
+            Logger.error(
+              "Convoy #{inspect(state.stream_id)}: the dead-letter function of handler " <>
+                "#{inspect(handler.id)} failed:\n" <> Exception.format(kind, reason, stack)
+            )
+
+            halt(state, handler, records, kind, reason, stack)
+        end
+    end
+  end
+
+  defp dead_letter(fun, records, info) do
+    Enum.each(records, &fun.(&1, info))
+  catch
+    kind, reason -> {kind, reason, __STACKTRACE__}
+  end
+
+  # The shard stops at the record: no checkpoint past it and no further
+  # read, until the handlers change (then the record is tried again) or the
+  # queue restarts (then the batch is read again from the checkpoint).
+  defp halt(state, handler, records, kind, reason, stack) do
+    record = hd(records)
+
+    Logger.error(
+      "Convoy #{inspect(state.stream_id)}: handler #{inspect(handler.id)} failed on " <>
+        "#{state.shard_id} at sequence number #{record.sequence_number}; the shard is halted " <>
+        "there until the handlers change or the queue restarts:\n" <>
+        Exception.format(kind, reason, stack)
+    )
+
+    Telemetry.execute([:convoy, :shard, :halted], %{count: 1}, %{
+      stream_id: state.stream_id,
+      shard_id: state.shard_id,
+      handler_id: handler.id,
+      sequence_number: record.sequence_number,
+      reason: reason
+    })
+
+    put_step(state, %{wait: :halted, handler: handler.ref, timer: nil, records: records})
+  end
+
+  defp log_resume(state, handler) do
+    Logger.info(
+      "Convoy #{inspect(state.stream_id)}: handlers changed; #{state.shard_id} resumes " <>
+        "with handler #{inspect(handler.id)}"
+    )
   end
 
   defp handler_metadata(state, handler) do
@@ -416,6 +581,24 @@ defmodule Convoy.Consumer.ShardDispatcher do
       handler_id: handler.id
     }
   end
+
+  # The final failure of a handler on a record (after any retries), with
+  # the action taken; the handler span's `:exception` event reports every
+  # failed call.
+  defp failure(state, handler, kind, reason, action, record) do
+    Telemetry.execute([:convoy, :handler, :failed], %{count: 1}, %{
+      stream_id: state.stream_id,
+      shard_id: state.shard_id,
+      handler_id: handler.id,
+      kind: kind,
+      reason: reason,
+      action: action_name(action),
+      sequence_number: record.sequence_number
+    })
+  end
+
+  defp action_name({:dead_letter, _}), do: :dead_letter
+  defp action_name(action), do: action
 
   defp put_step(state, step), do: %{state | batch: %{state.batch | step: step}}
 

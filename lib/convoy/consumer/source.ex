@@ -19,6 +19,11 @@ defmodule Convoy.Consumer.Source do
     * `{:convoy_poller_stopped, shard_id, reason}` - the reader gave up on
       an error retrying cannot cure; the consumer restarts the shard from
       its checkpoint after a pause.
+    * `{:convoy_unparseable, shard_id, [{sequence_number, reason}]}` -
+      records of the last batch that could not be unpacked as they looked
+      (`reason` is `:empty_aggregate`, `:bad_checksum` or
+      `:malformed_aggregate`); they are logged and counted, and the batch
+      goes on (see `report_unparseable/3`).
 
   Sequence numbers are decimal strings that grow within a shard.
 
@@ -30,7 +35,7 @@ defmodule Convoy.Consumer.Source do
         def start_reader(_, _, _, _, _), do: nil
         def ack(_), do: :ok
         def stop_reader(_), do: :ok
-        def fetch(_, _, _), do: {:ok, []}
+        def read(_, _, position, _), do: {:ok, [], position, 0}
       end
   """
 
@@ -72,7 +77,48 @@ defmodule Convoy.Consumer.Source do
   @doc "Stops a reader."
   @callback stop_reader(reader :: term) :: :ok
 
-  @doc "Reads up to `limit` records in total from the shards, in order, each from its position."
-  @callback fetch(source :: term, [{String.t(), position}], limit :: pos_integer) ::
-              {:ok, [{String.t(), [Convoy.Record.t()]}]} | {:error, term}
+  @doc """
+  One read of a shard for pull reads (`Convoy.Queue.get/2`): up to about
+  `limit` records (user records of an aggregated record may make more) from
+  `cursor`, which is a `t:position/0` or a cursor an earlier read returned.
+  Answers the records, the cursor to read on from (`nil` when a closed
+  shard was read to its end) and how far behind the shard's tip the read
+  ended, in ms (`0` when caught up, `-1` when unknown).
+
+  The consumer follows the returned cursors across empty answers, spaces
+  the reads of a shard by 200 ms and answers a cursor that failed again
+  from the position after the last record it received.
+  """
+  @callback read(source :: term, shard_id :: String.t(), cursor :: term, limit :: pos_integer) ::
+              {:ok, [Convoy.Record.t()], next :: term | nil, millis_behind :: integer}
+              | {:error, term}
+
+  require Logger
+
+  @doc """
+  Logs and counts records a reader could not unpack: emits
+  `[:convoy, :record, :unparseable]` with `%{count: n}` and `%{stream_id:,
+  shard_id:, records: [{sequence_number, reason}]}`. Readers' dispatchers
+  and pull reads call it.
+
+  ## Example
+
+      Convoy.Consumer.Source.report_unparseable("events", "shardId-000000000000", [{"4959...", :bad_checksum}])
+  """
+  @spec report_unparseable(term, String.t(), [{String.t(), atom}]) :: :ok
+  def report_unparseable(_stream_id, _shard_id, []), do: :ok
+
+  def report_unparseable(stream_id, shard_id, records) do
+    Logger.warning(
+      "Convoy #{inspect(stream_id)}: #{length(records)} record(s) of #{shard_id} could not be " <>
+        "unpacked: #{inspect(records)}; an empty aggregated record delivers nothing, a corrupt " <>
+        "one is delivered as a plain record"
+    )
+
+    Convoy.Telemetry.execute(
+      [:convoy, :record, :unparseable],
+      %{count: length(records)},
+      %{stream_id: stream_id, shard_id: shard_id, records: records}
+    )
+  end
 end

@@ -51,6 +51,7 @@ defmodule Convoy.Leases.Checkpoint do
   def fetch(_state, stream_id, shard_id) do
     case Leases.checkpoint(stream_id, shard_id) do
       "SHARD_END" -> {:ok, :shard_end}
+      {:at_timestamp, ms} -> {:ok, {:at_timestamp, ms}}
       sentinel when sentinel in [nil, "TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"] -> :error
       sequence -> {:ok, sequence}
     end
@@ -66,6 +67,22 @@ defmodule Convoy.Leases.Checkpoint do
       :ok = Convoy.Leases.Checkpoint.store("orders", "orders", "shardId-000000000000", "4959...")
   """
   @spec store(term, term, String.t(), Convoy.Checkpoint.position()) :: :ok
+  def store(_state, stream_id, shard_id, {:at_timestamp, ms}) do
+    # `:latest` pinned to the consumer's start: kept on this node only. The
+    # KCL table has no place for it (its `LATEST` means "now" to whichever
+    # worker reads next), so a lease that moves before its first checkpoint
+    # starts at the next holder's own start.
+    case Leases.checkpoint(stream_id, shard_id) do
+      sentinel when sentinel in [nil, "LATEST", "AT_TIMESTAMP", "TRIM_HORIZON"] ->
+        Leases.put_checkpoint(stream_id, shard_id, {:at_timestamp, ms})
+
+      _ ->
+        :ok
+    end
+
+    :ok
+  end
+
   def store(_state, stream_id, shard_id, position) do
     value = if position == :shard_end, do: "SHARD_END", else: position
     write(stream_id, shard_id, value, 1)

@@ -440,23 +440,33 @@ defmodule Convoy.Leases.Coordinator do
       |> Enum.reject(
         &(MapSet.member?(known, &1.shard_id) or MapSet.member?(parents, &1.shard_id))
       )
-      |> Enum.reduce_while({:ok, 0}, fn shard, {:ok, created} ->
+      # As the KCL does: from LATEST, a closed shard holds nothing to read
+      # and gets no lease; a child continues from its start only when a
+      # parent has a lease (is or was read).
+      |> Enum.reject(&(initial == "LATEST" and Map.get(&1, :ending_sequence_number) != nil))
+      |> Enum.reduce_while({:ok, 0, known}, fn shard, {:ok, created, leased} ->
         parent_ids =
           Enum.reject([shard.parent_shard_id, shard.adjacent_parent_shard_id], &is_nil/1)
+
+        continues? = Enum.any?(parent_ids, &MapSet.member?(leased, &1))
 
         lease = %Lease{
           key: shard.shard_id,
           counter: 0,
-          checkpoint: if(parent_ids == [], do: initial, else: "TRIM_HORIZON"),
+          checkpoint: if(continues?, do: "TRIM_HORIZON", else: initial),
           parent_shard_ids: parent_ids
         }
 
         case Native.call(&Native.lease_create(client, lease, &1)) do
-          {:ok, true} -> {:cont, {:ok, created + 1}}
-          {:ok, false} -> {:cont, {:ok, created}}
+          {:ok, true} -> {:cont, {:ok, created + 1, MapSet.put(leased, shard.shard_id)}}
+          {:ok, false} -> {:cont, {:ok, created, MapSet.put(leased, shard.shard_id)}}
           {:error, _} = error -> {:halt, error}
         end
       end)
+      |> case do
+        {:ok, created, _} -> {:ok, created}
+        error -> error
+      end
     end
   end
 
@@ -491,10 +501,13 @@ defmodule Convoy.Leases.Coordinator do
       Leases.put_checkpoint(state.stream_id, lease.key, lease.checkpoint)
     end
 
-    # A parent without a lease, named by a child's lease, was finished and
-    # cleaned up (leases are created parents first): the consumer, which
-    # reads a child only after its parents, must see it as finished.
-    for lease <- leases, parent <- lease.parent_shard_ids, not Map.has_key?(by_key, parent) do
+    # A parent without a lease, named by a child that has made progress,
+    # was finished and cleaned up: the consumer, which reads a child only
+    # after its parents, must see it as finished.
+    for lease <- leases,
+        lease.checkpoint not in [nil, "TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"],
+        parent <- lease.parent_shard_ids,
+        not Map.has_key?(by_key, parent) do
       Leases.put_checkpoint(state.stream_id, parent, "SHARD_END")
     end
 

@@ -98,13 +98,30 @@ defmodule Convoy.Queue.Options do
         type:
           {:custom, &iterator_type/1,
            "`:latest`, `:trim_horizon`, `{:at_sequence_number, s}`, " <>
-             "`{:after_sequence_number, s}` or `{:at_timestamp, %DateTime{}}`"},
+             "`{:after_sequence_number, s}` or `{:at_timestamp, %DateTime{}}`; " <>
+             "`s` a sequence number or a map of shard id to sequence number"},
         default: :latest,
         doc: """
-        Where a shard starts when it has no checkpoint. `s` is a sequence
-        number, a string of digits. `:latest` means "records that arrive after
-        the queue started": it is pinned to the start time, so detaching and
-        re-attaching leaves no gap.
+        Where a shard starts when it has no checkpoint. `:latest` means
+        "records that arrive after the queue first started": each open shard
+        is pinned to that time as soon as the shard list is known, and the pin
+        is stored in the checkpoint store as the shard's first checkpoint, so
+        detaching and re-attaching, or a restart of the consumer or of the
+        whole queue, leaves no gap. Closed shards that nobody read are skipped.
+
+        A sequence number belongs to one shard, so `s` is best a map of shard
+        id to sequence number (what a store of your own holds); shards absent
+        from the map start at their oldest record (TRIM_HORIZON), so nothing
+        is skipped. A single sequence number is tried on every shard: the shard
+        it belongs to starts there, and the others, which Kinesis refuses it
+        for, start at their oldest record (kinesis-mock accepts it on every
+        shard: use a map there).
+
+        As the KCL does, a shard created by resharding whose parent this queue
+        read (the parent has a checkpoint) starts at its oldest record, after
+        its parent ended; any other shard without a checkpoint starts at
+        `iterator_type`. `{:at_timestamp, t}` applies to every shard without a
+        checkpoint, children included.
         """
       ],
       kinesis: [
@@ -293,13 +310,25 @@ defmodule Convoy.Queue.Options do
       on_error: [
         type:
           {:custom, &on_error/1,
-           "`:detach`, `:retry` or `{:retry, n}` with `n` a positive integer"},
+           "`:detach`, `:halt`, `{:dead_letter, fun}`, `:retry`, `{:retry, n}` or " <>
+             "`{:retry, n, then}`, with `n` a positive integer and `then` one of the first three"},
         default: :detach,
         doc: """
-        What happens when a function handler raises, throws or exits.
-        `:detach` logs the error with its stacktrace and detaches the handler,
-        as the original Convoy did; `:retry` calls it again with backoff, up
-        to 5 attempts, then detaches; `{:retry, n}` allows `n` attempts.
+        What happens when a handler fails on a record: a function handler
+        raises, throws or exits, a pid handler nacks the batch, acks only a
+        part of it or misses its `:ack_timeout`. `:detach` logs the error
+        with its stacktrace and detaches the handler, as the original Convoy
+        did; the other handlers go on. `:halt` stops the shard at the record,
+        with no checkpoint past it, logs it and emits `[:convoy, :shard,
+        :halted]`; the record is tried again when the handlers change, or read
+        again when the queue restarts. `{:dead_letter, fun}` calls
+        `fun.(record, %{handler_id:, kind:, reason:, attempts:})` and goes on
+        (if `fun` fails too, the shard halts). `:retry` tries again with
+        backoff (100 ms doubling up to 5 s) until the handler succeeds;
+        `{:retry, n}` makes `n` attempts in all, then detaches; `{:retry, n,
+        then}` does `then` after the last attempt. The shard waits for the
+        retries, and detaching the handler meanwhile lets the batch go on. A
+        pid handler that dies is detached, whatever its policy.
         """
       ],
       ack_timeout: [
@@ -510,6 +539,17 @@ defmodule Convoy.Queue.Options do
 
   defp iterator_type(:latest), do: {:ok, :latest}
   defp iterator_type(:trim_horizon), do: {:ok, :trim_horizon}
+
+  defp iterator_type({kind, sequences} = type)
+       when kind in [:at_sequence_number, :after_sequence_number] and is_map(sequences) do
+    if sequences != %{} and
+         Enum.all?(sequences, fn {shard_id, s} ->
+           is_binary(shard_id) and match?({:ok, _}, sequence(s, type))
+         end),
+       do: {:ok, type},
+       else: :error
+  end
+
   defp iterator_type({:at_sequence_number, s} = type), do: sequence(s, type)
   defp iterator_type({:after_sequence_number, s} = type), do: sequence(s, type)
   defp iterator_type({:at_timestamp, %DateTime{}} = type), do: {:ok, type}
@@ -659,7 +699,18 @@ defmodule Convoy.Queue.Options do
 
   defp on_error(on_error) when on_error in [:detach, :retry], do: {:ok, on_error}
   defp on_error({:retry, n} = on_error) when is_integer(n) and n > 0, do: {:ok, on_error}
-  defp on_error(_), do: :error
+
+  defp on_error({:retry, n, then} = on_error) when is_integer(n) and n > 0 do
+    if final_action?(then), do: {:ok, on_error}, else: :error
+  end
+
+  defp on_error(on_error) do
+    if final_action?(on_error), do: {:ok, on_error}, else: :error
+  end
+
+  defp final_action?(action) when action in [:detach, :halt], do: true
+  defp final_action?({:dead_letter, fun}) when is_function(fun, 2), do: true
+  defp final_action?(_), do: false
 
   ## Documentation
 

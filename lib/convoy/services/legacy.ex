@@ -365,7 +365,7 @@ defmodule Convoy.Services.Legacy.Source do
 
   @impl true
   def start_reader(source, shard_id, position, dispatcher, options) do
-    spawn_link(fn -> read(source, shard_id, position, dispatcher, options) end)
+    spawn_link(fn -> read_shard(source, shard_id, position, dispatcher, options) end)
   end
 
   @impl true
@@ -381,25 +381,23 @@ defmodule Convoy.Services.Legacy.Source do
     :ok
   end
 
+  # A pull read: the cursor is a position, or `{:iterator, iterator}` from an
+  # earlier read (records before a fallback's start are skipped only once).
   @impl true
-  def fetch(source, positions, limit) do
-    Enum.reduce_while(positions, {:ok, [], limit}, fn {shard_id, position}, {:ok, acc, left} ->
-      with true <- left > 0,
-           {:ok, iterator, skip} <- iterator(source, shard_id, position),
-           {:ok, records, _next} <- records(source, shard_id, iterator, left, skip) do
-        {:cont, {:ok, [{shard_id, records} | acc], left - length(records)}}
-      else
-        false -> {:halt, {:ok, acc, 0}}
-        {:error, _} = error -> {:halt, error}
+  def read(source, shard_id, cursor, limit) do
+    started =
+      case cursor do
+        {:iterator, iterator} -> {:ok, iterator, nil}
+        position -> iterator(source, shard_id, position)
       end
-    end)
-    |> case do
-      {:ok, shards, _} -> {:ok, Enum.reverse(shards)}
-      error -> error
+
+    with {:ok, iterator, skip} <- started,
+         {:ok, records, next} <- records(source, shard_id, iterator, limit, skip) do
+      {:ok, records, next && {:iterator, next}, -1}
     end
   end
 
-  defp read(source, shard_id, position, dispatcher, options) do
+  defp read_shard(source, shard_id, position, dispatcher, options) do
     case iterator(source, shard_id, position) do
       {:ok, iterator, skip} -> loop(source, shard_id, iterator, skip, dispatcher, options)
       {:error, reason} -> send(dispatcher, {:convoy_poller_stopped, shard_id, reason})

@@ -182,15 +182,32 @@ pub fn looks_aggregated(data: &[u8]) -> bool {
 /// The user records of an aggregated record, or `None` when `data` is not a
 /// valid one.
 pub fn deaggregate(data: &[u8]) -> Option<Vec<UserRecord>> {
+    unpack(data).ok()
+}
+
+/// Why a record that starts like an aggregated one cannot be unpacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpack {
+    /// Not aggregated at all (no magic, or too short): a plain record.
+    Plain,
+    /// The MD5 trailer does not match the protobuf bytes.
+    BadChecksum,
+    /// The digest matches, but the bytes are not a valid `AggregatedRecord`.
+    Malformed,
+}
+
+/// The user records of an aggregated record (possibly none), or why `data`
+/// is not a valid one.
+pub fn unpack(data: &[u8]) -> Result<Vec<UserRecord>, Unpack> {
     if !looks_aggregated(data) {
-        return None;
+        return Err(Unpack::Plain);
     }
     let (proto, digest) = data[MAGIC.len()..].split_at(data.len() - MAGIC.len() - DIGEST_LEN);
     if Md5::digest(proto).as_slice() != digest {
-        return None;
+        return Err(Unpack::BadChecksum);
     }
-    let message = AggregatedRecord::decode(proto).ok()?;
-    message
+    let message = AggregatedRecord::decode(proto).map_err(|_| Unpack::Malformed)?;
+    let users: Option<Vec<UserRecord>> = message
         .records
         .into_iter()
         .map(|r| {
@@ -213,7 +230,8 @@ pub fn deaggregate(data: &[u8]) -> Option<Vec<UserRecord>> {
                 data: r.data,
             })
         })
-        .collect()
+        .collect();
+    users.ok_or(Unpack::Malformed)
 }
 
 /// The 128-bit hash Kinesis uses to map a partition key to a shard.
@@ -313,6 +331,31 @@ mod tests {
         fake.extend_from_slice(&junk);
         fake.extend_from_slice(&Md5::digest(junk));
         assert_eq!(deaggregate(&fake), None);
+    }
+
+    #[test]
+    fn unpack_says_why() {
+        let (mut bytes, _) = aggregate(&[user("k", None, b"payload")]);
+        assert_eq!(unpack(b"plain data"), Err(Unpack::Plain));
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert_eq!(unpack(&bytes), Err(Unpack::BadChecksum));
+        let mut fake = MAGIC.to_vec();
+        let junk = [0xFFu8; 8];
+        fake.extend_from_slice(&junk);
+        fake.extend_from_slice(&Md5::digest(junk));
+        assert_eq!(unpack(&fake), Err(Unpack::Malformed));
+        // A valid aggregated record holding no user record.
+        let message = AggregatedRecord {
+            partition_key_table: vec!["k".into()],
+            explicit_hash_key_table: vec![],
+            records: vec![],
+        };
+        let proto = message.encode_to_vec();
+        let mut empty = MAGIC.to_vec();
+        empty.extend_from_slice(&proto);
+        empty.extend_from_slice(&Md5::digest(&proto));
+        assert_eq!(unpack(&empty), Ok(vec![]));
     }
 
     #[test]

@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
 use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use clap::{Parser, Subcommand};
 use ferrokinesis::store::StoreOptions;
 use tokio::io::AsyncReadExt;
@@ -57,6 +59,11 @@ struct ServeArgs {
     /// Keep running when standard input closes (for use from a shell).
     #[arg(long)]
     ignore_stdin: bool,
+    /// Print `convoy_local put_records ENTRIES BYTES` for every PutRecords
+    /// request (BYTES: data plus partition keys), so tests can check how
+    /// producers cut their requests.
+    #[arg(long)]
+    log_put_records: bool,
 }
 
 fn main() {
@@ -83,6 +90,7 @@ async fn serve(args: ServeArgs) -> i32 {
         max_request_body_mb,
         subscription_seconds,
         ignore_stdin,
+        log_put_records,
     } = args;
     let options = StoreOptions {
         create_stream_ms: 0,
@@ -109,6 +117,11 @@ async fn serve(args: ServeArgs) -> i32 {
             next.run(request).await
         }
     }));
+    let app = if log_put_records {
+        app.layer(axum::middleware::from_fn(log_put_records_request))
+    } else {
+        app
+    };
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => listener,
@@ -148,4 +161,38 @@ async fn serve(args: ServeArgs) -> i32 {
             1
         }
     }
+}
+
+/// Prints the entry count and size of a PutRecords request, then serves it.
+async fn log_put_records_request(request: axum::extract::Request, next: Next) -> Response {
+    let put_records = request
+        .headers()
+        .get("x-amz-target")
+        .and_then(|target| target.to_str().ok())
+        .is_some_and(|target| target.ends_with(".PutRecords"));
+    if !put_records {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+        if let Some(records) = value["Records"].as_array() {
+            let size: usize = records
+                .iter()
+                .map(|r| {
+                    let data = r["Data"].as_str().unwrap_or("");
+                    let padding = data.bytes().rev().take_while(|b| *b == b'=').count();
+                    data.len() / 4 * 3 - padding + r["PartitionKey"].as_str().map_or(0, str::len)
+                })
+                .sum();
+            println!("convoy_local put_records {} {}", records.len(), size);
+        }
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }

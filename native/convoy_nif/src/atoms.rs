@@ -40,6 +40,7 @@ rustler::atoms! {
     count,
     millis_behind_latest,
     next_iterator,
+    convoy_unparseable,
     // record and shard fields
     shard_id,
     sequence_number,

@@ -21,15 +21,34 @@ struct Delivered<'r> {
     explicit_hash_key: Option<String>,
 }
 
-fn expand(record: &Record) -> Vec<Delivered<'_>> {
+/// A Kinesis record the consumer could not unpack as it looked: an
+/// aggregated record holding no user record (nothing is delivered), or one
+/// whose checksum or protobuf is bad (delivered as a plain record, as the
+/// KCL does). Reported to the dispatcher, which logs and counts it.
+pub struct Unparseable {
+    pub sequence_number: String,
+    pub reason: &'static str,
+}
+
+fn expand<'r>(record: &'r Record, unparseable: &mut Vec<Unparseable>) -> Vec<Delivered<'r>> {
     let arrival_ms = record
         .approximate_arrival_timestamp()
         .and_then(|t| t.to_millis().ok())
         .unwrap_or(0);
     let sequence_number = record.sequence_number();
     let data = record.data().as_ref();
-    if aggregation::looks_aggregated(data) {
-        if let Some(users) = aggregation::deaggregate(data) {
+    let mut noted = |reason| {
+        unparseable.push(Unparseable {
+            sequence_number: sequence_number.to_owned(),
+            reason,
+        })
+    };
+    match aggregation::unpack(data) {
+        Ok(users) if users.is_empty() => {
+            noted("empty_aggregate");
+            return vec![];
+        }
+        Ok(users) => {
             return users
                 .into_iter()
                 .enumerate()
@@ -43,6 +62,9 @@ fn expand(record: &Record) -> Vec<Delivered<'_>> {
                 })
                 .collect();
         }
+        Err(aggregation::Unpack::Plain) => {}
+        Err(aggregation::Unpack::BadChecksum) => noted("bad_checksum"),
+        Err(aggregation::Unpack::Malformed) => noted("malformed_aggregate"),
     }
     vec![Delivered {
         data: Cow::Borrowed(data),
@@ -91,13 +113,31 @@ impl Delivered<'_> {
     }
 }
 
-/// A list of `%Convoy.Record{}`, aggregated records expanded.
-pub fn encode_records<'a>(env: Env<'a>, records: &[Record], origin: &Origin<'a>) -> Term<'a> {
+/// A list of `%Convoy.Record{}`, aggregated records expanded; the records
+/// that could not be unpacked are added to `unparseable`.
+pub fn encode_records<'a>(
+    env: Env<'a>,
+    records: &[Record],
+    origin: &Origin<'a>,
+    unparseable: &mut Vec<Unparseable>,
+) -> Term<'a> {
     let mut terms: Vec<Term<'a>> = Vec::with_capacity(records.len());
     for record in records {
-        for delivered in expand(record) {
+        for delivered in expand(record, unparseable) {
             terms.push(delivered.to_struct(env, origin).encode(env));
         }
     }
     terms.encode(env)
+}
+
+/// `[{sequence_number, reason}]`, `reason` an atom.
+pub fn encode_unparseable<'a>(env: Env<'a>, unparseable: &[Unparseable]) -> Term<'a> {
+    let items: Vec<Term<'a>> = unparseable
+        .iter()
+        .map(|u| {
+            let reason = rustler::Atom::from_str(env, u.reason).expect("an atom");
+            (u.sequence_number.as_str(), reason).encode(env)
+        })
+        .collect();
+    items.encode(env)
 }

@@ -41,21 +41,44 @@ defmodule Convoy.Services.Kinesis.Source do
   def stop_reader({:pushed, reader}), do: Native.reader_stop(reader)
   def stop_reader({:polled, poller}), do: Native.poller_stop(poller)
 
+  # A cursor is a position, or `{:iterator, iterator}` from an earlier read.
   # Pull reads run in the consumer process: with telemetry on, the NIF
-  # reports each GetRecords call to it before its reply, and the reports are
-  # turned into `[:convoy, :get_records]` spans here.
+  # reports the GetRecords call to it before its reply, and the report is
+  # turned into a `[:convoy, :get_records]` span here.
   @impl true
-  def fetch(%{client: client, stream: stream, stream_id: stream_id}, positions, limit) do
+  def read(%{client: client, stream: stream, stream_id: stream_id}, shard_id, cursor, limit) do
+    {position, iterator} =
+      case cursor do
+        {:iterator, iterator} -> {:trim_horizon, iterator}
+        position -> {position, nil}
+      end
+
     telemetry = Convoy.Telemetry.enabled?()
 
-    result =
-      Native.call(
-        &Native.fetch_records(client, stream, stream_id, positions, limit, telemetry, &1),
-        55_000
+    read =
+      &Native.fetch_records(
+        client,
+        stream,
+        stream_id,
+        shard_id,
+        position,
+        iterator,
+        limit,
+        telemetry,
+        &1
       )
 
+    result = Native.call(read, 55_000)
     if telemetry, do: emit_reported_calls(stream, stream_id)
-    result
+
+    case result do
+      {:ok, {records, next, millis_behind, unparseable}} ->
+        Convoy.Consumer.Source.report_unparseable(stream_id, shard_id, unparseable)
+        {:ok, records, next && {:iterator, next}, millis_behind}
+
+      {:error, _} = error ->
+        error
+    end
   end
 
   defp emit_reported_calls(stream, stream_id) do

@@ -25,17 +25,26 @@ defmodule Convoy.Services.Memory.Source do
     :ok
   end
 
+  # The cursor is a position: the one after the last record read.
   @impl true
-  def fetch(server, positions, limit) do
-    {shards, _} =
-      Enum.map_reduce(positions, limit, fn {shard_id, position}, remaining ->
-        case remaining > 0 && GenServer.call(server, {:read, shard_id, position, remaining}) do
-          {:ok, records, _ended} -> {{shard_id, records}, remaining - length(records)}
-          _ -> {{shard_id, []}, remaining}
-        end
-      end)
+  def read(server, shard_id, position, limit) do
+    # One record more than asked tells whether the shard holds more.
+    case GenServer.call(server, {:read, shard_id, position, limit + 1}) do
+      {:ok, records, ended} ->
+        {records, more} = Enum.split(records, limit)
 
-    {:ok, shards}
+        next =
+          case List.last(records) do
+            _ when ended and more == [] -> nil
+            nil -> position
+            last -> {:after_sequence_number, last.sequence_number}
+          end
+
+        {:ok, records, next, if(more == [], do: 0, else: 1)}
+
+      {:error, _} = error ->
+        error
+    end
   end
 
   defp read_loop(server, shard_id, position, dispatcher, options) do

@@ -303,8 +303,9 @@ impl Subscriber {
     /// After a failed subscription: false ends the reader.
     async fn recover(&mut self, error: &Error, failures: u32) -> bool {
         self.report_failure(error);
-        if super::refused_as_foreign(&self.resume, error) {
-            // The stream was deleted and created again: read what it holds.
+        if super::is_foreign_position(&self.resume, error) {
+            // The stream was created again, or the number is another
+            // shard's: read the shard from its start.
             self.link.report(error);
             self.resume = Position::TrimHorizon;
             self.floor = Floor::Any;

@@ -15,7 +15,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::atoms;
 use crate::delivery::{self, KeptTerm};
 use crate::error::{Error, Reason};
-use crate::record::{encode_records, Origin};
+use crate::record::{encode_records, encode_unparseable, Origin};
 
 /// The dispatcher's handle on its reader.
 pub struct Reader {
@@ -118,6 +118,7 @@ impl Link {
     pub async fn deliver(&mut self, records: &[Record], millis_behind: Option<i64>) -> Flow {
         let shard_id = self.shard_id.as_str();
         let stream_id = &self.stream_id;
+        let mut unparseable = Vec::new();
         let sent = delivery::send(&self.dispatcher, |env| {
             let origin = Origin {
                 shard_id: shard_id.encode(env),
@@ -126,13 +127,20 @@ impl Link {
             (
                 atoms::convoy_records(),
                 origin.shard_id,
-                encode_records(env, records, &origin),
+                encode_records(env, records, &origin, &mut unparseable),
                 millis_behind.unwrap_or(-1),
             )
                 .encode(env)
         });
         if !sent {
             return Flow::Stop;
+        }
+        if !unparseable.is_empty() {
+            // Logged and counted by the dispatcher; the batch goes on.
+            delivery::send(&self.dispatcher, |env| {
+                let reasons = encode_unparseable(env, &unparseable);
+                (atoms::convoy_unparseable(), shard_id, reasons).encode(env)
+            });
         }
         let credits = self.credits.clone();
         tokio::select! {

@@ -62,6 +62,21 @@ async fn shard_iterator(
         .ok_or_else(|| Error::aws("NoShardIterator", "GetShardIterator returned no iterator"))
 }
 
+/// Whether Kinesis refused a sequence-number position as not from this
+/// stream, or from another shard (the wording Kinesis and the emulators
+/// use): the caller then reads the shard from its start.
+pub(crate) fn is_foreign_position(position: &Position, error: &Error) -> bool {
+    let by_sequence = matches!(
+        position,
+        Position::AtSequenceNumber(_) | Position::AfterSequenceNumber(_)
+    );
+    by_sequence
+        && matches!(error, Error::Aws { code, message }
+            if code == "InvalidArgumentException"
+                && (message.contains("did not come from this stream")
+                    || message.contains("while it was used in a call to a shard with")))
+}
+
 struct Shards(Vec<Shard>);
 
 impl Encoder for Shards {
@@ -108,17 +123,4 @@ fn list_shards_nif(
         list_shards(&client, &stream_name).await.map(Shards)
     });
     atoms::ok()
-}
-
-/// Whether Kinesis refused a sequence-number position as not from this
-/// stream (the wording Kinesis and the emulators use): the stream was
-/// deleted and created again.
-pub(super) fn refused_as_foreign(position: &Position, error: &Error) -> bool {
-    let by_sequence = matches!(
-        position,
-        Position::AtSequenceNumber(_) | Position::AfterSequenceNumber(_)
-    );
-    by_sequence
-        && matches!(error, Error::Aws { code, message }
-            if code == "InvalidArgumentException" && message.contains("did not come from this stream"))
 }

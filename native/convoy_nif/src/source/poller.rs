@@ -16,12 +16,12 @@ use aws_sdk_kinesis::types::Record;
 use rustler::{Encoder, LocalPid, ResourceArc, Term};
 use tokio::sync::{watch, Semaphore};
 
-use super::{shard_iterator, Position};
+use super::{is_foreign_position, shard_iterator, Position};
 use crate::atoms;
 use crate::client::ClientResource;
 use crate::delivery::{self, KeptTerm};
 use crate::error::{Error, Reason};
-use crate::record::{encode_records, Origin};
+use crate::record::{encode_records, encode_unparseable, Origin};
 use crate::runtime;
 use crate::telemetry;
 use convoy_core::retry::{self, RetryPolicy};
@@ -146,16 +146,9 @@ impl ShardTask {
         }
     }
 
-    /// Whether Kinesis refused a sequence-number position as not from this
-    /// stream (the wording Kinesis and the emulators use).
+    /// Whether Kinesis refused the resume position as not from this shard.
     fn foreign_position(&self, error: &Error) -> bool {
-        let by_sequence = matches!(
-            self.resume,
-            Position::AtSequenceNumber(_) | Position::AfterSequenceNumber(_)
-        );
-        by_sequence
-            && matches!(error, Error::Aws { code, message }
-                if code == "InvalidArgumentException" && message.contains("did not come from this stream"))
+        is_foreign_position(&self.resume, error)
     }
 
     async fn run(mut self) {
@@ -234,7 +227,11 @@ impl ShardTask {
     async fn recover(&mut self, error: Error, failures: &mut u32) -> Next {
         let expired =
             matches!(&error, Error::Aws { code, .. } if code == "ExpiredIteratorException");
-        if !expired {
+        if expired {
+            // Reported (logged and counted), so that a batch held past the
+            // iterator's lifetime shows, then read again from the position.
+            self.report(&error);
+        } else {
             *failures += 1;
             let failures = *failures;
             if !retry::error_is_retryable(&error) {
@@ -263,6 +260,7 @@ impl ShardTask {
     async fn deliver(&mut self, records: &[Record], millis_behind: Option<i64>) -> Flow {
         let shard_id = self.options.shard_id.as_str();
         let stream_id = &self.stream_id;
+        let mut unparseable = Vec::new();
         let sent = delivery::send(&self.dispatcher, |env| {
             let origin = Origin {
                 shard_id: shard_id.encode(env),
@@ -271,13 +269,24 @@ impl ShardTask {
             (
                 atoms::convoy_records(),
                 origin.shard_id,
-                encode_records(env, records, &origin),
+                encode_records(env, records, &origin, &mut unparseable),
                 millis_behind.unwrap_or(-1),
             )
                 .encode(env)
         });
         if !sent {
             return Flow::Stop;
+        }
+        if !unparseable.is_empty() {
+            // Logged and counted by the dispatcher; the batch goes on.
+            delivery::send(&self.dispatcher, |env| {
+                (
+                    atoms::convoy_unparseable(),
+                    shard_id,
+                    encode_unparseable(env, &unparseable),
+                )
+                    .encode(env)
+            });
         }
         let last = records.last().expect("not empty").sequence_number();
         self.resume = Position::AfterSequenceNumber(last.to_owned());

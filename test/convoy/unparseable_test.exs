@@ -1,0 +1,82 @@
+defmodule Convoy.UnparseableTest do
+  # Records that look aggregated but cannot be unpacked: logged, counted,
+  # and the shard goes on.
+  use ExUnit.Case, async: true
+
+  import Convoy.TestSupport
+  import ExUnit.CaptureLog
+
+  @magic <<0xF3, 0x89, 0x9A, 0xC2>>
+
+  # A KPL aggregated record around `proto`, with its MD5 trailer.
+  defp aggregated(proto), do: @magic <> proto <> :erlang.md5(proto)
+
+  # An AggregatedRecord with a partition key table and no record in it.
+  defp empty_aggregate, do: aggregated(<<0x0A, 1, "k">>)
+
+  # One user record "inside" with key "k"; the last digest byte flipped.
+  defp bad_checksum do
+    record = <<0x08, 0x00, 0x1A, 6, "inside">>
+    good = aggregated(<<0x0A, 1, "k", 0x1A, byte_size(record)>> <> record)
+    size = byte_size(good) - 1
+    <<head::binary-size(size), last>> = good
+    head <> <<Bitwise.bxor(last, 1)>>
+  end
+
+  defp start_queue!(stream, opts) do
+    opts =
+      [stream: stream, kinesis: kinesis(), iterator_type: :trim_horizon, batch_timeout: 0] ++
+        opts
+
+    start_supervised!({Convoy.Queue, opts}, id: stream)
+    stream
+  end
+
+  defp put_all!(id) do
+    for data <- [empty_aggregate(), bad_checksum(), "plain"] do
+      assert {:ok, _} = Convoy.Queue.put(id, "k", data, await: 10_000)
+    end
+  end
+
+  test "an empty aggregated record delivers nothing, a bad checksum one is delivered plain; the shard goes on" do
+    stream = create_stream!(unique_stream("unparseable"), 1)
+    me = self()
+    bad = bad_checksum()
+
+    log =
+      capture_log(fn ->
+        start_queue!(stream, poll_interval: 100)
+        put_all!(stream)
+
+        :ok = Convoy.Queue.attach_handler(stream, :h, fn r, _ -> send(me, {:got, r}) end, nil)
+
+        assert_receive {:got, %Convoy.Record{data: ^bad, sub_sequence_number: nil}}, 10_000
+        assert_receive {:got, %Convoy.Record{data: "plain"}}, 10_000
+        refute_receive {:got, _}, 1_000
+      end)
+
+    assert log =~ "could not be unpacked"
+    assert log =~ ":empty_aggregate"
+    assert log =~ ":bad_checksum"
+    # Neither a crash nor a restart of the shard (the log holds other
+    # tests' lines too: only this stream's count).
+    refute log =~ ~r/#{Regex.escape(inspect(stream))}: dispatcher .* exited/
+    refute log =~ "panicked"
+  end
+
+  test "get/2 does the same" do
+    stream = create_stream!(unique_stream("unparseable-get"), 1)
+    bad = bad_checksum()
+
+    log =
+      capture_log(fn ->
+        start_queue!(stream, [])
+        put_all!(stream)
+        assert [%{data: ^bad}, %{data: "plain"}] = Convoy.Queue.get(stream, 10)
+        assert Convoy.Queue.get(stream, 10) == []
+      end)
+
+    assert log =~ ":empty_aggregate"
+    assert log =~ ":bad_checksum"
+  end
+end
