@@ -17,14 +17,17 @@ defmodule Convoy.Leases.QueueTest do
     test = self()
 
     options =
-      [
-        stream: stream,
-        kinesis: kinesis(),
-        poll_interval: 100,
-        iterator_type: :trim_horizon,
-        leases: [table: table, worker_id: "node-one", failover: 3_000] ++ Moto.connection(moto),
-        handlers: [{:fwd, fn record, _ -> send(test, {:record, record}) end, nil}]
-      ] ++ extra
+      Keyword.merge(
+        [
+          stream: stream,
+          kinesis: kinesis(),
+          poll_interval: 100,
+          iterator_type: :trim_horizon,
+          leases: [table: table, worker_id: "node-one", failover: 3_000] ++ Moto.connection(moto),
+          handlers: [{:fwd, fn record, _ -> send(test, {:record, record}) end, nil}]
+        ],
+        extra
+      )
 
     id = make_ref()
     start_supervised!({Convoy.Queue, options}, id: id, restart: :temporary)
@@ -197,6 +200,31 @@ defmodule Convoy.Leases.QueueTest do
     :ok = Convoy.Queue.detach_handler(stream, :fwd)
     eventually(fn -> Enum.all?(scan(table, moto), &(not Map.has_key?(&1, "leaseOwner"))) end)
     assert Convoy.Leases.held(stream) == []
+  end
+
+  test ":latest with leases: the start is pinned on the node, the table keeps KCL's LATEST",
+       %{moto: moto} do
+    # (Records put before the start are not used here: the embedded
+    # emulator's AT_TIMESTAMP reads whole seconds, with or without leases.)
+    stream = create_stream!(unique_stream("latest"), 2)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    start_queue(stream, table, moto, iterator_type: :latest)
+    eventually(fn -> length(Convoy.Leases.held(stream)) == 2 end)
+
+    # Pinned to the consumer's start (a {:at_timestamp, ms} kept on this
+    # node); the table still says LATEST.
+    eventually(fn ->
+      Enum.all?(Convoy.Leases.held(stream), fn shard ->
+        match?({:ok, {:at_timestamp, _}}, Convoy.Leases.Checkpoint.fetch(nil, stream, shard))
+      end)
+    end)
+
+    assert Enum.all?(scan(table, moto), &(&1["checkpoint"]["S"] == "LATEST"))
+
+    :ok = raw_put!(stream, 5)
+    records = receive_records(5)
+    refute_more_records()
+    assert Enum.sort(Enum.map(records, & &1.data)) == Enum.sort(for i <- 0..4, do: "record-#{i}")
   end
 
   test "a table migrated to KCL 3.x refuses the queue with a clear error", %{moto: moto} do
