@@ -4,222 +4,103 @@
 # comparison is a ratio of figures measured in this same run, on the same
 # embedded emulator: these machines are noisy. Results go to bench/RESULTS.md.
 
-defmodule Bench do
-  @root Path.expand("..", __DIR__)
-  @python Path.join(@root, "bench/.venv/bin/python")
-  @raw Path.join(@root, "target/release/kinesis_raw")
-
-  def runs, do: String.to_integer(System.get_env("BENCH_RUNS", "3"))
-  def count, do: String.to_integer(System.get_env("BENCH_RECORDS", "200000"))
-  def size, do: 100
-
-  def median(values) do
-    sorted = Enum.sort(values)
-    Enum.at(sorted, div(length(sorted), 2))
-  end
-
-  def repeat(label, fun) do
-    values =
-      for run <- 1..runs() do
-        value = fun.()
-        IO.puts("  #{label} run #{run}: #{inspect(value)}")
-        value
-      end
-
-    median(values)
-  end
-
-  def seconds(fun) do
-    started = System.monotonic_time(:microsecond)
-    fun.()
-    (System.monotonic_time(:microsecond) - started) / 1_000_000
-  end
-
-  def data(i), do: String.pad_trailing("record-#{i}-", size(), "x")
-
-  def stream!(endpoint, prefix, shards \\ 4) do
-    name = "#{prefix}-#{System.unique_integer([:positive])}"
-    :ok = Convoy.Local.create_stream(endpoint, name, shards)
-    name
-  end
-
-  # Peak resident memory of this VM while `fun` runs, sampled every 20 ms.
-  def peak_rss(fun) do
-    me = self()
-    sampler = spawn_link(fn -> sample(me, 0) end)
-    result = fun.()
-    send(sampler, :stop)
-
-    receive do
-      {:peak, kb} -> {result, kb}
-    end
-  end
-
-  defp sample(parent, peak) do
-    peak = max(peak, rss_kb())
-
-    receive do
-      :stop -> send(parent, {:peak, peak})
-    after
-      20 -> sample(parent, peak)
-    end
-  end
-
-  def rss_kb do
-    "/proc/self/status"
-    |> File.read!()
-    |> String.split("\n")
-    |> Enum.find_value(fn
-      "VmRSS:" <> rest -> rest |> String.trim() |> String.split() |> hd() |> String.to_integer()
-      _ -> nil
-    end)
-  end
-
-  def external!(command, args) do
-    {out, status} = System.cmd(command, args, stderr_to_stdout: true)
-    if status != 0, do: raise("#{command} #{Enum.join(args, " ")} failed:\n#{out}")
-    line = out |> String.split("\n", trim: true) |> List.last()
-    [_, seconds] = Regex.run(~r/"seconds":\s*([0-9.]+)/, line)
-    String.to_float(seconds)
-  end
-
-  def raw(args), do: external!(@raw, args)
-
-  def python(script, args),
-    do: external!(@python, [Path.join(@root, "bench/peers/#{script}") | args])
-
-  def queue!(stream, endpoint, opts) do
-    id = {:bench, System.unique_integer([:positive])}
-
-    base = [
-      stream: stream,
-      stream_id: id,
-      kinesis: Convoy.Local.kinesis_options(endpoint),
-      max_buffered_records: 2_000_000,
-      max_buffered_bytes: 1_000_000_000
-    ]
-
-    {:ok, pid} = Convoy.Queue.start_link(Keyword.merge(base, opts))
-    {id, pid}
-  end
-
-  def stop_queue(pid) do
-    Process.unlink(pid)
-    GenServer.stop(pid, :normal, 60_000)
-  end
-
-  # Puts `count` records from `procs` processes; returns when all are accepted.
-  # Keys and payloads are built before the clock starts, so only the calls
-  # are measured.
-  def put_all(id, count, procs) do
-    per = div(count, procs)
-    batches = for p <- 1..procs, do: payloads((p - 1) * per, per)
-
-    seconds(fn ->
-      batches
-      |> Task.async_stream(
-        fn records -> Enum.each(records, fn {key, data} -> put!(id, key, data) end) end,
-        max_concurrency: procs,
-        timeout: :infinity
-      )
-      |> Stream.run()
-    end)
-  end
-
-  def payloads(first, count),
-    do: for(i <- first..(first + count - 1), do: {"key-#{rem(i, 64)}", data(i)})
-
-  defp put!(id, key, data) do
-    case Convoy.Queue.put(id, key, data) do
-      :ok ->
-        :ok
-
-      {:error, :overloaded} ->
-        Process.sleep(1)
-        put!(id, key, data)
-    end
-  end
-end
-
-defmodule Bench.Baseline do
-  # The original design: one GenServer that callers cast records to, and
-  # that keeps them in a queue until a batch is sent.
-  use GenServer
-  def start_link, do: GenServer.start_link(__MODULE__, :queue.new())
-  def put(pid, key, data), do: GenServer.cast(pid, {:put, key, data})
-  def size(pid), do: GenServer.call(pid, :size, :infinity)
-  @impl true
-  def init(queue), do: {:ok, queue}
-  @impl true
-  def handle_cast({:put, key, data}, queue), do: {:noreply, :queue.in({key, data}, queue)}
-  @impl true
-  def handle_call(:size, _from, queue), do: {:reply, :queue.len(queue), queue}
-end
+Code.require_file("support.exs", __DIR__)
 
 require Logger
 Logger.configure(level: :warning)
 
 {:ok, local} = Convoy.Local.start_link()
 endpoint = Convoy.Local.endpoint(local)
+null = Bench.Null.start!()
+
+load_at_start =
+  "/proc/loadavg" |> File.read!() |> String.split() |> Enum.take(3) |> Enum.join(" ")
+
+{_, null_endpoint} = null
 count = Bench.count()
+null_count = Bench.null_count()
 schedulers = System.schedulers_online()
 results = %{}
 
 IO.puts(
-  "Convoy benchmarks: #{count} records of #{Bench.size()} bytes, #{Bench.runs()} runs each, emulator #{endpoint}"
+  "Convoy benchmarks: #{count} records of #{Bench.size()} bytes (#{null_count} on the null endpoint), " <>
+    "#{Bench.runs()} runs each, emulator #{endpoint}, null endpoint #{null_endpoint}"
 )
+
+# 0. Memory held per buffered record (first, before other sections free memory
+# the allocators would then reuse) -------------------------------------------
+IO.puts("\n0. memory per buffered record")
+Logger.configure(level: :none)
+held = 200_000
+records = Bench.payloads(0, held)
+payload_bytes = Enum.reduce(records, 0, fn {k, d}, acc -> acc + byte_size(k) + byte_size(d) end)
+
+per_record =
+  Bench.repeat("bytes per buffered record", fn ->
+    {id, pid} =
+      Bench.queue!("held", "http://127.0.0.1:9",
+        batch_timeout: 600_000,
+        max_retries: 1_000,
+        retry_deadline: 3_600_000,
+        retry_backoff: 60_000,
+        max_backoff: 60_000,
+        shutdown: 1_000
+      )
+
+    :erlang.garbage_collect()
+    Process.sleep(200)
+    before = Bench.rss_kb()
+    # Compiled code: an interpreted loop would grow this process's heap.
+    :ok = Bench.put_each(id, records)
+    :erlang.garbage_collect()
+    Process.sleep(200)
+    grown = (Bench.rss_kb() - before) * 1024
+    %{buffered: buffered, in_flight: in_flight} = Convoy.Queue.stats(id)
+    ^held = buffered + in_flight
+    Bench.stop_queue(pid)
+    grown / held
+  end)
+
+results =
+  Map.merge(results, %{
+    held_per_record: per_record,
+    held_payload: payload_bytes / held
+  })
 
 # 1. The cost of put/3 ----------------------------------------------------------
 IO.puts("\n1. put/3 from Elixir")
 Logger.configure(level: :none)
-calls = min(count, 200_000)
+calls = Bench.put_calls()
 
-# The call alone: the queue points at a closed port, so its lanes sit in
-# retry backoff instead of competing for the two cores while we measure.
+# Steady state: the queue sends to the null endpoint while the puts go on, so
+# its buffer is sent and reused rather than only growing. The clock covers
+# the put calls alone (payloads are built before it starts); the lanes and
+# the null endpoint run on the same cores meanwhile.
 put_ns = fn procs ->
   {id, pid} =
-    Bench.queue!("put-cost", "http://127.0.0.1:9",
-      batch_timeout: 600_000,
-      max_retries: 1_000,
-      retry_deadline: 3_600_000,
-      retry_backoff: 5_000,
-      max_backoff: 5_000,
-      shutdown: 1_000
-    )
+    Bench.queue!(Bench.stream!(null_endpoint, "put-cost"), null_endpoint, batch_timeout: 100)
 
   seconds = Bench.put_all(id, calls, procs)
-  # Stopped: unsent records fail after the 1 s shutdown and free their memory.
+  cpu_ns = Bench.last_scheduler_ns()
+  :ok = Convoy.Queue.flush(id, await: 60_000)
   Bench.stop_queue(pid)
-  seconds
+  {seconds, cpu_ns}
 end
 
 baseline = fn procs ->
   {:ok, server} = Bench.Baseline.start_link()
-  per = div(calls, procs)
-  batches = for p <- 1..procs, do: Bench.payloads((p - 1) * per, per)
-
-  seconds =
-    Bench.seconds(fn ->
-      batches
-      |> Task.async_stream(
-        fn records ->
-          Enum.each(records, fn {key, data} -> Bench.Baseline.put(server, key, data) end)
-        end,
-        max_concurrency: procs,
-        timeout: :infinity
-      )
-      |> Stream.run()
-
-      # Counted once the server has taken every record in.
-      ^calls = Bench.Baseline.size(server)
-    end)
-
+  casting = Bench.Baseline.cast_all(server, calls, procs)
+  # Counted once the server has taken every record in.
+  draining = Bench.seconds(fn -> ^calls = Bench.Baseline.size(server) end)
   GenServer.stop(server)
-  seconds
+  casting + draining
 end
 
-single = Bench.repeat("convoy put, 1 process", fn -> put_ns.(1) end)
-many = Bench.repeat("convoy put, #{schedulers} processes", fn -> put_ns.(schedulers) end)
+{single, single_cpu} = Bench.repeat("convoy put, 1 process", fn -> put_ns.(1) end)
+
+{many, many_cpu} =
+  Bench.repeat("convoy put, #{schedulers} processes", fn -> put_ns.(schedulers) end)
+
 base_single = Bench.repeat("GenServer cast, 1 process", fn -> baseline.(1) end)
 
 base_many =
@@ -228,6 +109,8 @@ base_many =
 results =
   Map.merge(results, %{
     put_ns_single: single / calls * 1.0e9,
+    put_cpu_single: single_cpu / calls,
+    put_cpu_many: many_cpu / calls,
     put_rate_single: calls / single,
     put_rate_many: calls / many,
     base_ns_single: base_single / calls * 1.0e9,
@@ -239,24 +122,32 @@ results =
 Logger.configure(level: :warning)
 IO.puts("\n2. producer throughput")
 
-convoy_produce = fn opts ->
+produce_on = fn endpoint, count, opts ->
   stream = Bench.stream!(endpoint, "produce")
   {id, pid} = Bench.queue!(stream, endpoint, opts)
 
+  threads = Bench.thread_ns()
+
   {seconds, rss} =
     Bench.peak_rss(fn ->
-      # Payloads are built inside the clock here, as every peer builds its own.
+      # Records are built inside the clock here, as every peer builds its own.
       Bench.seconds(fn ->
-        Bench.put_all(id, count, schedulers)
+        Bench.produce_all(id, count, schedulers)
         :ok = Convoy.Queue.flush(id, await: 300_000)
       end)
     end)
 
+  # CPU per record by thread kind: the callers (building records, put/3)
+  # and the NIF's runtime (lanes, SDK, HTTP).
+  threads = Map.merge(Bench.thread_ns(), threads, fn _, a, b -> (a - b) / count end)
+  Process.put(:last_threads, threads)
   %{sent: sent} = Convoy.Queue.stats(id)
   if sent != count, do: raise("only #{sent} of #{count} acknowledged")
   Bench.stop_queue(pid)
   {seconds, rss}
 end
+
+convoy_produce = fn opts -> produce_on.(endpoint, count, opts) end
 
 runs = for _ <- 1..Bench.runs(), do: convoy_produce.(batch_timeout: 100)
 convoy_put_s = Bench.median(Enum.map(runs, &elem(&1, 0)))
@@ -304,6 +195,63 @@ results =
     convoy_put_rss: convoy_put_rss
   })
 
+# 2b. Producer throughput on the null endpoint -----------------------------------
+IO.puts("\n2b. producer throughput on the null endpoint")
+
+null_runs = fn label, fun ->
+  Bench.repeat(label, fn -> null_count / fun.() end)
+end
+
+null_convoy =
+  null_runs.("convoy", fn ->
+    elem(produce_on.(null_endpoint, null_count, batch_timeout: 100), 0)
+  end)
+
+null_convoy_cpu = Process.get(:last_threads)
+
+null_agg =
+  null_runs.("convoy aggregated", fn ->
+    elem(produce_on.(null_endpoint, null_count, batch_timeout: 100, aggregation: true), 0)
+  end)
+
+null_agg_cpu = Process.get(:last_threads)
+
+null_raw_cpu =
+  Bench.repeat("raw Rust SDK put, CPU seconds", fn ->
+    Bench.child_cpu!(Path.join(File.cwd!(), "target/release/kinesis_raw"), [
+      "put",
+      null_endpoint,
+      "null",
+      "#{null_count}",
+      "#{Bench.size()}",
+      "8"
+    ])
+  end) / null_count * 1.0e9
+
+null_raw =
+  null_runs.("raw Rust SDK put", fn ->
+    Bench.raw(["put", null_endpoint, "null", "#{null_count}", "#{Bench.size()}", "8"])
+  end)
+
+null_boto3 =
+  null_runs.("boto3 put_records", fn ->
+    Bench.python(
+      "boto3_bench.py",
+      ~w(put --endpoint #{null_endpoint} --stream null --count #{null_count} --size #{Bench.size()})
+    )
+  end)
+
+results =
+  Map.merge(results, %{
+    null_convoy: null_convoy,
+    null_agg: null_agg,
+    null_raw: null_raw,
+    null_boto3: null_boto3,
+    null_convoy_cpu: null_convoy_cpu,
+    null_agg_cpu: null_agg_cpu,
+    null_raw_cpu: null_raw_cpu
+  })
+
 # 3. Consumer throughput ---------------------------------------------------------
 IO.puts("\n3. consumer throughput")
 filled = Bench.stream!(endpoint, "filled")
@@ -313,6 +261,8 @@ convoy_consume = fn ->
   {id, pid} = Bench.queue!(filled, endpoint, iterator_type: :trim_horizon, poll_interval: 50)
   counter = :counters.new(1, [:write_concurrency])
   me = self()
+
+  cpu_before = Bench.cpu_seconds()
 
   {seconds, rss} =
     Bench.peak_rss(fn ->
@@ -336,14 +286,28 @@ convoy_consume = fn ->
       end)
     end)
 
+  cpu = Bench.cpu_seconds() - cpu_before
   Bench.stop_queue(pid)
-  {seconds, rss}
+  {seconds, rss, cpu}
 end
 
 runs = for _ <- 1..Bench.runs(), do: convoy_consume.()
 convoy_get_s = Bench.median(Enum.map(runs, &elem(&1, 0)))
 convoy_get_rss = Enum.max(Enum.map(runs, &elem(&1, 1)))
+convoy_get_cpu = Bench.median(Enum.map(runs, &elem(&1, 2)))
 IO.puts("  convoy: #{inspect(runs)}")
+
+# CPU per record: this VM's CPU time (all its threads, the NIF's runtime
+# included) against the raw reader's, both reading the same pre-filled stream.
+raw_get_cpu =
+  Bench.repeat("raw Rust GetRecords loop, CPU seconds", fn ->
+    Bench.child_cpu!(Path.join(File.cwd!(), "target/release/kinesis_raw"), [
+      "get",
+      endpoint,
+      filled,
+      "#{count}"
+    ])
+  end)
 
 raw_get_s =
   Bench.repeat("raw Rust GetRecords loop", fn ->
@@ -363,7 +327,9 @@ results =
     convoy_get: count / convoy_get_s,
     raw_get: count / raw_get_s,
     boto3_get: count / boto3_get_s,
-    convoy_get_rss: convoy_get_rss
+    convoy_get_rss: convoy_get_rss,
+    convoy_get_cpu_us: convoy_get_cpu / count * 1.0e6,
+    raw_get_cpu_us: raw_get_cpu / count * 1.0e6
   })
 
 # 4. Latency from put to handler -------------------------------------------------
@@ -482,21 +448,51 @@ mem_gb =
 r = results
 fmt = fn x -> :erlang.float_to_binary(x * 1.0, decimals: 0) end
 ratio = fn a, b -> :erlang.float_to_binary(a / b, decimals: 2) <> "x" end
+check = fn ok -> if ok, do: "met", else: "missed" end
 
 report = """
 # Convoy benchmark results
 
 Last run: #{DateTime.utc_now() |> DateTime.truncate(:second)} on #{System.schedulers_online()} schedulers,
 #{cpu}, #{Float.round(mem_gb, 1)} GB RAM; #{System.otp_release() |> then(&"OTP #{&1}")}, Elixir #{System.version()}.
-Embedded emulator (ferrokinesis) on 127.0.0.1, sharing the machine with the clients.
+Load average when the run started: #{load_at_start} (1, 5, 15 min); VM flags `#{System.get_env("ELIXIR_ERL_OPTIONS", "")}`.
+Embedded emulator (ferrokinesis) and null endpoint (`convoy_local null`) on 127.0.0.1, sharing the machine with the clients.
 Every figure is the median of #{Bench.runs()} runs; ratios compare figures of this same run.
 Command: `bench/run` (environment: `BENCH_RUNS`, `BENCH_RECORDS`).
 
-## 1. `put/3` from Elixir (#{calls} records of #{Bench.size()} bytes)
+## Targets (issue 16), each a ratio of figures of this run
+
+| target | measured | |
+|---|---:|---|
+| Convoy ≥ 0.8x the raw SDK client (null endpoint) | #{ratio.(r.null_convoy, r.null_raw)} | #{check.(r.null_convoy / r.null_raw >= 0.8)} |
+| aggregation ≥ 1.5x Convoy without it (null endpoint) | #{ratio.(r.null_agg, r.null_convoy)} | #{check.(r.null_agg / r.null_convoy >= 1.5)} |
+| aggregation ≥ 1,000,000 user records/s (null endpoint) | #{fmt.(r.null_agg)} | #{check.(r.null_agg >= 1.0e6)} |
+| `put/3` ≤ 500 ns per call, 1 process, steady state (wall clock) | #{fmt.(r.put_ns_single)} ns | #{check.(r.put_ns_single <= 500)} |
+| the same in scheduler CPU per call | #{fmt.(r.put_cpu_single)} ns | #{check.(r.put_cpu_single <= 500)} |
+| `put/3` with #{schedulers} processes ≥ 1.8x 1 process | #{ratio.(r.put_rate_many, r.put_rate_single)} | #{check.(r.put_rate_many / r.put_rate_single >= 1.8)} |
+| memory per buffered record ≤ 2x payload + key | #{ratio.(r.held_per_record, r.held_payload)} | #{check.(r.held_per_record / r.held_payload <= 2)} |
+| consumer CPU per record ≤ 1.2x the raw SDK read loop | #{ratio.(r.convoy_get_cpu_us, r.raw_get_cpu_us)} | #{check.(r.convoy_get_cpu_us / r.raw_get_cpu_us <= 1.2)} |
+
+## 0. Memory held per buffered record
+
+#{Bench.fmt_int(200_000)} records of #{Bench.size()} bytes with 5-6 byte keys (#{Float.round(r.held_payload, 1)} bytes of payload and key each) put
+into a queue whose Kinesis is unreachable, so all stay buffered: the VM's resident memory grew by
+#{fmt.(r.held_per_record)} bytes per record, #{ratio.(r.held_per_record, r.held_payload)} the payload and key.
+
+## 1. `put/3` from Elixir (#{calls} calls, records of #{Bench.size()} bytes, steady state)
+
+The queue sends to the null endpoint (`batch_timeout: 100`) while the calls go on, so its buffer is
+sent and reused; the clock covers the calls alone (keys and payloads are built before it starts).
+The lanes and the null endpoint share the cores with the callers meanwhile. "Scheduler CPU" is the
+CPU time of the VM's scheduler threads during the calls (`/proc/self/task/*/schedstat`) divided by
+the calls: what a put costs its caller, not counting time spent waiting for a core on a busy
+machine, nor the lanes' work on the runtime's threads.
 
 | | Convoy `put/3` | GenServer cast (original design) | ratio |
 |---|---:|---:|---:|
-| ns per call, 1 process | #{fmt.(r.put_ns_single)} | #{fmt.(r.base_ns_single)} | #{ratio.(r.base_ns_single, r.put_ns_single)} faster |
+| scheduler CPU ns per call, 1 process | #{fmt.(r.put_cpu_single)} | | |
+| scheduler CPU ns per call, #{schedulers} processes | #{fmt.(r.put_cpu_many)} | | |
+| ns per call (wall clock), 1 process | #{fmt.(r.put_ns_single)} | #{fmt.(r.base_ns_single)} | #{ratio.(r.base_ns_single, r.put_ns_single)} faster |
 | calls/s, 1 process | #{fmt.(r.put_rate_single)} | #{fmt.(r.base_rate_single)} | |
 | calls/s, #{schedulers} processes | #{fmt.(r.put_rate_many)} | #{fmt.(r.base_rate_many)} | #{ratio.(r.put_rate_many, r.base_rate_many)} |
 | scaling 1 -> #{schedulers} processes | #{ratio.(r.put_rate_many, r.put_rate_single)} | #{ratio.(r.base_rate_many, r.base_rate_single)} | |
@@ -513,6 +509,31 @@ Command: `bench/run` (environment: `BENCH_RUNS`, `BENCH_RECORDS`).
 
 Convoy with aggregation vs aiokpl: #{ratio.(r.convoy_agg, r.aiokpl_put)}. Peak BEAM RSS while producing: #{div(r.convoy_put_rss, 1024)} MiB.
 
+## 2b. Producer throughput on the null endpoint (#{null_count} records of #{Bench.size()} bytes, 64 keys, #{schedulers} putting processes)
+
+`convoy_local null` acknowledges every entry at once and stores nothing (4 shards, records placed
+by the MD5 of their key as Kinesis does), so these figures measure the clients, not an emulator.
+It runs on the same cores as the client.
+
+| producer | records/s | vs raw Rust SDK | vs boto3 |
+|---|---:|---:|---:|
+| raw aws-sdk-kinesis, PutRecords of 500, 8 in flight (ceiling) | #{fmt.(r.null_raw)} | 1.00x | #{ratio.(r.null_raw, r.null_boto3)} |
+| Convoy | #{fmt.(r.null_convoy)} | #{ratio.(r.null_convoy, r.null_raw)} | #{ratio.(r.null_convoy, r.null_boto3)} |
+| Convoy, aggregation | #{fmt.(r.null_agg)} | #{ratio.(r.null_agg, r.null_raw)} | #{ratio.(r.null_agg, r.null_boto3)} |
+| boto3 `put_records` of 500 | #{fmt.(r.null_boto3)} | #{ratio.(r.null_boto3, r.null_raw)} | 1.00x |
+
+Convoy with aggregation vs without: #{ratio.(r.null_agg, r.null_convoy)}.
+
+CPU per record (ns, the last run of each; the raw client's is its whole process, user + system):
+
+| | callers (records built, `put/3`) | NIF runtime (lanes, SDK, HTTP) | total | vs raw |
+|---|---:|---:|---:|---:|
+| raw aws-sdk-kinesis | | | #{fmt.(r.null_raw_cpu)} | 1.00x |
+| Convoy | #{fmt.(r.null_convoy_cpu.schedulers)} | #{fmt.(r.null_convoy_cpu.runtime)} | #{fmt.(r.null_convoy_cpu.schedulers + r.null_convoy_cpu.runtime + r.null_convoy_cpu.other)} | #{ratio.(r.null_convoy_cpu.schedulers + r.null_convoy_cpu.runtime + r.null_convoy_cpu.other, r.null_raw_cpu)} |
+| Convoy, aggregation | #{fmt.(r.null_agg_cpu.schedulers)} | #{fmt.(r.null_agg_cpu.runtime)} | #{fmt.(r.null_agg_cpu.schedulers + r.null_agg_cpu.runtime + r.null_agg_cpu.other)} | #{ratio.(r.null_agg_cpu.schedulers + r.null_agg_cpu.runtime + r.null_agg_cpu.other, r.null_raw_cpu)} |
+
+#{File.read!(Path.join(__DIR__, "PROFILE.md"))}
+
 ## 3. Consumer throughput (#{count} records, 4 shards, from `:trim_horizon`)
 
 | consumer | records/s | vs raw Rust loop |
@@ -522,6 +543,11 @@ Convoy with aggregation vs aiokpl: #{ratio.(r.convoy_agg, r.aiokpl_put)}. Peak B
 | boto3 `get_records` loop | #{fmt.(r.boto3_get)} | #{ratio.(r.boto3_get, r.raw_get)} |
 
 Peak BEAM RSS while consuming: #{div(r.convoy_get_rss, 1024)} MiB.
+
+CPU per record (user + system, every thread of the process): Convoy with a function handler
+#{Float.round(r.convoy_get_cpu_us, 2)} µs (the whole VM: dispatchers, handler calls, checkpoints), the raw SDK loop, which
+deserializes the same records into SDK structs, #{Float.round(r.raw_get_cpu_us, 2)} µs:
+#{ratio.(r.convoy_get_cpu_us, r.raw_get_cpu_us)}. The emulator's CPU counts in neither.
 
 ## 4. Latency from `put/3` to handler (`batch_timeout: 0`, `poll_interval: 10`)
 
@@ -540,3 +566,4 @@ The buffer bound (`max_buffered_records: 100_000`) holds: memory levels off once
 File.write!(Path.join(Path.expand("..", __DIR__), "bench/RESULTS.md"), report)
 IO.puts("\n" <> report)
 Convoy.Local.stop(local)
+Bench.Null.stop(null)

@@ -4,6 +4,7 @@ defmodule Convoy.Application do
 
   @impl true
   def start(_type, _args) do
+    :ok = Convoy.Queue.HandleCache.init()
     Convoy.Telemetry.setup()
 
     children = [

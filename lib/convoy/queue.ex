@@ -61,7 +61,7 @@ defmodule Convoy.Queue do
   `put_records/2` call being one request, with `millis_behind_latest` nil.
   """
 
-  alias Convoy.Queue.{Options, Topology}
+  alias Convoy.Queue.{HandleCache, Options, Topology}
 
   @typedoc "The identifier of a started queue: its `stream_id` option."
   @type stream_id :: term
@@ -198,9 +198,29 @@ defmodule Convoy.Queue do
   """
   @spec put(stream_id, String.t(), term, keyword) :: :ok | {:ok, map} | {:error, reason}
   def put(stream_id, partition_key, data, opts \\ []) do
-    case lookup(stream_id) do
-      {:ok, service, handle} -> service.put(handle, partition_key, data, opts)
-      error -> error
+    # The handle found last time, while it is certainly still the registered
+    # one (see Convoy.Queue.HandleCache); else through the Registry.
+    with {:ok, service, handle} <- HandleCache.fetch(stream_id),
+         {:error, :closed} <- service.put(handle, partition_key, data, opts) do
+      HandleCache.forget(stream_id)
+      put_looked_up(stream_id, partition_key, data, opts)
+    else
+      :miss -> put_looked_up(stream_id, partition_key, data, opts)
+      result -> result
+    end
+  end
+
+  defp put_looked_up(stream_id, partition_key, data, opts) do
+    # Read before the lookup: a change after it shows as a newer generation.
+    generation = HandleCache.generation()
+
+    case Registry.lookup(Convoy.Registry, {:handle, Topology.key(stream_id)}) do
+      [{owner, {service, handle}}] ->
+        HandleCache.store(stream_id, generation, owner, service, handle)
+        service.put(handle, partition_key, data, opts)
+
+      [] ->
+        missing(stream_id)
     end
   end
 
@@ -485,7 +505,7 @@ defmodule Convoy.Queue do
   @spec register(stream_id, module, Convoy.Service.handle()) :: :ok | {:error, term}
   def register(stream_id, service, handle) do
     case Registry.register(Convoy.Registry, {:handle, Topology.key(stream_id)}, {service, handle}) do
-      {:ok, _owner} -> :ok
+      {:ok, _owner} -> HandleCache.bump()
       {:error, _} = error -> error
     end
   end
@@ -500,8 +520,10 @@ defmodule Convoy.Queue do
       :ok = Convoy.Queue.unregister(options[:stream_id])
   """
   @spec unregister(stream_id) :: :ok
-  def unregister(stream_id),
-    do: Registry.unregister(Convoy.Registry, {:handle, Topology.key(stream_id)})
+  def unregister(stream_id) do
+    :ok = Registry.unregister(Convoy.Registry, {:handle, Topology.key(stream_id)})
+    HandleCache.bump()
+  end
 
   defp lookup(stream_id) do
     case Registry.lookup(Convoy.Registry, {:handle, Topology.key(stream_id)}) do
@@ -509,9 +531,13 @@ defmodule Convoy.Queue do
         {:ok, service, handle}
 
       [] ->
-        if Topology.whereis(__MODULE__, stream_id),
-          do: {:error, :closed},
-          else: {:error, :unknown_stream}
+        missing(stream_id)
     end
+  end
+
+  defp missing(stream_id) do
+    if Topology.whereis(__MODULE__, stream_id),
+      do: {:error, :closed},
+      else: {:error, :unknown_stream}
   end
 end

@@ -3,6 +3,9 @@ defmodule Convoy.Queue.PutOptions do
   # The options of `Convoy.Queue.put/4`, checked the same way by every service.
 
   @spec parse(term) :: {:ok, String.t() | nil, timeout | nil} | {:error, term}
+  # No options: the common case, on every put.
+  def parse([]), do: {:ok, nil, nil}
+
   def parse(opts) when is_list(opts) do
     if Keyword.keyword?(opts) do
       case Keyword.split(opts, [:explicit_hash_key, :await]) do

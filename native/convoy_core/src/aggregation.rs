@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 
 use md5::{Digest, Md5};
-use prost::encoding::encoded_len_varint;
+use prost::encoding::{encode_varint, encoded_len_varint};
 use prost::Message;
 
 pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
@@ -70,14 +70,37 @@ fn record_len(key_index: u64, hash_key_index: Option<u64>, data_len: usize) -> u
         + field_len(data_len)
 }
 
-/// Packs user records into one aggregated record.
+/// Packs user records into one aggregated record. Each record is encoded
+/// as it is added (its data copied once, no allocation per record); the
+/// key tables are written before the records when the aggregate is
+/// finished, in the field order the KPL writes.
 #[derive(Debug, Default)]
 pub struct Aggregator {
-    message: AggregatedRecord,
+    partition_keys: Vec<String>,
+    explicit_hash_keys: Vec<String>,
     key_index: HashMap<String, u64>,
     hash_key_index: HashMap<String, u64>,
-    /// Encoded length of `message`, kept exact as records are added.
+    /// The `records` fields (tag 3), encoded.
+    records: Vec<u8>,
+    count: usize,
+    /// Encoded length of the whole message, kept exact as records are added.
     proto_len: usize,
+}
+
+const TAG_PARTITION_KEY_TABLE: u8 = 1 << 3 | 2;
+const TAG_EXPLICIT_HASH_KEY_TABLE: u8 = 2 << 3 | 2;
+const TAG_RECORDS: u8 = 3 << 3 | 2;
+const TAG_RECORD_KEY_INDEX: u8 = 1 << 3;
+const TAG_RECORD_HASH_KEY_INDEX: u8 = 2 << 3;
+const TAG_RECORD_DATA: u8 = 3 << 3 | 2;
+
+/// Where a user record's keys stand in the tables, and whether adding it
+/// adds them.
+struct Indexes {
+    key: u64,
+    new_key: bool,
+    hash_key: Option<u64>,
+    new_hash_key: bool,
 }
 
 impl Aggregator {
@@ -86,16 +109,66 @@ impl Aggregator {
     }
 
     pub fn len(&self) -> usize {
-        self.message.records.len()
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.message.records.is_empty()
+        self.count == 0
     }
 
     /// The size of the finished record (magic, protobuf, digest).
     pub fn encoded_len(&self) -> usize {
         MAGIC.len() + self.proto_len + DIGEST_LEN
+    }
+
+    fn indexes(&self, partition_key: &str, explicit_hash_key: Option<&str>) -> Indexes {
+        let (key, new_key) = match self.key_index.get(partition_key) {
+            Some(i) => (*i, false),
+            None => (self.partition_keys.len() as u64, true),
+        };
+        let (hash_key, new_hash_key) = match explicit_hash_key {
+            None => (None, false),
+            Some(ehk) => match self.hash_key_index.get(ehk) {
+                Some(i) => (Some(*i), false),
+                None => (Some(self.explicit_hash_keys.len() as u64), true),
+            },
+        };
+        Indexes {
+            key,
+            new_key,
+            hash_key,
+            new_hash_key,
+        }
+    }
+
+    fn growth(
+        indexes: &Indexes,
+        partition_key: &str,
+        explicit_hash_key: Option<&str>,
+        data_len: usize,
+    ) -> usize {
+        let mut grow = field_len(record_len(indexes.key, indexes.hash_key, data_len));
+        if indexes.new_key {
+            grow += field_len(partition_key.len());
+        }
+        if let (true, Some(ehk)) = (indexes.new_hash_key, explicit_hash_key) {
+            grow += field_len(ehk.len());
+        }
+        grow
+    }
+
+    /// The size of a finished record holding only this user record: what
+    /// `Aggregator::new().encoded_len_with(..)` answers, without building one.
+    pub fn single_len(
+        partition_key: &str,
+        explicit_hash_key: Option<&str>,
+        data_len: usize,
+    ) -> usize {
+        MAGIC.len()
+            + DIGEST_LEN
+            + field_len(partition_key.len())
+            + explicit_hash_key.map_or(0, |ehk| field_len(ehk.len()))
+            + field_len(record_len(0, explicit_hash_key.map(|_| 0), data_len))
     }
 
     /// The size the finished record would have with this user record added.
@@ -105,72 +178,72 @@ impl Aggregator {
         explicit_hash_key: Option<&str>,
         data_len: usize,
     ) -> usize {
-        let mut grow = 0;
-        let key_index = match self.key_index.get(partition_key) {
-            Some(i) => *i,
-            None => {
-                grow += field_len(partition_key.len());
-                self.message.partition_key_table.len() as u64
-            }
-        };
-        let hash_key_index = explicit_hash_key.map(|ehk| match self.hash_key_index.get(ehk) {
-            Some(i) => *i,
-            None => {
-                grow += field_len(ehk.len());
-                self.message.explicit_hash_key_table.len() as u64
-            }
-        });
-        grow += field_len(record_len(key_index, hash_key_index, data_len));
-        self.encoded_len() + grow
+        let indexes = self.indexes(partition_key, explicit_hash_key);
+        self.encoded_len() + Self::growth(&indexes, partition_key, explicit_hash_key, data_len)
     }
 
-    pub fn add(&mut self, partition_key: &str, explicit_hash_key: Option<&str>, data: Vec<u8>) {
-        let key_index = match self.key_index.get(partition_key) {
-            Some(i) => *i,
-            None => {
-                let i = self.message.partition_key_table.len() as u64;
-                self.proto_len += field_len(partition_key.len());
-                self.message
-                    .partition_key_table
-                    .push(partition_key.to_owned());
-                self.key_index.insert(partition_key.to_owned(), i);
-                i
-            }
-        };
-        let hash_key_index = explicit_hash_key.map(|ehk| match self.hash_key_index.get(ehk) {
-            Some(i) => *i,
-            None => {
-                let i = self.message.explicit_hash_key_table.len() as u64;
-                self.proto_len += field_len(ehk.len());
-                self.message.explicit_hash_key_table.push(ehk.to_owned());
-                self.hash_key_index.insert(ehk.to_owned(), i);
-                i
-            }
-        });
-        self.proto_len += field_len(record_len(key_index, hash_key_index, data.len()));
-        self.message.records.push(Record {
-            partition_key_index: key_index,
-            explicit_hash_key_index: hash_key_index,
-            data,
-            tags: Vec::new(),
-        });
+    pub fn add(&mut self, partition_key: &str, explicit_hash_key: Option<&str>, data: &[u8]) {
+        let indexes = self.indexes(partition_key, explicit_hash_key);
+        self.proto_len += Self::growth(&indexes, partition_key, explicit_hash_key, data.len());
+        if indexes.new_key {
+            self.partition_keys.push(partition_key.to_owned());
+            self.key_index.insert(partition_key.to_owned(), indexes.key);
+        }
+        if let (true, Some(ehk), Some(i)) =
+            (indexes.new_hash_key, explicit_hash_key, indexes.hash_key)
+        {
+            self.explicit_hash_keys.push(ehk.to_owned());
+            self.hash_key_index.insert(ehk.to_owned(), i);
+        }
+        let out = &mut self.records;
+        out.push(TAG_RECORDS);
+        encode_varint(
+            record_len(indexes.key, indexes.hash_key, data.len()) as u64,
+            out,
+        );
+        out.push(TAG_RECORD_KEY_INDEX);
+        encode_varint(indexes.key, out);
+        if let Some(i) = indexes.hash_key {
+            out.push(TAG_RECORD_HASH_KEY_INDEX);
+            encode_varint(i, out);
+        }
+        out.push(TAG_RECORD_DATA);
+        encode_varint(data.len() as u64, out);
+        out.extend_from_slice(data);
+        self.count += 1;
     }
 
     /// The partition key of the first record: Kinesis routes the aggregated
     /// record with it, so it lands where its first user record would.
     pub fn first_partition_key(&self) -> Option<&str> {
-        self.message.partition_key_table.first().map(String::as_str)
+        self.partition_keys.first().map(String::as_str)
     }
 
     pub fn finish(self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
-        out.extend_from_slice(&MAGIC);
-        self.message
-            .encode(&mut out)
-            .expect("a Vec grows as needed");
-        let digest = Md5::digest(&out[MAGIC.len()..]);
-        out.extend_from_slice(&digest);
+        self.finish_into(&mut out);
         out
+    }
+
+    /// Appends the finished record to `out`.
+    pub fn finish_into(self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
+        out.extend_from_slice(&MAGIC);
+        let proto_start = out.len();
+        for (tag, table) in [
+            (TAG_PARTITION_KEY_TABLE, &self.partition_keys),
+            (TAG_EXPLICIT_HASH_KEY_TABLE, &self.explicit_hash_keys),
+        ] {
+            for entry in table {
+                out.push(tag);
+                encode_varint(entry.len() as u64, out);
+                out.extend_from_slice(entry.as_bytes());
+            }
+        }
+        out.extend_from_slice(&self.records);
+        debug_assert_eq!(out.len() - proto_start, self.proto_len);
+        let digest = Md5::digest(&out[proto_start..]);
+        out.extend_from_slice(&digest);
     }
 }
 
@@ -265,9 +338,20 @@ impl ShardMap {
     }
 
     pub fn shard_for(&self, hash: u128) -> Option<&str> {
+        self.index_for(hash).map(|i| self.id(i))
+    }
+
+    /// The position of the shard whose range holds `hash`, for grouping
+    /// records without copying shard ids; [`ShardMap::id`] names it.
+    pub fn index_for(&self, hash: u128) -> Option<usize> {
         let index = self.ranges.partition_point(|(start, _, _)| *start <= hash);
-        let (_, end, id) = self.ranges.get(index.checked_sub(1)?)?;
-        (hash <= *end).then_some(id.as_str())
+        let index = index.checked_sub(1)?;
+        (hash <= self.ranges[index].1).then_some(index)
+    }
+
+    /// The id of the shard at `index` (from [`ShardMap::index_for`]).
+    pub fn id(&self, index: usize) -> &str {
+        &self.ranges[index].2
     }
 }
 
@@ -285,11 +369,7 @@ mod tests {
                 r.explicit_hash_key.as_deref(),
                 r.data.len(),
             );
-            agg.add(
-                &r.partition_key,
-                r.explicit_hash_key.as_deref(),
-                r.data.clone(),
-            );
+            agg.add(&r.partition_key, r.explicit_hash_key.as_deref(), &r.data);
             assert_eq!(agg.encoded_len(), predicted);
         }
         (agg.finish(), predicted)
@@ -378,11 +458,25 @@ mod tests {
     }
 
     #[test]
+    fn single_len_is_an_empty_aggregators_prediction() {
+        for (key, ehk, len) in [
+            ("k", None, 0),
+            ("key", Some("42"), 300),
+            ("é", Some("0"), 5),
+        ] {
+            assert_eq!(
+                Aggregator::single_len(key, ehk, len),
+                Aggregator::new().encoded_len_with(key, ehk, len)
+            );
+        }
+    }
+
+    #[test]
     fn size_limit_is_respected_by_prediction() {
         let mut agg = Aggregator::new();
         let mut count = 0;
         while agg.encoded_len_with("key", None, 100) <= DEFAULT_MAX_BYTES {
-            agg.add("key", None, vec![7; 100]);
+            agg.add("key", None, &[7; 100]);
             count += 1;
         }
         assert!(count > 400);

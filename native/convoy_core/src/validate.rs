@@ -8,6 +8,14 @@ pub const MAX_PARTITION_KEY_CHARS: usize = 256;
 pub fn partition_key(bytes: &[u8]) -> Result<&str, Error> {
     let key = std::str::from_utf8(bytes)
         .map_err(|_| Error::InvalidPartitionKey("must be valid UTF-8".into()))?;
+    if key.is_empty() {
+        return Err(Error::InvalidPartitionKey("must not be empty".into()));
+    }
+    // A key of at most 256 bytes has at most 256 characters: counting them
+    // is only needed for longer ones.
+    if key.len() <= MAX_PARTITION_KEY_CHARS {
+        return Ok(key);
+    }
     let chars = key.chars().count();
     if chars == 0 {
         return Err(Error::InvalidPartitionKey("must not be empty".into()));

@@ -4,9 +4,17 @@
 //! `serve` binds 127.0.0.1 only, prints `convoy_local listening on
 //! http://127.0.0.1:PORT` once it accepts connections, and exits when its
 //! standard input closes, so it never outlives the Elixir port that started it.
+//!
+//! `null` serves an endpoint that stores nothing and acknowledges every
+//! record at once (see [`null`]), for the benchmarks: it measures the
+//! client, not an emulator. It prints `convoy_local null listening on URL`
+//! and stops the same way.
+
+mod null;
 
 use std::net::SocketAddr;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
@@ -32,6 +40,25 @@ struct Cli {
 enum Command {
     /// Serve the Kinesis API on 127.0.0.1.
     Serve(ServeArgs),
+    /// Serve a null Kinesis on 127.0.0.1: every PutRecords entry is
+    /// acknowledged at once and nothing is stored (for benchmarks).
+    Null(NullArgs),
+}
+
+#[derive(clap::Args)]
+struct NullArgs {
+    /// Port to bind; 0 picks a free one (printed on start).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Shards every stream appears to have.
+    #[arg(long, default_value_t = 4)]
+    shards: u32,
+    /// Largest request body in MiB.
+    #[arg(long, default_value_t = 7)]
+    max_request_body_mb: usize,
+    /// Keep running when standard input closes (for use from a shell).
+    #[arg(long)]
+    ignore_stdin: bool,
 }
 
 #[derive(clap::Args)]
@@ -76,6 +103,7 @@ fn main() {
     let code = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Null(args) => serve_null(args).await,
         }
     });
     std::process::exit(code);
@@ -122,16 +150,39 @@ async fn serve(args: ServeArgs) -> i32 {
     } else {
         app
     };
+    run(app, port, "convoy_local", ignore_stdin).await
+}
+
+async fn serve_null(args: NullArgs) -> i32 {
+    let null = null::NullKinesis::new(args.shards);
+    let state = null.clone();
+    let app = axum::Router::new()
+        .fallback(move |headers, body| null::handle(state.clone(), headers, body))
+        .layer(DefaultBodyLimit::max(
+            args.max_request_body_mb * 1024 * 1024,
+        ));
+    let code = run(app, args.port, "convoy_local null", args.ignore_stdin).await;
+    eprintln!(
+        "convoy_local null: {} requests, {} entries acknowledged",
+        null.requests.load(Ordering::Relaxed),
+        null.entries.load(Ordering::Relaxed)
+    );
+    code
+}
+
+/// Binds 127.0.0.1:`port`, prints `NAME listening on URL`, and serves until
+/// standard input closes (or Ctrl-C with `ignore_stdin`).
+async fn run(app: axum::Router, port: u16, name: &str, ignore_stdin: bool) -> i32 {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => listener,
         Err(e) => {
-            eprintln!("convoy_local: cannot bind {addr}: {e}");
+            eprintln!("{name}: cannot bind {addr}: {e}");
             return 1;
         }
     };
     let bound = listener.local_addr().expect("bound address");
-    println!("convoy_local listening on http://{bound}");
+    println!("{name} listening on http://{bound}");
 
     let shutdown = async move {
         if ignore_stdin {
@@ -157,7 +208,7 @@ async fn serve(args: ServeArgs) -> i32 {
     {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("convoy_local: server error: {e}");
+            eprintln!("{name}: server error: {e}");
             1
         }
     }

@@ -1,6 +1,7 @@
 //! Convoy's native core: a tokio runtime hosting the Kinesis batcher (producer)
 //! and pollers (consumer), reached from Elixir through `Convoy.Native`.
 
+mod allocator;
 mod atoms;
 mod client;
 mod delivery;

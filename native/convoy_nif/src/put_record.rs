@@ -2,6 +2,8 @@
 //! and encoded once, for every service: the Kinesis producer builds its
 //! entries from it and the Memory service calls `put_record_check`.
 
+use std::borrow::Cow;
+
 use rustler::{Binary, Encoder, Env, Term, TermType};
 
 use crate::atoms;
@@ -13,7 +15,8 @@ use convoy_core::validate;
 /// Kinesis counts it.
 pub struct PutRecord<'a> {
     pub key: &'a str,
-    pub data: Vec<u8>,
+    /// Borrowed from the binary that was put; owned when encoded as JSON.
+    pub data: Cow<'a, [u8]>,
     pub size: usize,
     pub explicit_hash_key: Option<String>,
 }
@@ -22,7 +25,7 @@ impl<'a> PutRecord<'a> {
     /// Data that is not a binary is encoded as JSON.
     pub fn decode(
         key: Term<'a>,
-        data: Term<'_>,
+        data: Term<'a>,
         explicit_hash_key: Term<'_>,
         max_record_bytes: usize,
     ) -> Result<Self, Error> {
@@ -30,11 +33,12 @@ impl<'a> PutRecord<'a> {
             .map_err(|_| Error::InvalidPartitionKey("must be a binary".into()))?;
         let key = validate::partition_key(key_bin.as_slice())?;
         let data = match data.get_type() {
-            TermType::Binary => Binary::from_term(data)
-                .map_err(|_| Error::InvalidData("a bitstring is not a binary".into()))?
-                .as_slice()
-                .to_vec(),
-            _ => json::encode(data).map_err(Error::InvalidData)?,
+            TermType::Binary => Cow::Borrowed(
+                Binary::from_term(data)
+                    .map_err(|_| Error::InvalidData("a bitstring is not a binary".into()))?
+                    .as_slice(),
+            ),
+            _ => Cow::Owned(json::encode(data).map_err(Error::InvalidData)?),
         };
         let size = validate::record_size(key, &data, max_record_bytes)?;
         let explicit_hash_key = decode_explicit_hash_key(explicit_hash_key)?;

@@ -8,15 +8,16 @@
 //! expected (after resharding). Until the map is known, records are grouped
 //! by partition key, which is always safe.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use convoy_core::aggregation::{hash_key, Aggregator, ShardMap};
 use tokio::sync::{watch, Notify};
 
-use super::send::{Member, Outgoing};
-use super::{Entry, Shared, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS};
+use super::entry::{Entry, Packed};
+use super::send::{Member, Members, Outgoing};
+use super::{Shared, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS};
 use crate::shards;
 
 pub(super) struct Aggregation {
@@ -49,17 +50,61 @@ impl Aggregation {
     }
 }
 
-/// An aggregated record being filled, for one group (a shard, or a key while
-/// the shard map is unknown).
+/// Which aggregated record a user record may join: records that reach the
+/// same shard. By the shard map when it knows the record's hash key, else
+/// by the hash key itself (records with one hash key always share a shard).
+/// No string is built per record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Group {
+    Shard(usize),
+    Hash(u128),
+}
+
+/// The hash keys (MD5) of the partition keys a lane has seen, so a record's
+/// shard is found without hashing its key each time: keys repeat, and MD5
+/// cost more than the rest of placing a record. Bounded: once full, new
+/// keys are hashed without being kept, so unique keys allocate nothing.
+#[derive(Default)]
+pub(super) struct KeyHashes {
+    known: HashMap<Box<str>, u128>,
+}
+
+impl KeyHashes {
+    const CAPACITY: usize = 1024;
+
+    fn of(&mut self, key: &str) -> u128 {
+        if let Some(hash) = self.known.get(key) {
+            return *hash;
+        }
+        let hash = hash_key(key);
+        if self.known.len() < Self::CAPACITY {
+            self.known.insert(key.into(), hash);
+        }
+        hash
+    }
+}
+
+fn group_of(map: &ShardMap, key: &str, entry: &Entry, hashes: &mut KeyHashes) -> Group {
+    let hash = match &entry.explicit_hash_key {
+        Some(ehk) => ehk.parse().unwrap_or(0),
+        None => hashes.of(key),
+    };
+    match map.index_for(hash) {
+        Some(index) => Group::Shard(index),
+        None => Group::Hash(hash),
+    }
+}
+
+/// An aggregated record being filled, for one group.
 struct Open {
-    group: String,
+    group: Group,
     aggregator: Aggregator,
     members: Vec<Member>,
-    explicit_hash_key: Option<String>,
+    explicit_hash_key: Option<Box<str>>,
 }
 
 impl Open {
-    fn new(group: String, entry: &Entry) -> Self {
+    fn new(group: Group, entry: &Entry) -> Self {
         Open {
             group,
             aggregator: Aggregator::new(),
@@ -73,120 +118,165 @@ impl Open {
         self.aggregator.encoded_len() + self.aggregator.first_partition_key().map_or(0, str::len)
     }
 
-    fn finish(self) -> Outgoing {
+    fn add(&mut self, entry: Entry) {
+        let record = &entry.record;
+        self.aggregator.add(
+            record.key(),
+            entry.explicit_hash_key.as_deref(),
+            record.data(),
+        );
+        self.members.push(Member {
+            reply: entry.reply,
+            size: record.len(),
+        });
+    }
+
+    fn finish(self, map: &ShardMap) -> Outgoing {
         let key = self
             .aggregator
             .first_partition_key()
             .expect("an open aggregate has a record")
             .to_owned();
+        let mut bytes = Vec::with_capacity(key.len() + self.aggregator.encoded_len());
+        bytes.extend_from_slice(key.as_bytes());
+        self.aggregator.finish_into(&mut bytes);
         Outgoing {
-            key,
+            record: Packed::from_vec(bytes, key.len()),
             explicit_hash_key: self.explicit_hash_key,
-            data: self.aggregator.finish(),
-            members: self.members,
+            members: Members::Many(self.members),
+            expected_shard: match self.group {
+                Group::Shard(index) => Some(map.id(index).into()),
+                Group::Hash(_) => None,
+            },
             aggregated: true,
-            expected_shard: Some(self.group),
         }
     }
 }
 
-fn group_of(map: &ShardMap, entry: &Entry) -> String {
-    let hash = match &entry.explicit_hash_key {
-        Some(ehk) => ehk.parse().unwrap_or(0),
-        None => hash_key(&entry.key),
-    };
-    match map.shard_for(hash) {
-        Some(shard) => shard.to_owned(),
-        None => match &entry.explicit_hash_key {
-            Some(ehk) => format!("hash:{ehk}"),
-            None => format!("key:{}", entry.key),
-        },
+/// Where the next user record goes, and by how many bytes it grows the
+/// request there (each size computed once).
+enum Place {
+    /// Into the open aggregate at this index.
+    Join(usize, usize),
+    /// Into a new aggregate (closing the full one at this index first).
+    Start(Option<usize>, usize),
+    /// Too large to share a record: sent as it is, as the KPL does.
+    Alone(usize),
+}
+
+/// A request being cut: finished Kinesis records, and the aggregates still
+/// open, one per group at most.
+struct Cut<'a> {
+    aggregation: &'a Aggregation,
+    map: Arc<ShardMap>,
+    done: Vec<Outgoing>,
+    done_bytes: usize,
+    open: Vec<Open>,
+}
+
+impl<'a> Cut<'a> {
+    fn new(aggregation: &'a Aggregation) -> Self {
+        Cut {
+            aggregation,
+            map: aggregation.map(),
+            done: Vec::new(),
+            done_bytes: 0,
+            open: Vec::new(),
+        }
+    }
+
+    /// `key` is the entry's partition key (checked once by the caller).
+    fn place(&self, group: Group, key: &str, entry: &Entry) -> Place {
+        let max = self.aggregation.max_bytes;
+        let ehk = entry.explicit_hash_key.as_deref();
+        let data_len = entry.record.data().len();
+        let slot = self.open.iter().position(|o| o.group == group);
+        if let Some(i) = slot {
+            let current = &self.open[i].aggregator;
+            let grown = current.encoded_len_with(key, ehk, data_len);
+            if grown <= max {
+                return Place::Join(i, grown - current.encoded_len());
+            }
+        }
+        let alone = Aggregator::single_len(key, ehk, data_len);
+        if alone > max {
+            Place::Alone(entry.size())
+        } else {
+            Place::Start(slot, alone + key.len())
+        }
+    }
+
+    /// Whether the request stays within 500 records and 5 MiB with the
+    /// entry placed there. An empty request takes any one record.
+    fn fits(&self, place: &Place) -> bool {
+        if self.done.is_empty() && self.open.is_empty() {
+            return true;
+        }
+        let (extra_records, extra_bytes) = match *place {
+            Place::Join(_, grown) => (0, grown),
+            Place::Start(_, bytes) | Place::Alone(bytes) => (1, bytes),
+        };
+        let open_bytes: usize = self.open.iter().map(Open::request_bytes).sum();
+        let records = self.done.len() + self.open.len() + extra_records;
+        let bytes = self.done_bytes + open_bytes + extra_bytes;
+        records <= MAX_REQUEST_RECORDS && bytes <= MAX_REQUEST_BYTES
+    }
+
+    fn take(&mut self, place: Place, group: Group, entry: Entry) {
+        let index = match place {
+            Place::Alone(_) => {
+                self.done_bytes += entry.size();
+                self.done.push(Outgoing::single(entry));
+                return;
+            }
+            Place::Join(i, _) => i,
+            Place::Start(full, _) => {
+                if let Some(i) = full {
+                    // Full: close it, keeping its place before newer records
+                    // of the group, and start another.
+                    let full = self.open.remove(i);
+                    self.done_bytes += full.request_bytes();
+                    self.done.push(full.finish(&self.map));
+                }
+                self.open.push(Open::new(group, &entry));
+                self.open.len() - 1
+            }
+        };
+        self.open[index].add(entry);
+    }
+
+    fn finish(self) -> Vec<Outgoing> {
+        let Cut {
+            map,
+            mut done,
+            open,
+            ..
+        } = self;
+        done.extend(open.into_iter().map(|o| o.finish(&map)));
+        done
     }
 }
 
 /// Takes records from the front of the buffer into aggregated records until
 /// the request would pass 500 records or 5 MiB. Records of one key go to
 /// one group, and a group's aggregates are emitted in order, so order holds.
-pub(super) fn cut(buffer: &mut VecDeque<Entry>, aggregation: &Aggregation) -> Vec<Outgoing> {
-    let map = aggregation.map();
-    let mut done: Vec<Outgoing> = Vec::new();
-    let mut done_bytes = 0usize;
-    let mut open: Vec<Open> = Vec::new();
-
+pub(super) fn cut(
+    buffer: &mut VecDeque<Entry>,
+    aggregation: &Aggregation,
+    hashes: &mut KeyHashes,
+) -> Vec<Outgoing> {
+    let mut cut = Cut::new(aggregation);
     while let Some(entry) = buffer.front() {
-        let group = group_of(&map, entry);
-        let slot = open.iter().position(|o| o.group == group);
-        let fits_open = slot.is_some_and(|i| {
-            open[i].aggregator.encoded_len_with(
-                &entry.key,
-                entry.explicit_hash_key.as_deref(),
-                entry.data.len(),
-            ) <= aggregation.max_bytes
-        });
-        let alone = Aggregator::new().encoded_len_with(
-            &entry.key,
-            entry.explicit_hash_key.as_deref(),
-            entry.data.len(),
-        );
-        let aggregatable = alone <= aggregation.max_bytes;
-
-        // What the request would hold after taking this record.
-        let open_bytes: usize = open.iter().map(Open::request_bytes).sum();
-        let (extra_records, extra_bytes) = if fits_open {
-            let current = &open[slot.expect("fits_open")];
-            let grown = current.aggregator.encoded_len_with(
-                &entry.key,
-                entry.explicit_hash_key.as_deref(),
-                entry.data.len(),
-            );
-            (0, grown - current.aggregator.encoded_len())
-        } else if aggregatable {
-            (1, alone + entry.key.len())
-        } else {
-            (1, entry.size)
-        };
-        let records = done.len() + open.len() + extra_records;
-        let bytes = done_bytes + open_bytes + extra_bytes;
-        let empty = done.is_empty() && open.is_empty();
-        if !empty && (records > MAX_REQUEST_RECORDS || bytes > MAX_REQUEST_BYTES) {
+        let key = entry.record.key();
+        let group = group_of(&cut.map, key, entry, hashes);
+        let place = cut.place(group, key, entry);
+        if !cut.fits(&place) {
             break;
         }
-
         let entry = buffer.pop_front().expect("front exists");
-        if !aggregatable {
-            // Too large to share a record: send it as it is, as the KPL does.
-            let single = Outgoing::single(entry);
-            done_bytes += single.key.len() + single.data.len();
-            done.push(single);
-            continue;
-        }
-        let index = match slot {
-            Some(i) if fits_open => i,
-            Some(i) => {
-                // Full: close it (keeping its place before newer records of
-                // the group) and start another.
-                let full = open.remove(i);
-                done_bytes += full.request_bytes();
-                done.push(full.finish());
-                open.push(Open::new(group, &entry));
-                open.len() - 1
-            }
-            None => {
-                open.push(Open::new(group, &entry));
-                open.len() - 1
-            }
-        };
-        let target = &mut open[index];
-        target.members.push(Member {
-            reply: entry.reply,
-            size: entry.size,
-        });
-        target
-            .aggregator
-            .add(&entry.key, entry.explicit_hash_key.as_deref(), entry.data);
+        cut.take(place, group, entry);
     }
-    done.extend(open.into_iter().map(Open::finish));
-    done
+    cut.finish()
 }
 
 /// Keeps the shard map current while the producer lives: every `interval`,

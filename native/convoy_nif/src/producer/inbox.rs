@@ -41,7 +41,7 @@ impl Inbox {
             return Err(command);
         }
         let urgent = match &command {
-            Command::Put(entry) => entry.size >= LARGE_RECORD,
+            Command::Put(entry) => entry.size() >= LARGE_RECORD,
             _ => true,
         };
         self.queue.push(command);

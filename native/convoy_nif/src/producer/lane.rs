@@ -31,6 +31,8 @@ pub(super) struct Lane {
     sending: Vec<Outgoing>,
     /// Set when `run` returns normally; a lane dropped without it ended abnormally.
     finished: bool,
+    /// With aggregation: the hash keys of the partition keys seen.
+    key_hashes: aggregate::KeyHashes,
 }
 
 impl Lane {
@@ -45,6 +47,7 @@ impl Lane {
             disconnected: false,
             sending: Vec::new(),
             finished: false,
+            key_hashes: aggregate::KeyHashes::default(),
         }
     }
 
@@ -54,7 +57,7 @@ impl Lane {
         }
         loop {
             self.drain_commands();
-            if self.closing.is_some() {
+            if self.closing.is_some() || self.disconnected {
                 // Puts are refused now; take in those that were mid-push.
                 self.inbox.settle().await;
                 self.drain_commands();
@@ -71,10 +74,11 @@ impl Lane {
             if self.buffer.is_empty() && (self.closing.is_some() || self.disconnected) {
                 break;
             }
-            let timer = self
-                .buffer
-                .front()
-                .map(|e| e.enqueued + self.shared.batch_timeout);
+            let timer = self.buffer.front().map(|e| {
+                self.shared
+                    .clock
+                    .deadline(e.enqueued(), self.shared.batch_timeout)
+            });
             // Register for a wake-up before the last look at the inbox, so a
             // put landing in between is never missed.
             let inbox = self.inbox.clone();
@@ -107,7 +111,7 @@ impl Lane {
     fn accept(&mut self, command: Command) {
         match command {
             Command::Put(entry) => {
-                self.buffer_bytes += entry.size;
+                self.buffer_bytes += entry.size();
                 self.buffer.push_back(entry);
             }
             Command::Flush(waiter) => self.flushes.push((self.buffer.len(), waiter)),
@@ -125,7 +129,7 @@ impl Lane {
             || self.disconnected
             || self.flushes.iter().any(|(ahead, _)| *ahead > 0)
             || self.full()
-            || oldest.enqueued.elapsed() >= self.shared.batch_timeout
+            || self.shared.clock.age(oldest.enqueued()) >= self.shared.batch_timeout
     }
 
     /// Whether a full request is ready. With aggregation many records share
@@ -141,7 +145,9 @@ impl Lane {
     fn cut(&mut self) -> (Vec<Outgoing>, usize) {
         let before = self.buffer.len();
         let request = match &self.shared.aggregation {
-            Some(aggregation) => aggregate::cut(&mut self.buffer, aggregation),
+            Some(aggregation) => {
+                aggregate::cut(&mut self.buffer, aggregation, &mut self.key_hashes)
+            }
             None => cut_plain(&mut self.buffer),
         };
         let taken = before - self.buffer.len();
@@ -177,11 +183,11 @@ fn cut_plain(buffer: &mut VecDeque<Entry>) -> Vec<Outgoing> {
     let mut bytes = 0;
     while let Some(entry) = buffer.front() {
         if request.len() == MAX_REQUEST_RECORDS
-            || (!request.is_empty() && bytes + entry.size > MAX_REQUEST_BYTES)
+            || (!request.is_empty() && bytes + entry.size() > MAX_REQUEST_BYTES)
         {
             break;
         }
-        bytes += entry.size;
+        bytes += entry.size();
         request.push(Outgoing::single(buffer.pop_front().expect("front exists")));
     }
     request

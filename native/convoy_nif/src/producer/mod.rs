@@ -34,11 +34,13 @@ use convoy_core::lanes::lane_of;
 use convoy_core::retry::RetryPolicy;
 
 mod aggregate;
+mod entry;
 mod inbox;
 mod lane;
 mod send;
 
 use aggregate::Aggregation;
+use entry::{Clock, Entry, Packed};
 use inbox::Inbox;
 use lane::Lane;
 
@@ -85,7 +87,19 @@ impl Drop for Producer {
 }
 
 #[rustler::resource_impl]
-impl rustler::Resource for Producer {}
+impl rustler::Resource for Producer {
+    /// The owner is gone. Its Registry entry went with it, but a caller may
+    /// still hold the handle (`Convoy.Queue` keeps the last one it found):
+    /// close the producer so such a put answers `{:error, :closed}` and the
+    /// caller looks again, and let the lanes send what they hold and end,
+    /// as when the resource is dropped.
+    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: rustler::Monitor) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        for inbox in &self.lanes {
+            inbox.drop_producer();
+        }
+    }
+}
 
 struct Shared {
     client: aws_sdk_kinesis::Client,
@@ -104,6 +118,8 @@ struct Shared {
     closed: AtomicBool,
     stats: Stats,
     aggregation: Option<Arc<Aggregation>>,
+    /// Stamps records as they are put.
+    clock: Clock,
     /// Whether each request is reported to `reporter` for telemetry.
     telemetry: bool,
 }
@@ -117,16 +133,6 @@ struct Stats {
     retried: AtomicU64,
     throttled: AtomicU64,
     failed: AtomicU64,
-}
-
-struct Entry {
-    key: String,
-    explicit_hash_key: Option<String>,
-    data: Vec<u8>,
-    /// Bytes charged to the budget and to the request size.
-    size: usize,
-    reply: Option<ReplyTo>,
-    enqueued: Instant,
 }
 
 enum Command {
@@ -189,12 +195,12 @@ impl Producer {
         }
     }
 
-    fn put(
+    fn put<'a>(
         &self,
-        key: Term,
-        data: Term,
-        explicit_hash_key: Term,
-        reply: Term,
+        key: Term<'a>,
+        data: Term<'a>,
+        explicit_hash_key: Term<'a>,
+        reply: Term<'a>,
     ) -> Result<(), Error> {
         // Checked again, race-free, when the record is pushed.
         if self.shared.closed.load(Ordering::Relaxed) {
@@ -210,14 +216,12 @@ impl Producer {
 
         self.charge(size as u64)?;
         let lane = lane_of(key, self.lanes.len());
-        let entry = Entry {
-            key: key.to_owned(),
-            explicit_hash_key,
-            data,
-            size,
-            reply,
-            enqueued: Instant::now(),
-        };
+        let entry = Entry::new(
+            Packed::new(key, &data),
+            explicit_hash_key.map(String::into_boxed_str),
+            reply.map(Box::new),
+            self.shared.clock.now(),
+        );
         if self.lanes[lane]
             .push(Command::Put(entry), &self.shared.closed)
             .is_err()
@@ -286,6 +290,7 @@ fn producer_start(
         aggregation: options
             .aggregation
             .then(|| Arc::new(Aggregation::new(options.aggregation_max_bytes as usize))),
+        clock: Clock::new(),
         telemetry: options.telemetry,
     });
     if let Some(aggregation) = &shared.aggregation {
@@ -307,7 +312,11 @@ fn producer_start(
             inbox
         })
         .collect();
-    ResourceArc::new(Producer { lanes, shared }).encode(env)
+    let producer = ResourceArc::new(Producer { lanes, shared });
+    // Closes it when the owner ends (see `down`); the owner is this live
+    // caller, so the monitor is always set.
+    producer.monitor(Some(env), &owner);
+    producer.encode(env)
 }
 
 /// The hot path: validate, charge the budget, enqueue, return. Binary data

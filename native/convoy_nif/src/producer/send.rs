@@ -7,12 +7,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, PutRecordsResultEntry};
 use convoy_core::aggregation;
 use convoy_core::retry;
 use rustler::{Binary, Encoder, Env, NewBinary, OwnedEnv, Term};
 
-use super::{Entry, Shared};
+use super::entry::{Entry, Packed};
+use super::Shared;
 use crate::atoms;
 use crate::error::{Error, Reason};
 use crate::reply::ReplyTo;
@@ -20,58 +21,85 @@ use crate::telemetry;
 
 /// A user record's share of an outgoing Kinesis record.
 pub(super) struct Member {
-    pub reply: Option<ReplyTo>,
+    pub reply: Option<Box<ReplyTo>>,
     /// Bytes charged to the buffer budget.
     pub size: usize,
+}
+
+/// The user records an outgoing record carries: one, without a `Vec` of
+/// its own, or (aggregated) many.
+pub(super) enum Members {
+    One(Member),
+    Many(Vec<Member>),
+}
+
+impl Members {
+    pub fn as_slice(&self) -> &[Member] {
+        match self {
+            Members::One(member) => std::slice::from_ref(member),
+            Members::Many(members) => members,
+        }
+    }
 }
 
 /// One Kinesis record of a request: a user record, or (with aggregation)
 /// several packed into one.
 pub(super) struct Outgoing {
-    pub key: String,
-    pub explicit_hash_key: Option<String>,
-    pub data: Vec<u8>,
-    pub members: Vec<Member>,
+    /// Partition key and data (for an aggregated record, the first user
+    /// record's key and the aggregate).
+    pub record: Packed,
+    pub explicit_hash_key: Option<Box<str>>,
+    pub members: Members,
+    /// For an aggregated record, the shard its group maps to, when known.
+    pub expected_shard: Option<Box<str>>,
     pub aggregated: bool,
-    /// For an aggregated record, the shard its group maps to.
-    pub expected_shard: Option<String>,
 }
 
 impl Outgoing {
     pub fn single(entry: Entry) -> Self {
         Outgoing {
-            members: vec![Member {
+            members: Members::One(Member {
                 reply: entry.reply,
-                size: entry.size,
-            }],
-            key: entry.key,
+                size: entry.record.len(),
+            }),
+            record: entry.record,
             explicit_hash_key: entry.explicit_hash_key,
-            data: entry.data,
-            aggregated: false,
             expected_shard: None,
+            aggregated: false,
         }
     }
 
     /// Bytes the user records it carries were charged.
     pub fn member_bytes(&self) -> usize {
-        self.members.iter().map(|m| m.size).sum()
+        self.members.as_slice().iter().map(|m| m.size).sum()
     }
 
     fn records(&self) -> u64 {
-        self.members.len() as u64
+        self.members.as_slice().len() as u64
     }
 
     /// The user records it carries, for the failure report.
     fn user_records(&self) -> Vec<(String, Vec<u8>)> {
         if self.aggregated {
-            if let Some(records) = aggregation::deaggregate(&self.data) {
+            if let Some(records) = aggregation::deaggregate(self.record.data()) {
                 return records
                     .into_iter()
                     .map(|r| (r.partition_key, r.data))
                     .collect();
             }
         }
-        vec![(self.key.clone(), self.data.clone())]
+        vec![(self.record.key().to_owned(), self.record.data().to_vec())]
+    }
+
+    /// The SDK's entry: the SDK takes entries by value and a retry needs the
+    /// data again, so each attempt sends a copy.
+    fn request_entry(&self) -> PutRecordsRequestEntry {
+        PutRecordsRequestEntry::builder()
+            .data(Blob::new(self.record.data().to_vec()))
+            .partition_key(self.record.key())
+            .set_explicit_hash_key(self.explicit_hash_key.as_deref().map(str::to_owned))
+            .build()
+            .expect("data and partition key are set")
     }
 }
 
@@ -120,29 +148,10 @@ pub(super) async fn deliver(
 /// One PutRecords call. Leaves in `pending` the entries worth retrying and
 /// returns the error that stopped them.
 async fn attempt(shared: &Shared, pending: &mut Vec<Outgoing>) -> Error {
-    let stats = &shared.stats;
     let started = Instant::now();
-    // For telemetry: user records, Kinesis records and bytes in the request.
-    let size = shared.telemetry.then(|| {
-        let bytes = pending
-            .iter()
-            .map(|o| o.data.len() + o.key.len())
-            .sum::<usize>();
-        (records(pending), pending.len() as u64, bytes as u64)
-    });
-    // The SDK takes the entries by value; a retry needs the data again, so
-    // each attempt sends copies.
-    let request: Vec<PutRecordsRequestEntry> = pending
-        .iter()
-        .map(|o| {
-            PutRecordsRequestEntry::builder()
-                .data(Blob::new(o.data.clone()))
-                .partition_key(&o.key)
-                .set_explicit_hash_key(o.explicit_hash_key.clone())
-                .build()
-                .expect("data and partition key are set")
-        })
-        .collect();
+    let size = shared.telemetry.then(|| request_size(pending));
+    let request: Vec<PutRecordsRequestEntry> =
+        pending.iter().map(Outgoing::request_entry).collect();
     let response = shared
         .client
         .put_records()
@@ -150,86 +159,160 @@ async fn attempt(shared: &Shared, pending: &mut Vec<Outgoing>) -> Error {
         .set_records(Some(request))
         .send()
         .await;
-
-    let output = match response {
-        Ok(output) => output,
+    match response {
+        Ok(output) => {
+            let settled = settle(shared, pending, output.records());
+            if let Some(size) = size {
+                let counts = (settled.acknowledged(), records(pending), settled.failed());
+                report(shared, started, size, counts, None);
+            }
+            settled.finish(shared)
+        }
         Err(sdk_error) => {
             let error = retry::classify(&sdk_error);
-            if let Error::Aws { code, .. } = &error {
-                if retry::is_throttling_code(code) {
-                    stats
-                        .throttled
-                        .fetch_add(records(pending), Ordering::Relaxed);
-                }
-            }
             if let Some(size) = size {
                 report(shared, started, size, (0, 0, 0), Some(&error));
             }
-            if !retry::error_is_retryable(&error) {
-                fail(shared, std::mem::take(pending), &error);
-            }
-            return error;
+            request_failed(shared, pending, error)
         }
-    };
+    }
+}
 
-    let results = output.records();
-    let mut fatal = Vec::new();
-    let mut last_error = Error::aws("InternalFailure", "no result for the record");
-    let mut acknowledged = (0u64, 0u64);
+/// For telemetry: user records, Kinesis records and bytes in the request.
+fn request_size(pending: &[Outgoing]) -> (u64, u64, u64) {
+    let bytes: usize = pending.iter().map(|o| o.record.len()).sum();
+    (records(pending), pending.len() as u64, bytes as u64)
+}
+
+/// The whole request failed: throttling is counted, and a final error
+/// fails every entry (a retryable one leaves them all in `pending`).
+fn request_failed(shared: &Shared, pending: &mut Vec<Outgoing>, error: Error) -> Error {
+    if let Error::Aws { code, .. } = &error {
+        if retry::is_throttling_code(code) {
+            shared
+                .stats
+                .throttled
+                .fetch_add(records(pending), Ordering::Relaxed);
+        }
+    }
+    if !retry::error_is_retryable(&error) {
+        fail(shared, std::mem::take(pending), &error);
+    }
+    error
+}
+
+/// What became of each entry of a request that Kinesis answered.
+#[derive(Default)]
+struct Settled {
+    acknowledged_records: u64,
+    acknowledged_bytes: u64,
+    fatal: Vec<(Outgoing, Error)>,
+    retry_error: Option<Error>,
+}
+
+/// Matches the response's results to the entries, in order: acknowledged
+/// ones are answered, retryable failures go back to `pending`, final ones
+/// fail. No await here: the entries are back in `pending` before the lane
+/// can be suspended again.
+fn settle(
+    shared: &Shared,
+    pending: &mut Vec<Outgoing>,
+    results: &[PutRecordsResultEntry],
+) -> Settled {
+    let mut settled = Settled::default();
     let mut env = OwnedEnv::new();
-    // No await from here on: the entries are back in `pending` before the
-    // lane can be suspended again.
     for (index, outgoing) in std::mem::take(pending).into_iter().enumerate() {
-        let result = results.get(index);
-        let failure = match result {
-            None => Some(("InternalFailure", None)),
-            Some(r) => r.error_code().map(|c| (c, r.error_message())),
-        };
-        match (failure, result) {
-            (None, Some(r)) => {
-                acknowledged.0 += outgoing.records();
-                acknowledged.1 += outgoing.member_bytes() as u64;
-                let shard = r.shard_id().unwrap_or_default();
-                let sequence = r.sequence_number().unwrap_or_default();
-                acknowledge(&mut env, &outgoing, shard, sequence);
-                if let (Some(expected), Some(aggregation)) =
-                    (&outgoing.expected_shard, &shared.aggregation)
-                {
-                    if expected.starts_with("shardId") && expected != shard {
-                        // The shard map is stale: resharding happened.
-                        aggregation.refresh.notify_one();
-                    }
-                }
+        match results.get(index) {
+            Some(result) if result.error_code().is_none() => {
+                acknowledged(shared, &mut env, &mut settled, &outgoing, result);
             }
-            (failure, _) => {
-                let (code, message) = failure.unwrap_or(("InternalFailure", None));
-                if retry::is_throttling_code(code) {
-                    stats
-                        .throttled
-                        .fetch_add(outgoing.records(), Ordering::Relaxed);
-                }
-                let error = Error::aws(code, message.unwrap_or_default());
-                if retry::error_is_retryable(&error) {
-                    pending.push(outgoing);
-                    last_error = error;
-                } else {
-                    fatal.push((outgoing, error));
-                }
+            result => {
+                let code = result
+                    .and_then(|r| r.error_code())
+                    .unwrap_or("InternalFailure");
+                let message = match result {
+                    Some(r) => r.error_message().unwrap_or_default(),
+                    None => "no result for the record",
+                };
+                rejected(shared, pending, &mut settled, outgoing, code, message);
             }
         }
     }
-    if let Some(size) = size {
-        let rejected: u64 = fatal.iter().map(|(o, _)| o.records()).sum();
-        let counts = (acknowledged.0, records(pending), rejected);
-        report(shared, started, size, counts, None);
+    settled
+}
+
+impl Settled {
+    /// User records acknowledged, for telemetry.
+    fn acknowledged(&self) -> u64 {
+        self.acknowledged_records
     }
-    stats.sent.fetch_add(acknowledged.0, Ordering::Relaxed);
-    stats.in_flight.fetch_sub(acknowledged.0, Ordering::Relaxed);
-    shared.release(acknowledged.0, acknowledged.1);
-    for (outgoing, error) in fatal {
-        fail(shared, vec![outgoing], &error);
+
+    /// User records that failed for good, for telemetry.
+    fn failed(&self) -> u64 {
+        self.fatal.iter().map(|(o, _)| o.records()).sum()
     }
-    last_error
+
+    /// Pays back what was acknowledged, fails what failed for good, and
+    /// returns the error to retry the rest with.
+    fn finish(self, shared: &Shared) -> Error {
+        let stats = &shared.stats;
+        let done = self.acknowledged_records;
+        stats.sent.fetch_add(done, Ordering::Relaxed);
+        stats.in_flight.fetch_sub(done, Ordering::Relaxed);
+        shared.release(done, self.acknowledged_bytes);
+        for (outgoing, error) in self.fatal {
+            fail(shared, vec![outgoing], &error);
+        }
+        self.retry_error
+            .unwrap_or_else(|| Error::aws("InternalFailure", "no result for the record"))
+    }
+}
+
+fn acknowledged(
+    shared: &Shared,
+    env: &mut OwnedEnv,
+    settled: &mut Settled,
+    outgoing: &Outgoing,
+    result: &PutRecordsResultEntry,
+) {
+    settled.acknowledged_records += outgoing.records();
+    settled.acknowledged_bytes += outgoing.member_bytes() as u64;
+    let shard = result.shard_id().unwrap_or_default();
+    acknowledge(
+        env,
+        outgoing,
+        shard,
+        result.sequence_number().unwrap_or_default(),
+    );
+    if let (Some(expected), Some(aggregation)) = (&outgoing.expected_shard, &shared.aggregation) {
+        if **expected != *shard {
+            // The shard map is stale: resharding happened.
+            aggregation.refresh.notify_one();
+        }
+    }
+}
+
+fn rejected(
+    shared: &Shared,
+    pending: &mut Vec<Outgoing>,
+    settled: &mut Settled,
+    outgoing: Outgoing,
+    code: &str,
+    message: &str,
+) {
+    if retry::is_throttling_code(code) {
+        shared
+            .stats
+            .throttled
+            .fetch_add(outgoing.records(), Ordering::Relaxed);
+    }
+    let error = Error::aws(code, message);
+    if retry::error_is_retryable(&error) {
+        pending.push(outgoing);
+        settled.retry_error = Some(error);
+    } else {
+        settled.fatal.push((outgoing, error));
+    }
 }
 
 /// Sends one request's report to the reporter, for telemetry.
@@ -256,7 +339,7 @@ fn report(
 /// Tells every awaiting caller of the record's members where it landed.
 /// Members of an aggregated record also learn their sub-sequence number.
 fn acknowledge(env: &mut OwnedEnv, outgoing: &Outgoing, shard: &str, sequence: &str) {
-    for (index, member) in outgoing.members.iter().enumerate() {
+    for (index, member) in outgoing.members.as_slice().iter().enumerate() {
         let Some(reply) = &member.reply else {
             continue;
         };
@@ -320,10 +403,12 @@ pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
             shared.stream_name
         );
     }
-    for reply in batch
-        .iter()
-        .flat_map(|o| o.members.iter().filter_map(|m| m.reply.as_ref()))
-    {
+    for reply in batch.iter().flat_map(|o| {
+        o.members
+            .as_slice()
+            .iter()
+            .filter_map(|m| m.reply.as_deref())
+    }) {
         reply.send_with(&mut env, |env| (atoms::error(), Reason(reason)).encode(env));
     }
 }

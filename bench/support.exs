@@ -1,0 +1,329 @@
+# Helpers shared by bench/run.exs and bench/profile.exs.
+
+defmodule Bench do
+  @root Path.expand("..", __DIR__)
+  @python Path.join(@root, "bench/.venv/bin/python")
+  @raw Path.join(@root, "target/release/kinesis_raw")
+
+  def runs, do: String.to_integer(System.get_env("BENCH_RUNS", "3"))
+  def count, do: String.to_integer(System.get_env("BENCH_RECORDS", "200000"))
+  def null_count, do: String.to_integer(System.get_env("BENCH_NULL_RECORDS", "400000"))
+  def put_calls, do: String.to_integer(System.get_env("BENCH_PUT_CALLS", "400000"))
+  def size, do: 100
+
+  def median(values) do
+    sorted = Enum.sort(values)
+    Enum.at(sorted, div(length(sorted), 2))
+  end
+
+  def repeat(label, fun) do
+    values =
+      for run <- 1..runs() do
+        value = fun.()
+        IO.puts("  #{label} run #{run}: #{inspect(value)}")
+        value
+      end
+
+    median(values)
+  end
+
+  def fmt_int(n), do: n |> Integer.to_string() |> String.replace(~r/\B(?=(\d{3})+$)/, ",")
+
+  def seconds(fun) do
+    started = System.monotonic_time(:microsecond)
+    fun.()
+    (System.monotonic_time(:microsecond) - started) / 1_000_000
+  end
+
+  # Record i's data: "record-", i as 8 bytes, then padding to `size()`
+  # bytes. One binary construction (about 60 ns), as cheap as the peers'
+  # own record building, so the clock measures the clients.
+  @pad :binary.copy("x", 100 - 15)
+  def data(i), do: <<"record-", i::unsigned-big-64, @pad::binary>>
+
+  # CPU time (ns) by thread kind: :schedulers (Elixir code and NIF calls),
+  # :runtime (the NIF's tokio threads: lanes, SDK, HTTP), :other (dirty
+  # schedulers, I/O, aux).
+  def thread_ns do
+    "/proc/self/task"
+    |> File.ls!()
+    |> Enum.reduce(%{schedulers: 0, runtime: 0, other: 0}, fn tid, acc ->
+      dir = "/proc/self/task/#{tid}"
+
+      with {:ok, comm} <- File.read(dir <> "/comm"),
+           {:ok, stat} <- File.read(dir <> "/schedstat") do
+        ns = stat |> String.split() |> hd() |> String.to_integer()
+
+        kind =
+          cond do
+            Regex.match?(~r/^\d+_scheduler$/, String.trim(comm)) -> :schedulers
+            String.starts_with?(comm, "convoy") -> :runtime
+            true -> :other
+          end
+
+        Map.update!(acc, kind, &(&1 + ns))
+      else
+        _ -> acc
+      end
+    end)
+  end
+
+  def scheduler_ns do
+    "/proc/self/task"
+    |> File.ls!()
+    |> Enum.map(fn tid ->
+      dir = "/proc/self/task/#{tid}"
+
+      with {:ok, comm} <- File.read(dir <> "/comm"),
+           true <- Regex.match?(~r/^\d+_scheduler$/, String.trim(comm)),
+           {:ok, stat} <- File.read(dir <> "/schedstat") do
+        stat |> String.split() |> hd() |> String.to_integer()
+      else
+        _ -> 0
+      end
+    end)
+    |> Enum.sum()
+  end
+
+  # CPU seconds (user + system) this OS process has used so far.
+  def cpu_seconds do
+    fields =
+      "/proc/self/stat" |> File.read!() |> String.split(") ") |> List.last() |> String.split()
+
+    # utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    ticks = String.to_integer(Enum.at(fields, 11)) + String.to_integer(Enum.at(fields, 12))
+    ticks / 100
+  end
+
+  # Runs `command args` and answers the CPU seconds it used (bash `times`).
+  def child_cpu!(command, args) do
+    script = ~s("$@" > /dev/null 2>&1; status=$?; times; exit $status)
+
+    {out, status} =
+      System.cmd("bash", ["-c", script, "bench", command | args], stderr_to_stdout: true)
+
+    if status != 0, do: raise("#{command} failed:\n#{out}")
+    # The second line of `times` is the children's: "0m1.234s 0m0.120s".
+    [_shell, children] = out |> String.split("\n", trim: true) |> Enum.take(-2)
+
+    children
+    |> String.split()
+    |> Enum.map(fn t ->
+      [_, m, sec] = Regex.run(~r/(\d+)m([0-9.]+)s/, t)
+      String.to_integer(m) * 60 + String.to_float(sec)
+    end)
+    |> Enum.sum()
+  end
+
+  def stream!(endpoint, prefix, shards \\ 4) do
+    name = "#{prefix}-#{System.unique_integer([:positive])}"
+    :ok = Convoy.Local.create_stream(endpoint, name, shards)
+    name
+  end
+
+  # Peak resident memory of this VM while `fun` runs, sampled every 20 ms.
+  def peak_rss(fun) do
+    me = self()
+    sampler = spawn_link(fn -> sample(me, 0) end)
+    result = fun.()
+    send(sampler, :stop)
+
+    receive do
+      {:peak, kb} -> {result, kb}
+    end
+  end
+
+  defp sample(parent, peak) do
+    peak = max(peak, rss_kb())
+
+    receive do
+      :stop -> send(parent, {:peak, peak})
+    after
+      20 -> sample(parent, peak)
+    end
+  end
+
+  def rss_kb do
+    "/proc/self/status"
+    |> File.read!()
+    |> String.split("\n")
+    |> Enum.find_value(fn
+      "VmRSS:" <> rest -> rest |> String.trim() |> String.split() |> hd() |> String.to_integer()
+      _ -> nil
+    end)
+  end
+
+  def external!(command, args) do
+    {out, status} = System.cmd(command, args, stderr_to_stdout: true)
+    if status != 0, do: raise("#{command} #{Enum.join(args, " ")} failed:\n#{out}")
+    line = out |> String.split("\n", trim: true) |> List.last()
+    [_, seconds] = Regex.run(~r/"seconds":\s*([0-9.]+)/, line)
+    String.to_float(seconds)
+  end
+
+  def raw(args), do: external!(@raw, args)
+
+  def python(script, args),
+    do: external!(@python, [Path.join(@root, "bench/peers/#{script}") | args])
+
+  def queue!(stream, endpoint, opts) do
+    id = {:bench, System.unique_integer([:positive])}
+
+    base = [
+      stream: stream,
+      stream_id: id,
+      kinesis: Convoy.Local.kinesis_options(endpoint),
+      max_buffered_records: 2_000_000,
+      max_buffered_bytes: 1_000_000_000
+    ]
+
+    {:ok, pid} = Convoy.Queue.start_link(Keyword.merge(base, opts))
+    {id, pid}
+  end
+
+  def stop_queue(pid) do
+    Process.unlink(pid)
+    GenServer.stop(pid, :normal, 60_000)
+  end
+
+  # Puts `count` records from `procs` processes; returns when all are accepted.
+  # Keys and payloads are built before the clock starts, so only the calls
+  # are measured.
+  def put_all(id, count, procs) do
+    run_parallel(count, procs, fn key, data -> put!(id, key, data) end)
+  end
+
+  # Puts every `{key, data}` from this process; answers :ok.
+  def put_each(_id, []), do: :ok
+
+  def put_each(id, [{key, data} | rest]) do
+    :ok = Convoy.Queue.put(id, key, data)
+    put_each(id, rest)
+  end
+
+  # Puts `count` records from `procs` processes, each building its records
+  # as it goes, as the peers do (no list of payloads to build and collect
+  # first); answers the seconds until all are accepted.
+  def produce_all(id, count, procs) do
+    per = div(count, procs)
+    keys = List.to_tuple(for k <- 0..63, do: "key-#{k}")
+
+    seconds(fn ->
+      1..procs
+      |> Enum.map(fn p ->
+        Task.async(fn ->
+          first = (p - 1) * per
+          produce(id, keys, first, first + per)
+        end)
+      end)
+      |> Task.await_many(:infinity)
+    end)
+  end
+
+  defp produce(_id, _keys, last, last), do: :ok
+
+  defp produce(id, keys, i, last) do
+    put!(id, elem(keys, rem(i, 64)), data(i))
+    produce(id, keys, i + 1, last)
+  end
+
+  # Runs `put.(key, data)` over `count` records split among `procs`
+  # processes. Each process builds its own keys and payloads and collects
+  # its garbage before the clock starts, so only the calls are measured
+  # (not the building, nor a copy of the payloads between processes).
+  def run_parallel(count, procs, put) do
+    per = div(count, procs)
+    me = self()
+
+    workers =
+      for p <- 1..procs do
+        spawn_link(fn ->
+          records = payloads((p - 1) * per, per)
+          :erlang.garbage_collect()
+          send(me, {:ready, self()})
+
+          receive do
+            :go -> :ok
+          end
+
+          Enum.each(records, fn {key, data} -> put.(key, data) end)
+          send(me, {:done, self()})
+        end)
+      end
+
+    for w <- workers, do: receive(do: ({:ready, ^w} -> :ok))
+    cpu_before = scheduler_ns()
+
+    seconds =
+      seconds(fn ->
+        Enum.each(workers, &send(&1, :go))
+        for w <- workers, do: receive(do: ({:done, ^w} -> :ok))
+      end)
+
+    Process.put(:bench_scheduler_ns, scheduler_ns() - cpu_before)
+    seconds
+  end
+
+  # The CPU time (ns) the VM's scheduler threads used during the last
+  # `run_parallel/3` (its calls only).
+  def last_scheduler_ns, do: Process.get(:bench_scheduler_ns)
+
+  def payloads(first, count),
+    do: for(i <- first..(first + count - 1), do: {"key-#{rem(i, 64)}", data(i)})
+
+  defp put!(id, key, data) do
+    case Convoy.Queue.put(id, key, data) do
+      :ok ->
+        :ok
+
+      {:error, :overloaded} ->
+        Process.sleep(1)
+        put!(id, key, data)
+    end
+  end
+end
+
+defmodule Bench.Null do
+  # The null endpoint: `convoy_local null` acknowledges every record at once
+  # and stores nothing, so what is measured against it is the client alone.
+  # It runs as a port of this VM and exits when the VM does.
+  def start! do
+    bin = Convoy.Local.binary!()
+
+    port =
+      Port.open({:spawn_executable, bin}, [
+        :binary,
+        :exit_status,
+        {:line, 1024},
+        args: ["null", "--port", "0", "--shards", "4"]
+      ])
+
+    receive do
+      {^port, {:data, {:eol, "convoy_local null listening on " <> url}}} -> {port, url}
+      {^port, {:exit_status, status}} -> raise "convoy_local null exited with #{status}"
+    after
+      10_000 -> raise "convoy_local null did not start"
+    end
+  end
+
+  def stop({port, _url}), do: Port.close(port)
+end
+
+defmodule Bench.Baseline do
+  # The original design: one GenServer that callers cast records to, and
+  # that keeps them in a queue until a batch is sent.
+  use GenServer
+  def start_link, do: GenServer.start_link(__MODULE__, :queue.new())
+  def put(pid, key, data), do: GenServer.cast(pid, {:put, key, data})
+
+  def cast_all(pid, count, procs),
+    do: Bench.run_parallel(count, procs, fn key, data -> put(pid, key, data) end)
+
+  def size(pid), do: GenServer.call(pid, :size, :infinity)
+  @impl true
+  def init(queue), do: {:ok, queue}
+  @impl true
+  def handle_cast({:put, key, data}, queue), do: {:noreply, :queue.in({key, data}, queue)}
+  @impl true
+  def handle_call(:size, _from, queue), do: {:reply, :queue.len(queue), queue}
+end

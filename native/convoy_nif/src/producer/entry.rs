@@ -1,0 +1,144 @@
+//! A buffered record, kept small: its partition key and data share one
+//! allocation, the rarely used parts are boxed, and its arrival is a
+//! millisecond count. A record then holds a 48-byte entry besides its key
+//! and data (plus the allocator's rounding), where separate key, data,
+//! reply and `Instant` fields took more than twice that and two
+//! allocations.
+
+use std::time::{Duration, Instant};
+
+use crate::reply::ReplyTo;
+
+/// A partition key and data in one allocation: the key's bytes, then the
+/// data's. The key is valid UTF-8 (checked on `put`).
+pub(super) struct Packed {
+    bytes: Box<[u8]>,
+    key_len: u16,
+    /// 32 bits that would otherwise be padding: an [`Entry`] keeps its
+    /// arrival here, which keeps the entry at 48 bytes.
+    stamp: u32,
+}
+
+impl Packed {
+    pub fn new(key: &str, data: &[u8]) -> Self {
+        let mut bytes = Vec::with_capacity(key.len() + data.len());
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.extend_from_slice(data);
+        Packed::from_vec(bytes, key.len())
+    }
+
+    /// `bytes` starts with a key of `key_len` bytes.
+    pub fn from_vec(bytes: Vec<u8>, key_len: usize) -> Self {
+        debug_assert!(std::str::from_utf8(&bytes[..key_len]).is_ok());
+        Packed {
+            bytes: bytes.into_boxed_slice(),
+            key_len: u16::try_from(key_len).expect("a partition key is at most 1 KiB"),
+            stamp: 0,
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        // Checked as UTF-8 when the record was put; checking again costs
+        // little for a key of at most 256 characters.
+        std::str::from_utf8(&self.bytes[..usize::from(self.key_len)]).unwrap_or_default()
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.bytes[usize::from(self.key_len)..]
+    }
+
+    /// Key plus data: what Kinesis counts against its limits.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// A record waiting in a lane.
+pub(super) struct Entry {
+    pub record: Packed,
+    pub explicit_hash_key: Option<Box<str>>,
+    pub reply: Option<Box<ReplyTo>>,
+}
+
+// What the memory budget of a buffered record rests on.
+const _: () = assert!(std::mem::size_of::<Entry>() == 48);
+
+impl Entry {
+    /// `enqueued`: when it was put, in ms since the producer started (see
+    /// [`Clock`]).
+    pub fn new(
+        mut record: Packed,
+        explicit_hash_key: Option<Box<str>>,
+        reply: Option<Box<ReplyTo>>,
+        enqueued: u32,
+    ) -> Self {
+        record.stamp = enqueued;
+        Entry {
+            record,
+            explicit_hash_key,
+            reply,
+        }
+    }
+
+    /// When it was put, in ms since the producer started.
+    pub fn enqueued(&self) -> u32 {
+        self.record.stamp
+    }
+
+    /// Bytes charged to the budget and to the request size.
+    pub fn size(&self) -> usize {
+        self.record.len()
+    }
+}
+
+/// Milliseconds since the producer started, in 32 bits. Ages are computed
+/// with wrapping arithmetic, so they stay right for records younger than
+/// 49 days.
+pub(super) struct Clock {
+    epoch: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock {
+            epoch: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> u32 {
+        // Truncation is the point: the count wraps.
+        self.epoch.elapsed().as_millis() as u32
+    }
+
+    pub fn age(&self, at: u32) -> Duration {
+        Duration::from_millis(u64::from(self.now().wrapping_sub(at)))
+    }
+
+    /// The instant at which a record put at `at` is `after` old.
+    pub fn deadline(&self, at: u32, after: Duration) -> Instant {
+        Instant::now() + after.saturating_sub(self.age(at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_splits_key_and_data() {
+        let packed = Packed::new("kéy", b"data");
+        assert_eq!(packed.key(), "kéy");
+        assert_eq!(packed.data(), b"data");
+        assert_eq!(packed.len(), "kéy".len() + 4);
+        let empty = Packed::new("k", b"");
+        assert_eq!((empty.key(), empty.data()), ("k", &b""[..]));
+    }
+
+    #[test]
+    fn ages_survive_the_wrap() {
+        let clock = Clock::new();
+        let now = clock.now();
+        assert!(clock.age(now) < Duration::from_secs(1));
+        assert!(clock.age(now.wrapping_sub(5_000)) >= Duration::from_secs(5));
+    }
+}
