@@ -132,6 +132,8 @@ defmodule Convoy.Leases.QueueTest do
     # held, not yet expired), and records read meanwhile wait.
     :ok = Convoy.TestSupport.TcpProxy.block(proxy)
     eventually(fn -> not Enum.any?(shards, &Convoy.Leases.may_dispatch?(stream, &1)) end)
+    # ...while still held: fenced before the lease could expire.
+    assert Convoy.Leases.held(stream) == shards
     :ok = raw_put!(stream, 10, start: 10)
     refute_receive {:record, _}, 2_000
 
