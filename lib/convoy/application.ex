@@ -9,7 +9,8 @@ defmodule Convoy.Application do
 
     children = [
       {Registry, keys: :unique, name: Convoy.Registry},
-      Convoy.Checkpoint.Memory
+      Convoy.Checkpoint.Memory,
+      Convoy.Leases
     ]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: Convoy.Supervisor)

@@ -97,7 +97,9 @@ defmodule Convoy.Consumer do
     :retry_backoff,
     :max_backoff,
     :handlers,
-    :consumer
+    :consumer,
+    :leases,
+    :kinesis
   ]
 
   @doc """
@@ -162,6 +164,8 @@ defmodule Convoy.Consumer do
 
     stream_id = Keyword.fetch!(options, :stream_id)
     {:ok, checkpoint} = checkpoint_module.init([{:stream_id, stream_id} | checkpoint_options])
+    # Not reading yet: the lease coordinator takes nothing until polling starts.
+    if options[:leases], do: Convoy.Leases.set_consuming(stream_id, false)
     stop_orphan_dispatchers(stream_id)
 
     # Handlers given at start are attached after init, so a slow or
@@ -197,6 +201,10 @@ defmodule Convoy.Consumer do
        # Readers run only while polling, so poll_interval is set then.
        reader_options: Map.new(Keyword.take(options, @reader_options)),
        shard_refresh_interval: options[:shard_refresh_interval],
+       # With leases, only the shards this node holds are read.
+       leased: options[:leases] != nil,
+       # shard id => coordinator waiting for that shard to stop
+       handing_over: %{},
        handlers: handlers,
        next_order: next_order,
        store_monitor: watch_handler_store(stream_id),
@@ -307,6 +315,51 @@ defmodule Convoy.Consumer do
     end
   end
 
+  # The lease coordinator took or lost leases: read what is held, stop the rest.
+  def handle_info(:leases_changed, %{polling: true} = state) do
+    lost = for {shard_id, _} <- state.dispatchers, not held?(state, shard_id), do: shard_id
+
+    stopping =
+      Enum.reduce(lost, state.stopping, fn shard_id, acc ->
+        pid = Map.fetch!(state.dispatchers, shard_id)
+        ShardDispatcher.stop_async(pid)
+        Map.put(acc, pid, shard_id)
+      end)
+
+    state = %{state | dispatchers: Map.drop(state.dispatchers, lost), stopping: stopping}
+    state = start_shards(state, readable_shards(state))
+
+    # A shard held but not listed yet (a child of a split): list again.
+    if Enum.any?(Convoy.Leases.held(state.stream_id), &(not Map.has_key?(state.shards, &1))),
+      do: {:noreply, refresh(state)},
+      else: {:noreply, state}
+  end
+
+  def handle_info(:leases_changed, state), do: {:noreply, state}
+
+  # The lease coordinator hands a shard over to another node: stop it (its
+  # batch in flight finished and checkpointed), then tell the coordinator.
+  def handle_info({:stop_shard, shard_id, coordinator}, state) do
+    state = %{state | handing_over: Map.put(state.handing_over, shard_id, coordinator)}
+
+    case state.dispatchers do
+      %{^shard_id => pid} ->
+        ShardDispatcher.stop_async(pid)
+
+        {:noreply,
+         %{
+           state
+           | dispatchers: Map.delete(state.dispatchers, shard_id),
+             stopping: Map.put(state.stopping, pid, shard_id)
+         }}
+
+      _ ->
+        if shard_id in Map.values(state.stopping),
+          do: {:noreply, state},
+          else: {:noreply, handed_over(state, shard_id)}
+    end
+  end
+
   def handle_info(:refresh_shards, state) do
     {:noreply, refresh(%{state | refresh_ref: nil})}
   end
@@ -337,7 +390,7 @@ defmodule Convoy.Consumer do
     cond do
       Map.has_key?(state.stopping, pid) ->
         {shard_id, stopping} = Map.pop(state.stopping, pid)
-        state = %{state | stopping: stopping}
+        state = handed_over(%{state | stopping: stopping}, shard_id)
         {:noreply, if(state.polling, do: start_shards(state, [shard_id]), else: state)}
 
       shard_id = find_dispatcher(state, pid) ->
@@ -462,11 +515,25 @@ defmodule Convoy.Consumer do
 
     cond do
       # Pollers start from the checkpoints: what get/2 held is read again.
-      wanted and not state.polling -> refresh(%{state | polling: true, pull: %{}})
-      not wanted and state.polling -> stop_polling(state)
-      true -> state
+      wanted and not state.polling ->
+        consuming(refresh(%{state | polling: true, pull: %{}}), true)
+
+      not wanted and state.polling ->
+        consuming(stop_polling(state), false)
+
+      true ->
+        state
     end
   end
+
+  # With leases, the coordinator takes leases only while shards are read,
+  # and gives them up when reading stops (no handler left).
+  defp consuming(%{leased: true} = state, consuming?) do
+    Convoy.Leases.set_consuming(state.stream_id, consuming?)
+    state
+  end
+
+  defp consuming(state, _consuming?), do: state
 
   defp stop_polling(state) do
     if state.refresh_ref, do: Process.cancel_timer(state.refresh_ref)
@@ -552,7 +619,7 @@ defmodule Convoy.Consumer do
     state.shards
     |> Map.values()
     |> Enum.filter(fn shard ->
-      not ended?(state, shard.shard_id) and
+      held?(state, shard.shard_id) and not ended?(state, shard.shard_id) and
         Enum.all?([shard.parent_shard_id, shard.adjacent_parent_shard_id], fn parent ->
           is_nil(parent) or not Map.has_key?(state.shards, parent) or ended?(state, parent)
         end)
@@ -560,6 +627,20 @@ defmodule Convoy.Consumer do
     |> Enum.map(& &1.shard_id)
     |> Enum.sort()
   end
+
+  defp handed_over(state, shard_id) do
+    case Map.pop(state.handing_over, shard_id) do
+      {nil, _} ->
+        state
+
+      {coordinator, handing_over} ->
+        send(coordinator, {:shard_stopped, shard_id})
+        %{state | handing_over: handing_over}
+    end
+  end
+
+  defp held?(%{leased: false}, _shard_id), do: true
+  defp held?(state, shard_id), do: Convoy.Leases.held?(state.stream_id, shard_id)
 
   # A stored :shard_end counts only for a shard with children listed: one
   # that resharding closed. Checkpoints outlive queues, and a stream deleted
@@ -591,7 +672,10 @@ defmodule Convoy.Consumer do
     Enum.reduce(shard_ids, state, fn shard_id, state ->
       busy = Map.has_key?(state.dispatchers, shard_id) or shard_id in Map.values(state.stopping)
 
-      position = if busy or ended?(state, shard_id), do: :skip, else: position(state, shard_id)
+      position =
+        if busy or not held?(state, shard_id) or ended?(state, shard_id),
+          do: :skip,
+          else: position(state, shard_id)
 
       if position == :skip do
         state
@@ -609,7 +693,8 @@ defmodule Convoy.Consumer do
                position: position,
                handlers: handler_list(state),
                checkpoint: state.checkpoint,
-               reader_options: state.reader_options
+               reader_options: state.reader_options,
+               leased: state.leased
              }}
           )
 

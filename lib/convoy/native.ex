@@ -66,6 +66,20 @@ defmodule Convoy.Native do
 
   def list_shards_nif(_client, _stream, _reply_to), do: not_loaded()
 
+  # shard leases (KCL lease table in DynamoDB)
+  def lease_client_new(_config, _table, _worker_id, _reply_to), do: not_loaded()
+  def lease_prepare(_client, _reply_to), do: not_loaded()
+  def lease_list(_client, _reply_to), do: not_loaded()
+  def lease_create(_client, _lease, _reply_to), do: not_loaded()
+  def lease_take(_client, _key, _counter, _owner, _reply_to), do: not_loaded()
+  def lease_renew_all(_client, _reply_to), do: not_loaded()
+  def lease_checkpoint(_client, _key, _checkpoint, _sub, _reply_to), do: not_loaded()
+  def lease_release(_client, _key, _reply_to), do: not_loaded()
+  def lease_forget(_client, _key), do: not_loaded()
+  def lease_delete(_client, _key, _reply_to), do: not_loaded()
+  def lease_calls(_client), do: not_loaded()
+  def lease_held(_client), do: not_loaded()
+
   # enhanced fan-out
   def fan_out_consumer(_client, _stream, _name), do: not_loaded()
   def fan_out_deregister(_client, _stream, _name, _reply_to), do: not_loaded()

@@ -76,30 +76,19 @@ defmodule Convoy.Consumer.ShardDispatcher do
   @impl true
   # The reader sends nothing more until it is acked: a batch arrives only
   # when none is in hand.
-  def handle_info({:convoy_records, _shard_id, records, millis_behind}, state) do
-    started = System.monotonic_time()
-
-    case records do
-      [] ->
-        # Nothing to hand out and no sequence number to store.
-        state.reader_module.ack(state.reader)
-        {:noreply, state}
-
-      records ->
-        batch = %{
-          records: records,
-          millis_behind: millis_behind,
-          started: started,
-          # Attachment refs through with this batch (finished it, failed on
-          # it, or detached while holding it), and those that finished it.
-          done: MapSet.new(),
-          finished: MapSet.new(),
-          step: nil
-        }
-
-        {:noreply, advance(%{state | batch: batch})}
+  #
+  # Self-fencing: with leases, a batch waits while the shard's lease is not
+  # known to be renewed (the consumer stops this dispatcher if it is lost).
+  def handle_info({:convoy_records, _, _, _} = message, %{leased: true} = state) do
+    if Convoy.Leases.may_dispatch?(state.stream_id, state.shard_id) do
+      handle_records(message, state)
+    else
+      Process.send_after(self(), message, 100)
+      {:noreply, state}
     end
   end
+
+  def handle_info({:convoy_records, _, _, _} = message, state), do: handle_records(message, state)
 
   def handle_info(:advance, state), do: {:noreply, advance(state)}
 
@@ -256,9 +245,51 @@ defmodule Convoy.Consumer.ShardDispatcher do
   # Stale acks, timeouts and retries of waits that already ended.
   def handle_info(_other, state), do: {:noreply, state}
 
+  defp handle_records({:convoy_records, _shard_id, records, millis_behind}, state) do
+    started = System.monotonic_time()
+
+    case records do
+      [] ->
+        # Nothing to hand out and no sequence number to store.
+        state.reader_module.ack(state.reader)
+        {:noreply, state}
+
+      records ->
+        batch = %{
+          records: records,
+          millis_behind: millis_behind,
+          started: started,
+          # Attachment refs through with this batch (finished it, failed on
+          # it, or detached while holding it), and those that finished it.
+          done: MapSet.new(),
+          finished: MapSet.new(),
+          step: nil
+        }
+
+        {:noreply, advance(%{state | batch: batch})}
+    end
+  end
+
   @impl true
-  def terminate(_reason, state) do
+  def terminate(reason, state) do
+    if reason == :normal or reason == :shutdown or match?({:shutdown, _}, reason) do
+      finish_in_flight(state, length(state.handlers) + 1)
+    end
+
     state.reader_module.stop_reader(state.reader)
+  end
+
+  # A stop that arrives while a batch is in hand (before the message that
+  # would finish it): finish it now and store its checkpoint, so the shard's
+  # next reader (another node, with leases) does not handle it again. Only
+  # function handlers run here; a batch waiting on a process's ack or a
+  # retry is left, and read again from the checkpoint.
+  defp finish_in_flight(%{batch: nil}, _), do: :ok
+  defp finish_in_flight(%{batch: %{step: step}}, _) when step != nil, do: :ok
+  defp finish_in_flight(_state, 0), do: :ok
+
+  defp finish_in_flight(state, budget) do
+    finish_in_flight(advance(state), budget - 1)
   end
 
   # ---------------------------------------------------------------------------

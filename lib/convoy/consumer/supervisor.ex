@@ -28,6 +28,11 @@ defmodule Convoy.Consumer.Supervisor do
     Topology.await_free(Convoy.Consumer, stream_id)
     Topology.await_free(Convoy.Consumer.ShardDispatcher, stream_id)
 
+    options =
+      if options[:leases],
+        do: Keyword.put(options, :checkpoint, {Convoy.Leases.Checkpoint, []}),
+        else: options
+
     children = [
       Supervisor.child_spec(
         {DynamicSupervisor, name: dispatchers(stream_id), strategy: :one_for_one},
@@ -39,6 +44,28 @@ defmodule Convoy.Consumer.Supervisor do
         shutdown: 30_000
       }
     ]
+
+    # With leases, the coordinator starts before the consumer and stops after
+    # it, so the shards' last checkpoints are stored before their leases go.
+    children =
+      if options[:leases] do
+        Topology.await_free(Convoy.Leases.Coordinator, stream_id)
+
+        coordinator =
+          {Convoy.Leases.Coordinator,
+           Keyword.take(options, [
+             :stream_id,
+             :leases,
+             :kinesis,
+             :source,
+             :iterator_type,
+             :shard_refresh_interval
+           ]) ++ [consumer: Convoy.Consumer.name(stream_id)]}
+
+        List.insert_at(children, 1, coordinator)
+      else
+        children
+      end
 
     Supervisor.init(children, strategy: :one_for_one)
   end

@@ -143,6 +143,24 @@ defmodule Convoy.Queue.Options do
         survives both.
         """
       ],
+      leases: [
+        type: {:custom, &leases/1, "`nil`, or a keyword list with `:table`"},
+        default: nil,
+        doc: """
+        Shares the shards with other nodes through a KCL 2.x lease table in
+        DynamoDB; `nil` reads every shard here. See `Convoy.Leases`. Keys: `:table` (required: the table, which
+        the KCL names after the application; created on demand if missing),
+        `:worker_id` (this node's name in the table; by default unique per
+        node and run), `:failover` (ms without renewal after which a lease
+        may be taken; default `10_000`; leases are renewed every third of
+        it), `:take_interval` (ms between lease-taking rounds; default
+        `:failover`), and DynamoDB connection settings (`:endpoint_url`,
+        `:region`, `:access_key_id`, `:secret_access_key`, `:session_token`,
+        `:profile`, `:request_timeout`), each defaulting to the `:kinesis`
+        one. With leases, checkpoints live in the lease table and
+        `:checkpoint` is not used.
+        """
+      ],
       max_in_flight: [
         type: {:integer, 1, 256},
         default: 8,
@@ -563,6 +581,77 @@ defmodule Convoy.Queue.Options do
 
   defp checkpoint_module?(module),
     do: Code.ensure_loaded?(module) and function_exported?(module, :init, 1)
+
+  @lease_connection [
+    :endpoint_url,
+    :region,
+    :access_key_id,
+    :secret_access_key,
+    :session_token,
+    :profile,
+    :request_timeout
+  ]
+
+  @doc false
+  def lease_connection_keys, do: @lease_connection
+
+  defp leases(nil), do: {:ok, nil}
+
+  defp leases(options) when is_list(options) do
+    with true <-
+           Keyword.keyword?(options) ||
+             {:error, "expected a keyword list, got: #{inspect(options)}"},
+         [] <-
+           Keyword.keys(options) --
+             [:table, :worker_id, :failover, :take_interval | @lease_connection],
+         table when is_binary(table) <- options[:table] || {:error, "`:table` is required"},
+         true <-
+           Regex.match?(~r/^[A-Za-z0-9_.-]{3,255}$/, table) ||
+             {:error,
+              "`:table` must be a DynamoDB table name (3..255 of A-Z a-z 0-9 _ . -), got: #{inspect(table)}"},
+         worker_id = options[:worker_id],
+         true <-
+           is_nil(worker_id) or (is_binary(worker_id) and worker_id != "") ||
+             {:error, "`:worker_id` must be a non-empty string, got: #{inspect(worker_id)}"},
+         failover = Keyword.get(options, :failover, 10_000),
+         true <-
+           (is_integer(failover) and failover >= 300) ||
+             {:error,
+              "`:failover` must be an integer of at least 300 (ms), got: #{inspect(failover)}"},
+         take = options[:take_interval],
+         true <-
+           is_nil(take) or (is_integer(take) and take > 0) ||
+             {:error, "`:take_interval` must be a positive integer (ms), got: #{inspect(take)}"},
+         :ok <- lease_connection(Keyword.take(options, @lease_connection)) do
+      {:ok, Keyword.merge(options, table: table, failover: failover)}
+    else
+      {:error, message} -> {:error, message}
+      unknown when is_list(unknown) -> {:error, "unknown keys #{inspect(unknown)}"}
+      _ -> :error
+    end
+  end
+
+  defp leases(_), do: :error
+
+  defp lease_connection(connection) do
+    Enum.reduce_while(connection, :ok, fn
+      {:request_timeout, ms}, :ok when is_integer(ms) and ms > 0 ->
+        {:cont, :ok}
+
+      {key, value}, :ok when key != :request_timeout and is_binary(value) and value != "" ->
+        {:cont, :ok}
+
+      {key, value}, :ok ->
+        shown =
+          if key in [:access_key_id, :secret_access_key, :session_token],
+            do: "",
+            else: ", got: #{inspect(value)}"
+
+        {:halt,
+         {:error,
+          "`#{inspect(key)}` must be #{if key == :request_timeout, do: "a positive integer (ms)", else: "a non-empty string"}#{shown}"}}
+    end)
+  end
 
   defp on_failure(target)
        when is_nil(target) or is_pid(target) or is_atom(target) or is_function(target, 1),

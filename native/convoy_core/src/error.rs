@@ -28,6 +28,14 @@ pub enum Error {
     Aws { code: String, message: String },
     #[error("task panicked: {0}")]
     Panic(String),
+    /// A conditional write on a shard lease failed: another worker took it,
+    /// or it moved on since this worker last wrote it.
+    #[error("the lease is no longer held")]
+    LeaseLost,
+    /// The lease table belongs to KCL 3.x workers (its coordinator-state
+    /// table records a migration), whose leader assigns leases.
+    #[error("lease table migrated to KCL 3.x ({table}: {version})")]
+    Kcl3Table { table: String, version: String },
 }
 
 impl Error {

@@ -18,6 +18,10 @@ rustler::atoms! {
     invalid_argument,
     panic,
     aws,
+    lease_lost,
+    kcl3_table,
+    created,
+    exists,
     // messages
     convoy_put_failed,
     convoy_records,

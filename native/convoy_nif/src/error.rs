@@ -26,6 +26,10 @@ impl Encoder for Reason<'_> {
             Error::InvalidArgument(d) => (atoms::invalid_argument(), d).encode(env),
             Error::Aws { code, message } => (atoms::aws(), code, message).encode(env),
             Error::Panic(d) => (atoms::panic(), d).encode(env),
+            Error::LeaseLost => atoms::lease_lost().encode(env),
+            Error::Kcl3Table { table, version } => {
+                (atoms::kcl3_table(), table, version).encode(env)
+            }
         }
     }
 }

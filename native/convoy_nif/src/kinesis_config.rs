@@ -44,6 +44,30 @@ impl KinesisConfig {
     /// poller apply Convoy's retry policy, so there is one mechanism to reason
     /// about and one set of counters.
     pub async fn build_client(&self) -> aws_sdk_kinesis::Client {
+        let shared = self.load_shared().await;
+        let mut builder = aws_sdk_kinesis::config::Builder::from(&shared)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(self.timeouts());
+        if let Some(endpoint) = &self.endpoint_url {
+            builder = builder.endpoint_url(endpoint);
+        }
+        aws_sdk_kinesis::Client::from_conf(builder.build())
+    }
+
+    /// The same settings for DynamoDB (the lease table), with the same
+    /// policy: no SDK retries, Convoy's coordinator backs off itself.
+    pub async fn build_dynamodb_client(&self) -> aws_sdk_dynamodb::Client {
+        let shared = self.load_shared().await;
+        let mut builder = aws_sdk_dynamodb::config::Builder::from(&shared)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(self.timeouts());
+        if let Some(endpoint) = &self.endpoint_url {
+            builder = builder.endpoint_url(endpoint);
+        }
+        aws_sdk_dynamodb::Client::from_conf(builder.build())
+    }
+
+    async fn load_shared(&self) -> aws_config::SdkConfig {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(region) = &self.region {
             loader = loader.region(Region::new(region.clone()));
@@ -60,20 +84,15 @@ impl KinesisConfig {
                 "convoy-config",
             ));
         }
-        let shared = loader.load().await;
+        loader.load().await
+    }
+
+    fn timeouts(&self) -> TimeoutConfig {
         let timeout = Duration::from_millis(self.request_timeout_ms.max(1));
-        let mut builder = aws_sdk_kinesis::config::Builder::from(&shared)
-            .retry_config(RetryConfig::disabled())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(timeout.min(Duration::from_secs(5)))
-                    .operation_attempt_timeout(timeout)
-                    .operation_timeout(timeout)
-                    .build(),
-            );
-        if let Some(endpoint) = &self.endpoint_url {
-            builder = builder.endpoint_url(endpoint);
-        }
-        aws_sdk_kinesis::Client::from_conf(builder.build())
+        TimeoutConfig::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .operation_attempt_timeout(timeout)
+            .operation_timeout(timeout)
+            .build()
     }
 }

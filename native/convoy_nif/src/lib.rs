@@ -10,6 +10,7 @@ mod diagnostics;
 mod error;
 mod json;
 mod kinesis_config;
+mod leases;
 mod producer;
 mod put_record;
 mod record;

@@ -1,0 +1,342 @@
+defmodule Convoy.Leases.ClusterTest do
+  # Several Convoy nodes, each its own OS process (test/leases/node.exs),
+  # sharing an 8-shard stream through one KCL lease table in moto, while a
+  # writer in this VM puts records at a steady rate. Each node prints every
+  # record its handler sees; the test checks what was lost or doubled.
+  #
+  # Run alone: MIX_ENV=test mix test --only leases_cluster
+  use ExUnit.Case, async: false
+
+  import Convoy.TestSupport
+  alias Convoy.TestSupport.{LeaseNode, Moto, TcpProxy}
+
+  @moduletag :leases_cluster
+  # The embedded run only: the nodes use the same Kinesis whatever the
+  # emulator, so the compatibility runs would only repeat this.
+  @moduletag :embedded_only
+  @moduletag timeout: 600_000
+
+  @failover 5_000
+  @shards 8
+  @figures Path.expand("../../../_build/lease_figures.txt", __DIR__)
+
+  setup_all do
+    %{moto: Moto.endpoint!()}
+  end
+
+  # ---------------------------------------------------------------------------
+
+  test "two nodes share the shards; a third joins; one hands over on stop; one is killed",
+       %{moto: moto} do
+    stream = create_stream!(unique_stream("cluster"), @shards)
+    table = "cluster-#{System.unique_integer([:positive])}"
+    writer = start_writer(stream)
+
+    # Two nodes start together: 4 ± 1 leases each, every record exactly once.
+    a = start_node("node-a", stream, table, Moto.connection(moto))
+    b = start_node("node-b", stream, table, Moto.connection(moto))
+    started = now()
+    eventually(fn -> balanced?([a, b], 3..5) end, 180_000)
+    figure("two nodes balanced after #{now() - started} ms: #{inspect(counts([a, b]))}")
+    await_all([a, b], written(writer))
+    assert duplicates([a, b]) == %{}
+
+    figure(
+      calls_per_minute(a, "two nodes, records flowing (#{50} records/s on #{@shards} shards)")
+    )
+
+    # A third joins: leases move (one steal, then graceful handovers).
+    c = start_node("node-c", stream, table, Moto.connection(moto))
+    joined = now()
+    eventually(fn -> balanced?([a, b, c], 2..3) end, 240_000)
+    figure("third node: balanced after #{now() - joined} ms: #{inspect(counts([a, b, c]))}")
+    await_all([a, b, c], written(writer))
+    after_join = duplicates([a, b, c])
+    assert_moved_only(after_join, [a, b, c])
+    figure("third node: #{map_size(after_join)} records handled twice while leases moved")
+
+    # A graceful stop hands its leases over with no duplicate at all.
+    :ok = LeaseNode.stop(c)
+    stopped = now()
+    eventually(fn -> balanced?([a, b], 3..5) end, 180_000)
+    figure("graceful stop: leases taken over after #{now() - stopped} ms")
+    await_all([a, b, c], written(writer))
+    assert duplicates([a, b, c]) == after_join
+
+    # SIGKILL: the survivor takes every shard once the leases expire; nothing
+    # is lost, records after the last checkpoints are handled again.
+    :ok = LeaseNode.kill(b)
+    killed = now()
+    eventually(fn -> length(LeaseNode.held(a)) == @shards end, 180_000)
+    failover_ms = now() - killed
+    total = stop_writer(writer)
+    await_all([a, b, c], total)
+    refute_extra([a, b, c], total)
+    figure(calls_per_minute(a, "one node, #{@shards} idle shards"))
+    after_kill = duplicates([a, b, c])
+    doubled = map_size(after_kill) - map_size(after_join)
+    moved = length(LeaseNode.records(b) |> Enum.map(& &1.shard_id) |> Enum.uniq())
+
+    figure(
+      "SIGKILL: all #{@shards} shards held by the survivor #{failover_ms} ms after the kill " <>
+        "(failover #{@failover} ms); #{doubled} records handled twice over #{moved} moved shards; " <>
+        "#{total} records, none lost"
+    )
+
+    :ok = LeaseNode.stop(a)
+  end
+
+  test "a shard split while three nodes consume: parents before children, nothing lost",
+       %{moto: moto} do
+    stream = create_stream!(unique_stream("split"), @shards)
+    table = "split-#{System.unique_integer([:positive])}"
+    writer = start_writer(stream)
+
+    nodes =
+      for name <- ~w(split-a split-b split-c),
+          do: start_node(name, stream, table, Moto.connection(moto))
+
+    eventually(fn -> balanced?(nodes, 2..3) end, 240_000)
+    await_all(nodes, written(writer))
+
+    parent = "shardId-000000000000"
+    # The middle of shard 0's hash range (the first eighth of 2^128).
+    middle = div(Integer.pow(2, 128), 16) |> Integer.to_string()
+    assert :ok = Convoy.Local.split_shard(endpoint(), stream, parent, middle)
+
+    children = ["shardId-000000000008", "shardId-000000000009"]
+
+    eventually(
+      fn ->
+        seen = all_records(nodes) |> Enum.map(& &1.shard_id) |> MapSet.new()
+        Enum.all?(children, &MapSet.member?(seen, &1))
+      end,
+      240_000
+    )
+
+    total = stop_writer(writer)
+    await_all(nodes, total)
+    refute_extra(nodes, total)
+
+    records = all_records(nodes)
+
+    last_parent =
+      records |> Enum.filter(&(&1.shard_id == parent)) |> Enum.map(& &1.at) |> Enum.max()
+
+    first_child =
+      records |> Enum.filter(&(&1.shard_id in children)) |> Enum.map(& &1.at) |> Enum.min()
+
+    # All nodes run on this machine: their OS clocks are one clock.
+    assert last_parent < first_child
+
+    # The child leases name their parent as the KCL does (parentShardId, SS).
+    out =
+      Moto.boto3!(
+        """
+        items = ddb.scan(TableName=#{inspect(table)}, ConsistentRead=True)["Items"]
+        for i in items:
+            print(i["leaseKey"]["S"], ",".join(i.get("parentShardId", {}).get("SS", [])), i["checkpoint"]["S"])
+        """,
+        moto
+      )
+
+    for child <- children, do: assert(out =~ "#{child} #{parent} ")
+
+    # Once both children have checkpoints, the finished parent's lease is
+    # deleted (by whichever node's take round sees it first).
+    eventually(
+      fn ->
+        keys =
+          Moto.boto3!(
+            "print([i['leaseKey']['S'] for i in ddb.scan(TableName=#{inspect(table)}, ConsistentRead=True)['Items']])",
+            moto
+          )
+
+        not String.contains?(keys, parent)
+      end,
+      120_000
+    )
+
+    figure(
+      "split: parent #{parent} finished before its children started; #{total} records, none lost"
+    )
+
+    Enum.each(nodes, &LeaseNode.stop/1)
+  end
+
+  test "DynamoDB unreachable for a while: nodes fence themselves, then recover, nothing lost",
+       %{moto: moto} do
+    "http://127.0.0.1:" <> moto_port = moto
+    {:ok, proxy} = TcpProxy.start_link(String.to_integer(moto_port))
+    via_proxy = Moto.connection("http://127.0.0.1:#{TcpProxy.port(proxy)}")
+
+    stream = create_stream!(unique_stream("fence"), @shards)
+    table = "fence-#{System.unique_integer([:positive])}"
+    writer = start_writer(stream)
+    nodes = for name <- ~w(fence-a fence-b), do: start_node(name, stream, table, via_proxy)
+    eventually(fn -> balanced?(nodes, 3..5) end, 180_000)
+    await_all(nodes, written(writer))
+    before = duplicates(nodes)
+
+    :ok = TcpProxy.block(proxy)
+    blocked = now()
+    # Past failover / 2 every node has fenced itself: no record reaches a
+    # handler while DynamoDB stays unreachable.
+    Process.sleep(@failover)
+    handled = length(all_records(nodes))
+    Process.sleep(2 * @failover)
+    assert length(all_records(nodes)) == handled
+    :ok = TcpProxy.unblock(proxy)
+    unblocked = now()
+
+    eventually(fn -> balanced?(nodes, 3..5) end, 180_000)
+    total = stop_writer(writer)
+    await_all(nodes, total)
+    refute_extra(nodes, total)
+    doubled = map_size(duplicates(nodes)) - map_size(before)
+
+    figure(
+      "DynamoDB unreachable #{unblocked - blocked} ms: handlers idle from failover/2 on; " <>
+        "recovered; #{doubled} records handled twice; #{total} records, none lost"
+    )
+
+    Enum.each(nodes, &LeaseNode.stop/1)
+  end
+
+  # ---------------------------------------------------------------------------
+  # Nodes
+
+  defp start_node(name, stream, table, connection) do
+    options = [
+      stream: stream,
+      kinesis: kinesis(),
+      poll_interval: 200,
+      shard_refresh_interval: 5_000,
+      iterator_type: :trim_horizon,
+      leases: [table: table, worker_id: name, failover: @failover] ++ connection
+    ]
+
+    # 5 ms per record: batches are in hand when a stop or a lease move comes.
+    {:ok, node} = LeaseNode.start(name, options, handler_ms: 5)
+
+    on_exit(fn -> if Process.alive?(node) and LeaseNode.alive?(node), do: LeaseNode.kill(node) end)
+
+    node
+  end
+
+  # DynamoDB requests one node makes per minute, per lease it holds, over 20 s.
+  defp calls_per_minute(node, what) do
+    first = LeaseNode.info(node)
+    started = now()
+    Process.sleep(20_000)
+    last = LeaseNode.info(node)
+    minutes = (now() - started) / 60_000
+    per_minute = (last.calls - first.calls) / minutes
+    leases = length(last.held)
+
+    "DynamoDB calls, #{what}: #{round(per_minute)}/min for #{leases} leases " <>
+      "(#{Float.round(per_minute / max(leases, 1), 1)} per lease per minute; failover #{@failover} ms)"
+  end
+
+  defp counts(nodes), do: Map.new(nodes, &{LeaseNode.name(&1), length(LeaseNode.held(&1))})
+
+  # Every open shard held by exactly one of `nodes`, each holding a count in `range`.
+  defp balanced?(nodes, range) do
+    held = Enum.map(nodes, &LeaseNode.held/1)
+    all = List.flatten(held)
+
+    length(all) == @shards and length(Enum.uniq(all)) == @shards and
+      Enum.all?(held, &(length(&1) in range))
+  end
+
+  defp all_records(nodes), do: Enum.flat_map(nodes, &LeaseNode.records/1)
+
+  # data => times handled, for records handled more than once
+  defp duplicates(nodes) do
+    nodes
+    |> all_records()
+    |> Enum.frequencies_by(& &1.data)
+    |> Map.filter(fn {_, n} -> n > 1 end)
+  end
+
+  # A record handled twice was handled by two nodes: the lease moved.
+  defp assert_moved_only(duplicates, nodes) do
+    by_node = Map.new(nodes, &{&1, MapSet.new(LeaseNode.records(&1), fn r -> r.data end)})
+
+    for {data, _} <- duplicates do
+      holders = Enum.count(nodes, &MapSet.member?(by_node[&1], data))
+      assert holders >= 2, "#{data} handled twice by one node"
+    end
+  end
+
+  defp await_all(nodes, count) do
+    expected = MapSet.new(0..(count - 1)//1, &"c-#{&1}")
+
+    eventually(
+      fn ->
+        seen = MapSet.new(all_records(nodes), & &1.data)
+        MapSet.subset?(expected, seen)
+      end,
+      240_000
+    )
+  end
+
+  # Nothing but the records written, after a quiet moment.
+  defp refute_extra(nodes, count) do
+    Process.sleep(2_000)
+    expected = MapSet.new(0..(count - 1)//1, &"c-#{&1}")
+    extra = all_records(nodes) |> MapSet.new(& &1.data) |> MapSet.difference(expected)
+    assert MapSet.size(extra) == 0, "unexpected records: #{inspect(Enum.take(extra, 5))}"
+  end
+
+  # ---------------------------------------------------------------------------
+  # The writer: one record every 20 ms ("c-<i>", 64 partition keys) through a
+  # producer-only queue in this VM.
+
+  defp start_writer(stream) do
+    id = "writer-#{System.unique_integer([:positive])}"
+
+    start_supervised!(
+      {Convoy.Queue, stream: stream, stream_id: id, kinesis: kinesis(), batch_timeout: 50},
+      id: id
+    )
+
+    counter = :counters.new(1, [])
+    pid = spawn_link(fn -> write_loop(id, counter, 0) end)
+    %{id: id, counter: counter, pid: pid}
+  end
+
+  defp write_loop(id, counter, i) do
+    receive do
+      {:stop, from} -> send(from, {:stopped, i})
+    after
+      0 ->
+        :ok = put_until_accepted(id, "k-#{rem(i, 64)}", "c-#{i}")
+        :counters.put(counter, 1, i + 1)
+        Process.sleep(20)
+        write_loop(id, counter, i + 1)
+    end
+  end
+
+  defp written(writer), do: :counters.get(writer.counter, 1)
+
+  defp stop_writer(writer) do
+    send(writer.pid, {:stop, self()})
+
+    count =
+      receive do
+        {:stopped, count} -> count
+      end
+
+    :ok = Convoy.Queue.flush(writer.id, await: 60_000)
+    count
+  end
+
+  defp now, do: System.monotonic_time(:millisecond)
+
+  defp figure(line) do
+    IO.puts("lease figures: " <> line)
+    File.mkdir_p!(Path.dirname(@figures))
+    File.write!(@figures, line <> "\n", [:append])
+  end
+end

@@ -1,0 +1,334 @@
+defmodule Convoy.Leases.QueueTest do
+  # One node (this VM) with `leases:`: checkpoints in the KCL table, which an
+  # independent client (boto3) reads with the KCL's names, types and values.
+  use ExUnit.Case, async: true
+
+  import Convoy.TestSupport
+  alias Convoy.TestSupport.Moto
+
+  @moduletag :leases
+  @moduletag :capture_log
+
+  setup_all do
+    %{moto: Moto.endpoint!()}
+  end
+
+  defp start_queue(stream, table, moto, extra \\ []) do
+    test = self()
+
+    options =
+      Keyword.merge(
+        [
+          stream: stream,
+          kinesis: kinesis(),
+          poll_interval: 100,
+          iterator_type: :trim_horizon,
+          leases: [table: table, worker_id: "node-one", failover: 3_000] ++ Moto.connection(moto),
+          handlers: [{:fwd, fn record, _ -> send(test, {:record, record}) end, nil}]
+        ],
+        extra
+      )
+
+    id = make_ref()
+    start_supervised!({Convoy.Queue, options}, id: id, restart: :temporary)
+    id
+  end
+
+  defp receive_records(count, acc \\ []) do
+    if count == 0 do
+      Enum.reverse(acc)
+    else
+      receive do
+        {:record, record} -> receive_records(count - 1, [record | acc])
+      after
+        60_000 -> flunk("got #{length(acc)} records, #{count} missing")
+      end
+    end
+  end
+
+  defp refute_more_records do
+    refute_receive {:record, _}, 1_500
+  end
+
+  test "checkpoints go to the lease table with KCL names, types and values", %{moto: moto} do
+    stream = create_stream!(unique_stream("leases"), 2)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    :ok = raw_put!(stream, 40)
+
+    queue = start_queue(stream, table, moto)
+    records = receive_records(40)
+    refute_more_records()
+    assert length(Enum.uniq_by(records, & &1.data)) == 40
+
+    assert Convoy.Leases.held(stream) == ["shardId-000000000000", "shardId-000000000001"]
+
+    last =
+      records
+      |> Enum.group_by(& &1.shard_id)
+      |> Map.new(fn {shard, rs} -> {shard, List.last(rs).sequence_number} end)
+
+    # The dispatcher stored the checkpoint right after the batch.
+    eventually(fn ->
+      scan(table, moto) |> Enum.map(&{&1["leaseKey"]["S"], &1["checkpoint"]["S"]}) |> Map.new() ==
+        last
+    end)
+
+    for item <- scan(table, moto) do
+      assert %{"S" => "shardId-" <> _} = item["leaseKey"]
+      assert %{"S" => "node-one"} = item["leaseOwner"]
+      assert %{"N" => counter} = item["leaseCounter"]
+      assert String.to_integer(counter) >= 2
+      assert %{"S" => sequence} = item["checkpoint"]
+      assert sequence =~ ~r/^\d+$/
+      assert %{"N" => "0"} = item["checkpointSubSequenceNumber"]
+      assert %{"N" => "0"} = item["ownerSwitchesSinceCheckpoint"]
+      refute Map.has_key?(item, "parentShardId")
+    end
+
+    # Stopped gracefully: leases given up (no owner), checkpoints kept.
+    stop_supervised!(queue)
+    assert Enum.all?(scan(table, moto), &(not Map.has_key?(&1, "leaseOwner")))
+
+    # A new run (same table) resumes after the checkpoints: only new records.
+    :ok = raw_put!(stream, 10, start: 40)
+    start_queue(stream, table, moto)
+    records = receive_records(10)
+    refute_more_records()
+
+    assert Enum.sort(Enum.map(records, & &1.data)) ==
+             Enum.sort(for i <- 40..49, do: "record-#{i}")
+  end
+
+  test "self-fencing: records wait while renewals fail, then flow again", %{moto: moto} do
+    "http://127.0.0.1:" <> moto_port = moto
+    {:ok, proxy} = Convoy.TestSupport.TcpProxy.start_link(String.to_integer(moto_port))
+    via_proxy = Moto.connection("http://127.0.0.1:#{Convoy.TestSupport.TcpProxy.port(proxy)}")
+    stream = create_stream!(unique_stream("fence"), 2)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    shards = ["shardId-000000000000", "shardId-000000000001"]
+    test = self()
+
+    start_supervised!(
+      {Convoy.Queue,
+       stream: stream,
+       kinesis: kinesis(),
+       poll_interval: 100,
+       iterator_type: :trim_horizon,
+       leases: [table: table, failover: 10_000] ++ via_proxy,
+       handlers: [{:fwd, fn record, _ -> send(test, {:record, record}) end, nil}]}
+    )
+
+    eventually(fn -> Convoy.Leases.held(stream) == shards end)
+    :ok = raw_put!(stream, 10)
+    records = receive_records(10)
+
+    # Every checkpoint stored before DynamoDB goes away.
+    for {shard, rs} <- Enum.group_by(records, & &1.shard_id) do
+      last = List.last(rs).sequence_number
+      eventually(fn -> Convoy.Leases.Checkpoint.fetch(nil, stream, shard) == {:ok, last} end)
+    end
+
+    # DynamoDB unreachable: within failover / 2 the shards are fenced (still
+    # held, not yet expired), and records read meanwhile wait.
+    :ok = Convoy.TestSupport.TcpProxy.block(proxy)
+    eventually(fn -> not Enum.any?(shards, &Convoy.Leases.may_dispatch?(stream, &1)) end)
+    # ...while still held: fenced before the lease could expire.
+    assert Convoy.Leases.held(stream) == shards
+    :ok = raw_put!(stream, 10, start: 10)
+    refute_receive {:record, _}, 2_000
+
+    # Back: the leases are renewed or taken again, and the records flow.
+    :ok = Convoy.TestSupport.TcpProxy.unblock(proxy)
+    records = receive_records(10)
+    refute_more_records()
+
+    assert Enum.sort(Enum.map(records, & &1.data)) ==
+             Enum.sort(for i <- 10..19, do: "record-#{i}")
+  end
+
+  test "DynamoDB unreachable at start: the queue starts, and leases come once it is back",
+       %{moto: moto} do
+    "http://127.0.0.1:" <> moto_port = moto
+    {:ok, proxy} = Convoy.TestSupport.TcpProxy.start_link(String.to_integer(moto_port))
+    :ok = Convoy.TestSupport.TcpProxy.block(proxy)
+    via_proxy = Moto.connection("http://127.0.0.1:#{Convoy.TestSupport.TcpProxy.port(proxy)}")
+    stream = create_stream!(unique_stream("late"), 1)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    test = self()
+    :ok = raw_put!(stream, 5)
+
+    start_supervised!(
+      {Convoy.Queue,
+       stream: stream,
+       kinesis: kinesis(),
+       poll_interval: 100,
+       iterator_type: :trim_horizon,
+       leases: [table: table, failover: 3_000] ++ via_proxy,
+       handlers: [{:fwd, fn record, _ -> send(test, {:record, record}) end, nil}]}
+    )
+
+    refute_receive {:record, _}, 1_000
+    :ok = Convoy.TestSupport.TcpProxy.unblock(proxy)
+    assert length(receive_records(5)) == 5
+    refute_more_records()
+    assert Convoy.Leases.held(stream) == ["shardId-000000000000"]
+  end
+
+  test "leases are taken only while handlers read, and given up when the last one detaches",
+       %{moto: moto} do
+    stream = create_stream!(unique_stream("idle"), 2)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    test = self()
+    :ok = raw_put!(stream, 6)
+
+    start_supervised!(
+      {Convoy.Queue,
+       stream: stream,
+       kinesis: kinesis(),
+       poll_interval: 100,
+       iterator_type: :trim_horizon,
+       leases: [table: table, failover: 1_000] ++ Moto.connection(moto)}
+    )
+
+    # No handler: several take rounds go by, and nothing is taken.
+    Process.sleep(3_000)
+    assert Convoy.Leases.held(stream) == []
+
+    :ok = Convoy.Queue.attach_handler(stream, :fwd, fn r, _ -> send(test, {:record, r}) end, nil)
+    assert length(receive_records(6)) == 6
+    assert Convoy.Leases.held(stream) == ["shardId-000000000000", "shardId-000000000001"]
+
+    # Detached: the leases go back to the table, owner removed.
+    :ok = Convoy.Queue.detach_handler(stream, :fwd)
+    eventually(fn -> Enum.all?(scan(table, moto), &(not Map.has_key?(&1, "leaseOwner"))) end)
+    assert Convoy.Leases.held(stream) == []
+  end
+
+  test ":latest with leases: the start is pinned on the node, the table keeps KCL's LATEST",
+       %{moto: moto} do
+    # (Records put before the start are not used here: the embedded
+    # emulator's AT_TIMESTAMP reads whole seconds, with or without leases.)
+    stream = create_stream!(unique_stream("latest"), 2)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    start_queue(stream, table, moto, iterator_type: :latest)
+    eventually(fn -> length(Convoy.Leases.held(stream)) == 2 end)
+
+    # Pinned to the consumer's start (a {:at_timestamp, ms} kept on this
+    # node); the table still says LATEST.
+    eventually(fn ->
+      Enum.all?(Convoy.Leases.held(stream), fn shard ->
+        match?({:ok, {:at_timestamp, _}}, Convoy.Leases.Checkpoint.fetch(nil, stream, shard))
+      end)
+    end)
+
+    assert Enum.all?(scan(table, moto), &(&1["checkpoint"]["S"] == "LATEST"))
+
+    :ok = raw_put!(stream, 5)
+    records = receive_records(5)
+    refute_more_records()
+    assert Enum.sort(Enum.map(records, & &1.data)) == Enum.sort(for i <- 0..4, do: "record-#{i}")
+  end
+
+  test "a table migrated to KCL 3.x refuses the queue with a clear error", %{moto: moto} do
+    stream = create_stream!(unique_stream("leases"), 1)
+    table = "convoy-#{System.unique_integer([:positive])}"
+
+    Moto.boto3!(
+      """
+      t = #{inspect(table <> "-CoordinatorState")}
+      ddb.create_table(TableName=t, KeySchema=[{"AttributeName": "key", "KeyType": "HASH"}],
+                       AttributeDefinitions=[{"AttributeName": "key", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
+      ddb.put_item(TableName=t, Item={"key": {"S": "Migration3.0"}, "cv": {"S": "CLIENT_VERSION_3X_WITH_ROLLBACK"}})
+      """,
+      moto
+    )
+
+    Process.flag(:trap_exit, true)
+
+    {result, log} =
+      ExUnit.CaptureLog.with_log(fn ->
+        Convoy.Queue.start_link(
+          stream: stream,
+          kinesis: kinesis(),
+          leases: [table: table] ++ Moto.connection(moto)
+        )
+      end)
+
+    assert {:error, reason} = result
+    assert inspect(reason) =~ "kcl3_table"
+    assert log =~ "migrated to KCL 3.x"
+  end
+
+  test "bad lease options are refused at start" do
+    for {leases, message} <- [
+          {[], "`:table` is required"},
+          {[table: "ab"], "DynamoDB table name"},
+          {[table: "orders", failover: 10], "at least 300"},
+          {[table: "orders", worker_id: ""], "non-empty string"},
+          {[table: "orders", endpoint_url: 5], "non-empty string"},
+          {[table: "orders", nope: 1], "unknown keys [:nope]"},
+          {:yes, "expected"}
+        ] do
+      error =
+        assert_raise ArgumentError, fn ->
+          Convoy.Queue.child_spec(stream: "s", leases: leases)
+        end
+
+      assert error.message =~ ":leases"
+      assert error.message =~ message
+    end
+
+    assert %{} = Convoy.Queue.child_spec(stream: "s", leases: [table: "orders", failover: 5_000])
+  end
+
+  defp scan(table, moto) do
+    out =
+      Moto.boto3!(
+        "print(json.dumps(ddb.scan(TableName=#{inspect(table)}, ConsistentRead=True)['Items']))",
+        moto
+      )
+
+    out |> String.split("\n", trim: true) |> List.last() |> decode_json()
+  end
+
+  # The scan printed by Python's json module: objects of strings only.
+  defp decode_json(text) do
+    {value, ""} = json_value(String.trim(text))
+    value
+  end
+
+  defp json_value("[" <> rest), do: json_list(String.trim_leading(rest), [])
+  defp json_value("{" <> rest), do: json_object(String.trim_leading(rest), %{})
+  defp json_value("\"" <> rest), do: json_string(rest, "")
+
+  defp json_list("]" <> rest, acc), do: {Enum.reverse(acc), rest}
+
+  defp json_list(text, acc) do
+    {value, rest} = json_value(text)
+
+    case String.trim_leading(rest) do
+      "," <> rest -> json_list(String.trim_leading(rest), [value | acc])
+      "]" <> rest -> {Enum.reverse([value | acc]), rest}
+    end
+  end
+
+  defp json_object("}" <> rest, acc), do: {acc, rest}
+
+  defp json_object(text, acc) do
+    {key, rest} = json_value(text)
+    ":" <> rest = String.trim_leading(rest)
+    {value, rest} = json_value(String.trim_leading(rest))
+    acc = Map.put(acc, key, value)
+
+    case String.trim_leading(rest) do
+      "," <> rest -> json_object(String.trim_leading(rest), acc)
+      "}" <> rest -> {acc, rest}
+    end
+  end
+
+  defp json_string("\\\"" <> rest, acc), do: json_string(rest, acc <> "\"")
+  defp json_string("\"" <> rest, acc), do: {acc, rest}
+
+  defp json_string(<<c::utf8, rest::binary>>, acc),
+    do: json_string(rest, <<acc::binary, c::utf8>>)
+end

@@ -1,0 +1,60 @@
+# One Convoy node of the multi-node lease tests, run as its own OS process
+# (`elixir -pa _build/test/lib/convoy/ebin test/leases/node.exs CONFIG`) by
+# Convoy.TestSupport.LeaseNode. CONFIG is a Base64 external term:
+# `{queue_options, node_options}` (node option: `handler_ms`, the time the
+# handler takes per record). It reports on stdout, one line each:
+#   READY
+#   REC <os time µs> <shard_id> <sequence_number> <data>   each record handed to the handler
+#   HELD <shard_id,...>                          the shards held, every 200 ms
+#   STOPPED                                      after "stop" on stdin
+# and stops at once (a plain halt) when stdin closes.
+
+[encoded] = System.argv()
+{options, node_options} = encoded |> Base.decode64!() |> :erlang.binary_to_term()
+# A handler that takes a moment per record, so that stops and lease moves
+# happen while batches are in hand.
+handler_ms = Keyword.get(node_options, :handler_ms, 0)
+Logger.configure(level: :warning)
+{:ok, _} = Application.ensure_all_started(:convoy)
+
+stream_id = options[:stream_id] || options[:stream]
+
+printer = fn record, _config ->
+  if handler_ms > 0, do: Process.sleep(handler_ms)
+
+  IO.puts(
+    "REC #{System.os_time(:microsecond)} #{record.shard_id} #{record.sequence_number} #{record.data}"
+  )
+end
+
+Process.flag(:trap_exit, true)
+{:ok, queue} = Convoy.Queue.start_link(options ++ [handlers: [{:printer, printer, nil}]])
+IO.puts("READY")
+
+spawn_link(fn ->
+  report = fn report ->
+    IO.puts("HELD " <> Enum.join(Convoy.Leases.held(stream_id), ","))
+    Process.sleep(200)
+    report.(report)
+  end
+
+  report.(report)
+end)
+
+read = fn read ->
+  case IO.gets("") do
+    "stop\n" ->
+      Supervisor.stop(queue, :normal, 60_000)
+      IO.puts("STOPPED")
+      System.halt(0)
+
+    "info\n" ->
+      IO.puts("INFO " <> inspect(Convoy.Leases.Coordinator.info(stream_id)))
+      read.(read)
+
+    _eof ->
+      System.halt(0)
+  end
+end
+
+read.(read)

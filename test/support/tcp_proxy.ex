@@ -1,0 +1,110 @@
+defmodule Convoy.TestSupport.TcpProxy do
+  @moduledoc false
+  # A TCP proxy on 127.0.0.1 in front of a server, to make it unreachable
+  # for a while without losing its state: `block/1` closes the listener and
+  # every connection (new ones are refused), `unblock/1` listens again on the
+  # same port.
+
+  use GenServer
+
+  def start_link(upstream_port), do: GenServer.start_link(__MODULE__, upstream_port)
+  def port(proxy), do: GenServer.call(proxy, :port)
+  def block(proxy), do: GenServer.call(proxy, :block)
+  def unblock(proxy), do: GenServer.call(proxy, :unblock)
+
+  @impl true
+  def init(upstream) do
+    {:ok, listen} = listen(0)
+    {:ok, port} = :inet.port(listen)
+    state = %{upstream: upstream, port: port, listen: listen, pipes: MapSet.new()}
+    {:ok, accept(state)}
+  end
+
+  defp listen(port),
+    do: :gen_tcp.listen(port, [:binary, ip: {127, 0, 0, 1}, active: false, reuseaddr: true])
+
+  defp accept(%{listen: listen} = state) do
+    proxy = self()
+
+    spawn_link(fn -> accept_loop(proxy, listen, state.upstream) end)
+    state
+  end
+
+  defp accept_loop(proxy, listen, upstream) do
+    case :gen_tcp.accept(listen) do
+      {:ok, client} ->
+        pipe = spawn(fn -> pipe(client, upstream) end)
+        :ok = :gen_tcp.controlling_process(client, pipe)
+        send(pipe, :go)
+        send(proxy, {:pipe, pipe})
+        accept_loop(proxy, listen, upstream)
+
+      {:error, _} ->
+        :ok
+    end
+  end
+
+  defp pipe(client, upstream) do
+    receive do
+      :go -> :ok
+    end
+
+    case :gen_tcp.connect(~c"127.0.0.1", upstream, [:binary, active: true]) do
+      {:ok, server} ->
+        :ok = :inet.setopts(client, active: true)
+        relay(client, server)
+
+      {:error, _} ->
+        :gen_tcp.close(client)
+    end
+  end
+
+  defp relay(client, server) do
+    receive do
+      {:tcp, ^client, data} ->
+        :gen_tcp.send(server, data)
+        relay(client, server)
+
+      {:tcp, ^server, data} ->
+        :gen_tcp.send(client, data)
+        relay(client, server)
+
+      {:tcp_closed, _} ->
+        :gen_tcp.close(client)
+        :gen_tcp.close(server)
+
+      :close ->
+        :gen_tcp.close(client)
+        :gen_tcp.close(server)
+    end
+  end
+
+  @impl true
+  def handle_call(:port, _from, state), do: {:reply, state.port, state}
+
+  def handle_call(:block, _from, %{listen: nil} = state), do: {:reply, :ok, state}
+
+  def handle_call(:block, _from, state) do
+    :gen_tcp.close(state.listen)
+    Enum.each(state.pipes, &send(&1, :close))
+    {:reply, :ok, %{state | listen: nil, pipes: MapSet.new()}}
+  end
+
+  def handle_call(:unblock, _from, %{listen: nil} = state) do
+    {:ok, listen} = listen(state.port)
+    {:reply, :ok, accept(%{state | listen: listen})}
+  end
+
+  def handle_call(:unblock, _from, state), do: {:reply, :ok, state}
+
+  @impl true
+  def handle_info({:pipe, pipe}, %{listen: nil} = state) do
+    send(pipe, :close)
+    {:noreply, state}
+  end
+
+  def handle_info({:pipe, pipe}, state),
+    do: {:noreply, %{state | pipes: MapSet.put(state.pipes, pipe)}}
+
+  def handle_info(_other, state), do: {:noreply, state}
+end
