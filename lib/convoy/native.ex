@@ -46,10 +46,11 @@ defmodule Convoy.Native do
   def producer_close(_producer, _timeout_ms, _reply_to), do: not_loaded()
   def producer_stats(_producer), do: not_loaded()
 
-  # consumer
+  # consumer: shard readers (a poller, or a fan-out subscription) answer to
+  # the same acknowledgement and stop
   def poller_start(_client, _stream_id, _options, _position, _dispatcher), do: not_loaded()
-  def poller_ack(_poller), do: not_loaded()
-  def poller_stop(_poller), do: not_loaded()
+  def reader_ack(_reader), do: not_loaded()
+  def reader_stop(_reader), do: not_loaded()
 
   def fetch_records(
         _client,
@@ -86,9 +87,6 @@ defmodule Convoy.Native do
 
   def subscription_start(_consumer, _stream_id, _options, _position, _dispatcher),
     do: not_loaded()
-
-  def reader_ack(_reader), do: not_loaded()
-  def reader_stop(_reader), do: not_loaded()
 
   # JSON as the producer encodes it
   def encode_json(_term), do: not_loaded()

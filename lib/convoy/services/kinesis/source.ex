@@ -23,23 +23,21 @@ defmodule Convoy.Services.Kinesis.Source do
       telemetry: Convoy.Telemetry.enabled?()
     }
 
-    {:pushed, Native.subscription_start(fan_out, source.stream_id, options, position, dispatcher)}
+    Native.subscription_start(fan_out, source.stream_id, options, position, dispatcher)
   end
 
   def start_reader(source, shard_id, position, dispatcher, options) do
     %{client: client, stream: stream, stream_id: stream_id} = source
     telemetry = Convoy.Telemetry.enabled?()
     options = Map.merge(options, %{stream: stream, shard_id: shard_id, telemetry: telemetry})
-    {:polled, Native.poller_start(client, stream_id, options, position, dispatcher)}
+    Native.poller_start(client, stream_id, options, position, dispatcher)
   end
 
   @impl true
-  def ack({:pushed, reader}), do: Native.reader_ack(reader)
-  def ack({:polled, poller}), do: Native.poller_ack(poller)
+  def ack(reader), do: Native.reader_ack(reader)
 
   @impl true
-  def stop_reader({:pushed, reader}), do: Native.reader_stop(reader)
-  def stop_reader({:polled, poller}), do: Native.poller_stop(poller)
+  def stop_reader(reader), do: Native.reader_stop(reader)
 
   # A cursor is a position, or `{:iterator, iterator}` from an earlier read.
   # Pull reads run in the consumer process: with telemetry on, the NIF

@@ -1,5 +1,6 @@
 //! The poller: one task per shard reads GetRecords and sends each batch to
-//! the shard's dispatcher process, then waits for that batch to be
+//! the shard's dispatcher process (through `link.rs`, as the fan-out reader
+//! does), then waits for that batch to be
 //! acknowledged before it reads again. A slow handler therefore holds back
 //! its shard instead of flooding a mailbox, and the task never holds more
 //! than one batch.
@@ -7,21 +8,17 @@
 //! The task tracks the position after the last batch it delivered, so an
 //! expired iterator or a transient failure resumes exactly there.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::error::SdkError;
 use aws_sdk_kinesis::operation::get_records::{GetRecordsError, GetRecordsOutput};
 use aws_sdk_kinesis::types::Record;
-use rustler::{Encoder, LocalPid, ResourceArc, Term};
-use tokio::sync::{watch, Semaphore};
+use rustler::{LocalPid, ResourceArc, Term};
 
+use super::link::{Flow, Link, Reader};
 use super::{is_foreign_position, shard_iterator, Position};
-use crate::atoms;
 use crate::client::ClientResource;
-use crate::delivery::{self, KeptTerm};
-use crate::error::{Error, Reason};
-use crate::record::{encode_records, encode_unparseable, Origin};
+use crate::error::Error;
 use crate::runtime;
 use crate::telemetry;
 use convoy_core::retry::{self, RetryPolicy};
@@ -42,30 +39,12 @@ pub struct PollerOptions {
     pub telemetry: bool,
 }
 
-/// Held by the shard's dispatcher. Dropping it (the dispatcher died) or
-/// calling `poller_stop` ends the task.
-pub struct Poller {
-    credits: Arc<Semaphore>,
-    stop: watch::Sender<bool>,
-}
-
-#[rustler::resource_impl]
-impl rustler::Resource for Poller {}
-
 struct ShardTask {
     client: aws_sdk_kinesis::Client,
     options: PollerOptions,
     resume: Position,
-    dispatcher: LocalPid,
-    stream_id: KeptTerm,
-    credits: Arc<Semaphore>,
-    stop: watch::Receiver<bool>,
+    link: Link,
     policy: RetryPolicy,
-}
-
-enum Flow {
-    Continue,
-    Stop,
 }
 
 /// What the read loop does after a GetRecords call.
@@ -77,31 +56,21 @@ enum Next {
 
 impl ShardTask {
     fn stopped(&self) -> bool {
-        *self.stop.borrow()
+        self.link.stopped()
     }
 
-    /// Sleeps unless told to stop first; false means stop.
     async fn pause(&mut self, duration: Duration) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(duration) => !self.stopped(),
-            _ = self.stop.changed() => false,
-        }
+        self.link.pause(duration).await
     }
 
     fn report(&self, error: &Error) -> bool {
-        let shard_id = self.options.shard_id.as_str();
-        delivery::send(&self.dispatcher, |env| {
-            (atoms::convoy_poller_error(), shard_id, Reason(error)).encode(env)
-        })
+        self.link.report(error)
     }
 
     /// The task ends on an error retrying cannot cure; the dispatcher decides
     /// what next (it restarts the shard from its checkpoint).
     fn stopped_by(&self, error: &Error) -> bool {
-        let shard_id = self.options.shard_id.as_str();
-        delivery::send(&self.dispatcher, |env| {
-            (atoms::convoy_poller_stopped(), shard_id, Reason(error)).encode(env)
-        })
+        self.link.stopped_by(error)
     }
 
     /// An iterator for the resume position; transient failures are retried
@@ -177,7 +146,12 @@ impl ShardTask {
                 .send()
                 .await;
             if self.options.telemetry {
-                report_call(&self.dispatcher, &self.options.shard_id, called, &response);
+                report_call(
+                    self.link.dispatcher(),
+                    &self.options.shard_id,
+                    called,
+                    &response,
+                );
             }
             let next = match response {
                 Ok(output) => {
@@ -207,10 +181,7 @@ impl ShardTask {
         }
         let Some(next) = output.next_shard_iterator() else {
             // A closed shard read to its end.
-            let shard_id = self.options.shard_id.as_str();
-            delivery::send(&self.dispatcher, |env| {
-                (atoms::convoy_shard_end(), shard_id).encode(env)
-            });
+            self.link.shard_end();
             return Next::Stop;
         };
         if records.is_empty() {
@@ -256,48 +227,13 @@ impl ShardTask {
         }
     }
 
-    /// Sends one batch and waits for its acknowledgement.
+    /// Sends one batch, waits for its acknowledgement, and moves the
+    /// resume position past it.
     async fn deliver(&mut self, records: &[Record], millis_behind: Option<i64>) -> Flow {
-        let shard_id = self.options.shard_id.as_str();
-        let stream_id = &self.stream_id;
-        let mut unparseable = Vec::new();
-        let sent = delivery::send(&self.dispatcher, |env| {
-            let origin = Origin {
-                shard_id: shard_id.encode(env),
-                stream_id: stream_id.load(env),
-            };
-            (
-                atoms::convoy_records(),
-                origin.shard_id,
-                encode_records(env, records, &origin, &mut unparseable),
-                millis_behind.unwrap_or(-1),
-            )
-                .encode(env)
-        });
-        if !sent {
-            return Flow::Stop;
-        }
-        if !unparseable.is_empty() {
-            // Logged and counted by the dispatcher; the batch goes on.
-            delivery::send(&self.dispatcher, |env| {
-                (
-                    atoms::convoy_unparseable(),
-                    shard_id,
-                    encode_unparseable(env, &unparseable),
-                )
-                    .encode(env)
-            });
-        }
+        let flow = self.link.deliver(records, millis_behind).await;
         let last = records.last().expect("not empty").sequence_number();
         self.resume = Position::AfterSequenceNumber(last.to_owned());
-        let credits = self.credits.clone();
-        tokio::select! {
-            permit = credits.acquire() => match permit {
-                Ok(permit) => { permit.forget(); Flow::Continue }
-                Err(_) => Flow::Stop,
-            },
-            _ = self.stop.changed() => Flow::Stop,
-        }
+        flow
     }
 }
 
@@ -326,6 +262,8 @@ pub(super) fn report_call(
     }
 }
 
+/// Starts the poller of one shard; the dispatcher holds the returned
+/// `Reader` (see `link.rs`).
 #[rustler::nif]
 fn poller_start(
     client: ResourceArc<ClientResource>,
@@ -333,9 +271,8 @@ fn poller_start(
     options: PollerOptions,
     position: Position,
     dispatcher: LocalPid,
-) -> ResourceArc<Poller> {
-    let credits = Arc::new(Semaphore::new(0));
-    let (stop, stop_rx) = watch::channel(false);
+) -> ResourceArc<Reader> {
+    let (link, reader) = Link::new(dispatcher, options.shard_id.clone(), stream_id);
     let task = ShardTask {
         client: client.client.clone(),
         policy: RetryPolicy {
@@ -345,25 +282,8 @@ fn poller_start(
         },
         options,
         resume: position,
-        dispatcher,
-        stream_id: KeptTerm::new(stream_id),
-        credits: credits.clone(),
-        stop: stop_rx,
+        link,
     };
     runtime::spawn_guarded("shard poller", Some(dispatcher), task.run());
-    ResourceArc::new(Poller { credits, stop })
-}
-
-/// The dispatcher finished the batch it was sent: the poller may read on.
-#[rustler::nif]
-fn poller_ack(poller: ResourceArc<Poller>) -> rustler::Atom {
-    poller.credits.add_permits(1);
-    atoms::ok()
-}
-
-#[rustler::nif]
-fn poller_stop(poller: ResourceArc<Poller>) -> rustler::Atom {
-    let _ = poller.stop.send(true);
-    poller.credits.close();
-    atoms::ok()
+    reader
 }
