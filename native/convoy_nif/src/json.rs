@@ -93,36 +93,8 @@ impl Serialize for JsonTerm<'_, '_> {
                 term.decode::<f64>()
                     .map_err(|_| S::Error::custom("bad float"))?,
             ),
-            TermType::List => {
-                let items = proper_list(term).map_err(S::Error::custom)?;
-                let mut seq = s.serialize_seq(Some(items.len()))?;
-                for (index, item) in items.into_iter().enumerate() {
-                    seq.serialize_element(&self.child(item))
-                        .inspect_err(|_| self.mark(format!("[{index}]")))?;
-                }
-                seq.end()
-            }
-            TermType::Map => {
-                if let Some(text) = calendar_string(term).map_err(S::Error::custom)? {
-                    return s.serialize_str(&text);
-                }
-                let iter = rustler::types::map::MapIterator::new(term)
-                    .ok_or_else(|| S::Error::custom("bad map"))?;
-                let mut map = s.serialize_map(None)?;
-                for (key, value) in iter {
-                    if key.get_type() == TermType::Atom
-                        && key.atom_to_string().is_ok_and(|k| k == "__struct__")
-                    {
-                        continue;
-                    }
-                    map.serialize_entry(
-                        &key_string(key).map_err(S::Error::custom)?,
-                        &self.child(value),
-                    )
-                    .inspect_err(|_| self.mark(format!("[{}]", describe_key(key))))?;
-                }
-                map.end()
-            }
+            TermType::List => self.serialize_list(s),
+            TermType::Map => self.serialize_map(s),
             TermType::Tuple => Err(S::Error::custom("a tuple has no JSON form")),
             TermType::Pid => Err(S::Error::custom("a pid has no JSON form")),
             TermType::Port => Err(S::Error::custom("a port has no JSON form")),
@@ -130,6 +102,43 @@ impl Serialize for JsonTerm<'_, '_> {
             TermType::Fun => Err(S::Error::custom("a function has no JSON form")),
             TermType::Unknown => Err(S::Error::custom("a term of unknown type has no JSON form")),
         }
+    }
+}
+
+impl JsonTerm<'_, '_> {
+    fn serialize_list<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let items = proper_list(self.term).map_err(S::Error::custom)?;
+        let mut seq = s.serialize_seq(Some(items.len()))?;
+        for (index, item) in items.into_iter().enumerate() {
+            seq.serialize_element(&self.child(item))
+                .inspect_err(|_| self.mark(format!("[{index}]")))?;
+        }
+        seq.end()
+    }
+
+    /// A map, or a calendar struct as its ISO 8601 string; other structs
+    /// lose their `__struct__` key.
+    fn serialize_map<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let term = self.term;
+        if let Some(text) = calendar_string(term).map_err(S::Error::custom)? {
+            return s.serialize_str(&text);
+        }
+        let iter = rustler::types::map::MapIterator::new(term)
+            .ok_or_else(|| S::Error::custom("bad map"))?;
+        let mut map = s.serialize_map(None)?;
+        for (key, value) in iter {
+            if key.get_type() == TermType::Atom
+                && key.atom_to_string().is_ok_and(|k| k == "__struct__")
+            {
+                continue;
+            }
+            map.serialize_entry(
+                &key_string(key).map_err(S::Error::custom)?,
+                &self.child(value),
+            )
+            .inspect_err(|_| self.mark(format!("[{}]", describe_key(key))))?;
+        }
+        map.end()
     }
 }
 
@@ -209,82 +218,125 @@ fn describe_key(term: Term) -> String {
 /// `Some(iso8601)` for a `%DateTime{}`, `%NaiveDateTime{}`, `%Date{}` or
 /// `%Time{}` of the ISO calendar; `None` for any other map.
 fn calendar_string(term: Term) -> Result<Option<String>, String> {
-    let env = term.get_env();
-    let Ok(module) = term.map_get(atoms::struct_().to_term(env)) else {
+    let Some(value) = Calendar::of(term) else {
         return Ok(None);
     };
-    let Ok(module) = module.atom_to_string() else {
-        return Ok(None);
-    };
-    let kind = match module.as_str() {
-        "Elixir.DateTime" => Kind::DateTime,
-        "Elixir.NaiveDateTime" => Kind::NaiveDateTime,
-        "Elixir.Date" => Kind::Date,
-        "Elixir.Time" => Kind::Time,
-        _ => return Ok(None),
-    };
-    let name = module.trim_start_matches("Elixir.");
-    let field = |atom: rustler::Atom| -> Result<Term, String> {
-        term.map_get(atom.to_term(env))
-            .map_err(|_| format!("a %{name}{{}} without all its fields has no JSON form"))
-    };
-    let int = |atom: rustler::Atom| -> Result<i64, String> {
-        field(atom)?
-            .decode::<i64>()
-            .map_err(|_| format!("a %{name}{{}} with a field that is not an integer"))
-    };
-    let calendar = field(atoms::calendar())?
+    let calendar = value
+        .field(atoms::calendar())?
         .atom_to_string()
         .unwrap_or_default();
     if calendar != "Elixir.Calendar.ISO" {
         return Err(format!(
-            "a %{name}{{}} in calendar {} has no JSON form",
+            "a %{}{{}} in calendar {} has no JSON form",
+            value.name,
             calendar.trim_start_matches("Elixir.")
         ));
     }
     let mut out = String::with_capacity(32);
-    if kind != Kind::Time {
+    if value.kind != Kind::Time {
+        value.write_date(&mut out)?;
+        if value.kind == Kind::Date {
+            return Ok(Some(out));
+        }
+        out.push('T');
+    }
+    value.write_time(&mut out)?;
+    if value.kind == Kind::DateTime {
+        value.write_offset(&mut out)?;
+    }
+    Ok(Some(out))
+}
+
+/// A calendar struct being written, its fields read by name.
+struct Calendar<'a> {
+    term: Term<'a>,
+    kind: Kind,
+    /// The struct's name without `Elixir.`, for errors.
+    name: String,
+}
+
+impl<'a> Calendar<'a> {
+    fn of(term: Term<'a>) -> Option<Self> {
+        let module = term
+            .map_get(atoms::struct_().to_term(term.get_env()))
+            .ok()?
+            .atom_to_string()
+            .ok()?;
+        let kind = match module.as_str() {
+            "Elixir.DateTime" => Kind::DateTime,
+            "Elixir.NaiveDateTime" => Kind::NaiveDateTime,
+            "Elixir.Date" => Kind::Date,
+            "Elixir.Time" => Kind::Time,
+            _ => return None,
+        };
+        let name = module.trim_start_matches("Elixir.").to_owned();
+        Some(Calendar { term, kind, name })
+    }
+
+    fn field(&self, atom: rustler::Atom) -> Result<Term<'a>, String> {
+        self.term
+            .map_get(atom.to_term(self.term.get_env()))
+            .map_err(|_| {
+                format!(
+                    "a %{}{{}} without all its fields has no JSON form",
+                    self.name
+                )
+            })
+    }
+
+    fn int(&self, atom: rustler::Atom) -> Result<i64, String> {
+        self.field(atom)?
+            .decode::<i64>()
+            .map_err(|_| format!("a %{}{{}} with a field that is not an integer", self.name))
+    }
+
+    /// `YYYY-MM-DD`, with a sign for years before 0.
+    fn write_date(&self, out: &mut String) -> Result<(), String> {
         let (year, month, day) = (
-            int(atoms::year())?,
-            int(atoms::month())?,
-            int(atoms::day())?,
+            self.int(atoms::year())?,
+            self.int(atoms::month())?,
+            self.int(atoms::day())?,
         );
         if year < 0 {
             out.push('-');
         }
         let _ = write!(out, "{:04}-{month:02}-{day:02}", year.abs());
-        if kind == Kind::Date {
-            return Ok(Some(out));
+        Ok(())
+    }
+
+    /// `HH:MM:SS`, then as many fraction digits as the precision says.
+    fn write_time(&self, out: &mut String) -> Result<(), String> {
+        let (hour, minute, second) = (
+            self.int(atoms::hour())?,
+            self.int(atoms::minute())?,
+            self.int(atoms::second())?,
+        );
+        let _ = write!(out, "{hour:02}:{minute:02}:{second:02}");
+        let (micros, precision) = self
+            .field(atoms::microsecond())?
+            .decode::<(i64, usize)>()
+            .map_err(|_| format!("a %{}{{}} with a bad :microsecond field", self.name))?;
+        if precision > 0 {
+            let digits = format!("{micros:06}");
+            out.push('.');
+            out.push_str(&digits[..precision.min(6)]);
         }
-        out.push('T');
+        Ok(())
     }
-    let (hour, minute, second) = (
-        int(atoms::hour())?,
-        int(atoms::minute())?,
-        int(atoms::second())?,
-    );
-    let _ = write!(out, "{hour:02}:{minute:02}:{second:02}");
-    let (micros, precision) = field(atoms::microsecond())?
-        .decode::<(i64, usize)>()
-        .map_err(|_| format!("a %{name}{{}} with a bad :microsecond field"))?;
-    if precision > 0 {
-        let digits = format!("{micros:06}");
-        out.push('.');
-        out.push_str(&digits[..precision.min(6)]);
-    }
-    if kind == Kind::DateTime {
-        let offset = int(atoms::utc_offset())? + int(atoms::std_offset())?;
-        let zone = field(atoms::time_zone())?;
-        let utc = offset == 0 && binary_str(zone).is_ok_and(|z| z == "Etc/UTC");
-        if utc {
+
+    /// `Z` in UTC, else `+HH:MM` or `-HH:MM`.
+    fn write_offset(&self, out: &mut String) -> Result<(), String> {
+        let offset = self.int(atoms::utc_offset())? + self.int(atoms::std_offset())?;
+        let zone = self.field(atoms::time_zone())?;
+        if offset == 0 && binary_str(zone).is_ok_and(|z| z == "Etc/UTC") {
             out.push('Z');
         } else {
             let sign = if offset < 0 { '-' } else { '+' };
             let total = offset.abs();
             let _ = write!(out, "{sign}{:02}:{:02}", total / 3600, total % 3600 / 60);
         }
+        Ok(())
     }
-    Ok(Some(out))
 }
 
 #[derive(PartialEq, Clone, Copy)]
