@@ -204,9 +204,9 @@ defmodule Bench do
   # Puts `count` records from `procs` processes, each building its records
   # as it goes, as the peers do (no list of payloads to build and collect
   # first); answers the seconds until all are accepted.
-  def produce_all(id, count, procs) do
+  def produce_all(id, count, procs, key_count \\ 64) do
     per = div(count, procs)
-    keys = List.to_tuple(for k <- 0..63, do: "key-#{k}")
+    keys = List.to_tuple(for k <- 1..key_count, do: "key-#{k}")
 
     seconds(fn ->
       1..procs
@@ -223,7 +223,7 @@ defmodule Bench do
   defp produce(_id, _keys, last, last), do: :ok
 
   defp produce(id, keys, i, last) do
-    put!(id, elem(keys, rem(i, 64)), data(i))
+    put!(id, elem(keys, rem(i, tuple_size(keys))), data(i))
     produce(id, keys, i + 1, last)
   end
 

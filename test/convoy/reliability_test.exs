@@ -306,11 +306,13 @@ defmodule Convoy.KilledQueueTest do
             batch_timeout: 600_000,
             max_retries: 1,
             retry_backoff: 10,
+            # One lane and 20 keys: one request, one log line.
+            max_in_flight: 1,
             on_failure: fn failure -> send(me, {:failed, failure}) end
           )
 
         Process.unlink(queue)
-        for i <- 1..20, do: :ok = Convoy.Queue.put(stream, "k", "doomed-#{i}")
+        for i <- 1..20, do: :ok = Convoy.Queue.put(stream, "k#{i}", "doomed-#{i}")
         Process.exit(queue, :kill)
 
         failed =

@@ -169,6 +169,20 @@ defmodule Convoy.Queue.Options do
         always share a request pipeline, so their order holds.
         """
       ],
+      ordering: [
+        type: {:in, [:per_key, :relaxed]},
+        default: :per_key,
+        doc: """
+        How records of one partition key keep their `put` order. `:per_key`
+        stores them in that order even when Kinesis rejects one entry of a
+        request and stores a later one: a request carries each key in one
+        Kinesis record at most (one record, or one aggregated record), and
+        the key's next records wait for the next request. `:relaxed` fills
+        requests in arrival order, which is faster when few keys carry many
+        records, but a retried record may be stored after later records of
+        its key. See "Ordering" in the README.
+        """
+      ],
       max_buffered_records: [
         type: {:integer, 1, :infinity},
         default: 100_000,

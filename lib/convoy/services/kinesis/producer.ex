@@ -23,6 +23,7 @@ defmodule Convoy.Services.Kinesis.Producer do
     :stream,
     :batch_timeout,
     :max_in_flight,
+    :ordering,
     :max_buffered_records,
     :max_buffered_bytes,
     :max_record_bytes,

@@ -8,7 +8,7 @@
 //! expected (after resharding). Until the map is known, records are grouped
 //! by partition key, which is always safe.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use convoy_core::aggregation::{hash_key, Aggregator, ShardMap};
 use tokio::sync::{watch, Notify};
 
 use super::entry::{Entry, Packed};
+use super::order::Scan;
 use super::send::{Member, Members, Outgoing};
 use super::{Shared, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS};
 use crate::shards;
@@ -97,6 +98,8 @@ fn group_of(map: &ShardMap, key: &str, entry: &Entry, hashes: &mut KeyHashes) ->
 
 /// An aggregated record being filled, for one group.
 struct Open {
+    /// Its number among the request's Kinesis records.
+    slot: u32,
     group: Group,
     aggregator: Aggregator,
     members: Vec<Member>,
@@ -104,8 +107,9 @@ struct Open {
 }
 
 impl Open {
-    fn new(group: Group, entry: &Entry) -> Self {
+    fn new(slot: u32, group: Group, entry: &Entry) -> Self {
         Open {
+            slot,
             group,
             aggregator: Aggregator::new(),
             members: Vec::new(),
@@ -172,6 +176,8 @@ struct Cut<'a> {
     done: Vec<Outgoing>,
     done_bytes: usize,
     open: Vec<Open>,
+    /// The number the next Kinesis record of the request gets.
+    next_slot: u32,
 }
 
 impl<'a> Cut<'a> {
@@ -182,6 +188,7 @@ impl<'a> Cut<'a> {
             done: Vec::new(),
             done_bytes: 0,
             open: Vec::new(),
+            next_slot: 0,
         }
     }
 
@@ -222,9 +229,18 @@ impl<'a> Cut<'a> {
         records <= MAX_REQUEST_RECORDS && bytes <= MAX_REQUEST_BYTES
     }
 
+    /// The Kinesis record of the request the entry would be in.
+    fn slot(&self, place: &Place) -> u32 {
+        match *place {
+            Place::Join(i, _) => self.open[i].slot,
+            Place::Start(..) | Place::Alone(_) => self.next_slot,
+        }
+    }
+
     fn take(&mut self, place: Place, group: Group, entry: Entry) {
         let index = match place {
             Place::Alone(_) => {
+                self.next_slot += 1;
                 self.done_bytes += entry.size();
                 self.done.push(Outgoing::single(entry));
                 return;
@@ -238,7 +254,8 @@ impl<'a> Cut<'a> {
                     self.done_bytes += full.request_bytes();
                     self.done.push(full.finish(&self.map));
                 }
-                self.open.push(Open::new(group, &entry));
+                self.open.push(Open::new(self.next_slot, group, &entry));
+                self.next_slot += 1;
                 self.open.len() - 1
             }
         };
@@ -259,22 +276,29 @@ impl<'a> Cut<'a> {
 
 /// Takes records from the front of the buffer into aggregated records until
 /// the request would pass 500 records or 5 MiB. Records of one key go to
-/// one group, and a group's aggregates are emitted in order, so order holds.
+/// one group, and a group's aggregates are emitted in order. In per-key
+/// order a key's records of one request are all in one aggregated record
+/// (or its one record too large to share), so Kinesis stores or rejects
+/// them together; the rest wait for the next request.
 pub(super) fn cut(
-    buffer: &mut VecDeque<Entry>,
+    scan: &mut Scan,
     aggregation: &Aggregation,
     hashes: &mut KeyHashes,
 ) -> Vec<Outgoing> {
     let mut cut = Cut::new(aggregation);
-    while let Some(entry) = buffer.front() {
+    while let Some(entry) = scan.next() {
         let key = entry.record.key();
         let group = group_of(&cut.map, key, entry, hashes);
         let place = cut.place(group, key, entry);
         if !cut.fits(&place) {
             break;
         }
-        let entry = buffer.pop_front().expect("front exists");
-        cut.take(place, group, entry);
+        let slot = cut.slot(&place);
+        if !scan.admits(slot) {
+            scan.set_aside();
+            continue;
+        }
+        cut.take(place, group, scan.take(slot));
     }
     cut.finish()
 }

@@ -1,7 +1,8 @@
 //! A lane: one ordered pipeline of PutRecords requests. It buffers the
 //! records routed to it, cuts a request when one is due, and sends it
-//! (retries included) before cutting the next, so records of one partition
-//! key never overtake each other.
+//! (retries included) before cutting the next; in per-key order a request
+//! holds each partition key in one Kinesis record at most. So records of one
+//! partition key never overtake each other.
 //!
 //! A lane that ends abnormally (a panic in a task is contained by the
 //! runtime, which then drops the lane) closes the producer so no put is
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::inbox::Inbox;
+use super::order::{KeySlots, Scan};
 use super::send::{deliver, fail, Outgoing};
 use super::{aggregate, Command, Entry, Shared, Waiter, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS};
 use crate::error::Error;
@@ -33,6 +35,8 @@ pub(super) struct Lane {
     finished: bool,
     /// With aggregation: the hash keys of the partition keys seen.
     key_hashes: aggregate::KeyHashes,
+    /// Which Kinesis record of the request being cut holds each key.
+    key_slots: KeySlots,
 }
 
 impl Lane {
@@ -48,6 +52,7 @@ impl Lane {
             sending: Vec::new(),
             finished: false,
             key_hashes: aggregate::KeyHashes::default(),
+            key_slots: KeySlots::default(),
         }
     }
 
@@ -67,7 +72,7 @@ impl Lane {
                 let deadline = self.closing.as_ref().map(|(d, _)| *d);
                 self.sending = request;
                 deliver(&self.shared, &mut self.sending, deadline).await;
-                self.completed(taken);
+                self.completed(&taken);
                 continue;
             }
             self.answer_flushes();
@@ -140,25 +145,26 @@ impl Lane {
         by_count || self.buffer_bytes >= MAX_REQUEST_BYTES
     }
 
-    /// Takes a request's worth from the front of the buffer; returns it and
-    /// how many user records it holds.
-    fn cut(&mut self) -> (Vec<Outgoing>, usize) {
-        let before = self.buffer.len();
+    /// Takes a request's worth from the front of the buffer (in per-key
+    /// order, records of a key already in the request wait for the next);
+    /// returns it and the buffer positions of the user records it holds.
+    fn cut(&mut self) -> (Vec<Outgoing>, Vec<u32>) {
+        let mut scan = Scan::new(&mut self.buffer, self.shared.ordering, &mut self.key_slots);
         let request = match &self.shared.aggregation {
-            Some(aggregation) => {
-                aggregate::cut(&mut self.buffer, aggregation, &mut self.key_hashes)
-            }
-            None => cut_plain(&mut self.buffer),
+            Some(aggregation) => aggregate::cut(&mut scan, aggregation, &mut self.key_hashes),
+            None => cut_plain(&mut scan),
         };
-        let taken = before - self.buffer.len();
+        let taken = scan.finish();
         let bytes: usize = request.iter().map(|o| o.member_bytes()).sum();
         self.buffer_bytes -= bytes;
         (request, taken)
     }
 
-    fn completed(&mut self, count: usize) {
+    /// A request has its outcome: each flush waits for fewer records, by
+    /// those of the request that stood before it in the buffer.
+    fn completed(&mut self, taken: &[u32]) {
         for (ahead, _) in &mut self.flushes {
-            *ahead = ahead.saturating_sub(count);
+            *ahead -= taken.partition_point(|&position| (position as usize) < *ahead);
         }
         self.answer_flushes();
     }
@@ -178,17 +184,23 @@ impl Lane {
 }
 
 /// One Kinesis record per user record, up to the PutRecords limits.
-fn cut_plain(buffer: &mut VecDeque<Entry>) -> Vec<Outgoing> {
-    let mut request = Vec::with_capacity(buffer.len().min(MAX_REQUEST_RECORDS));
+fn cut_plain(scan: &mut Scan) -> Vec<Outgoing> {
+    let mut request = Vec::with_capacity(scan.len().min(MAX_REQUEST_RECORDS));
     let mut bytes = 0;
-    while let Some(entry) = buffer.front() {
+    while let Some(entry) = scan.next() {
+        let size = entry.size();
         if request.len() == MAX_REQUEST_RECORDS
-            || (!request.is_empty() && bytes + entry.size() > MAX_REQUEST_BYTES)
+            || (!request.is_empty() && bytes + size > MAX_REQUEST_BYTES)
         {
             break;
         }
-        bytes += entry.size();
-        request.push(Outgoing::single(buffer.pop_front().expect("front exists")));
+        let slot = request.len() as u32;
+        if !scan.admits(slot) {
+            scan.set_aside();
+            continue;
+        }
+        bytes += size;
+        request.push(Outgoing::single(scan.take(slot)));
     }
     request
 }

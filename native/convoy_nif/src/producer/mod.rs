@@ -4,8 +4,10 @@
 //!
 //! A record's lane is chosen by hashing its partition key, and a lane has one
 //! request in flight at a time, retrying failed entries before it sends
-//! anything newer. So records of one key keep their order, even through
-//! retries, while `max_in_flight` lanes run side by side.
+//! anything newer; and (by default) a request carries each key in one
+//! Kinesis record at most (see `order`). So records of one key keep their
+//! order, even when Kinesis rejects some entries of a request and stores
+//! later ones, while `max_in_flight` lanes run side by side.
 //!
 //! Memory is bounded by a budget of records and bytes shared by the lanes and
 //! charged on `put`; it is paid back only when a record's outcome is final, so
@@ -37,12 +39,14 @@ mod aggregate;
 mod entry;
 mod inbox;
 mod lane;
+mod order;
 mod send;
 
 use aggregate::Aggregation;
 use entry::{Clock, Entry, Packed};
 use inbox::Inbox;
 use lane::Lane;
+use order::KeyOrder;
 
 /// PutRecords accepts at most this many records per request...
 pub const MAX_REQUEST_RECORDS: usize = 500;
@@ -56,6 +60,9 @@ pub struct ProducerOptions {
     pub stream: String,
     pub batch_timeout: u64,
     pub max_in_flight: usize,
+    /// Whether records of one partition key keep their order through
+    /// rejections (see `order`).
+    pub ordering: KeyOrder,
     pub max_buffered_records: u64,
     pub max_buffered_bytes: u64,
     pub max_record_bytes: u64,
@@ -105,6 +112,7 @@ struct Shared {
     client: aws_sdk_kinesis::Client,
     stream_name: String,
     batch_timeout: Duration,
+    ordering: KeyOrder,
     max_buffered_records: u64,
     max_buffered_bytes: u64,
     max_record_bytes: usize,
@@ -274,6 +282,7 @@ fn producer_start(
         client: client.client.clone(),
         stream_name: options.stream,
         batch_timeout: Duration::from_millis(options.batch_timeout),
+        ordering: options.ordering,
         max_buffered_records: options.max_buffered_records,
         max_buffered_bytes: options.max_buffered_bytes,
         max_record_bytes: options.max_record_bytes as usize,
