@@ -156,33 +156,12 @@ defmodule Convoy.Consumer do
 
     Process.flag(:trap_exit, true)
 
-    {checkpoint_module, checkpoint_options} =
-      case options[:checkpoint] do
-        {module, checkpoint_options} -> {module, checkpoint_options}
-        module -> {module, []}
-      end
-
     stream_id = Keyword.fetch!(options, :stream_id)
-    {:ok, checkpoint} = checkpoint_module.init([{:stream_id, stream_id} | checkpoint_options])
+    checkpoint = init_checkpoint(stream_id, options[:checkpoint])
     # Not reading yet: the lease coordinator takes nothing until polling starts.
     if options[:leases], do: Convoy.Leases.set_consuming(stream_id, false)
     stop_orphan_dispatchers(stream_id)
-
-    # Handlers given at start are attached after init, so a slow or
-    # unreachable endpoint never holds up the queue's start. A consumer
-    # restarted alone takes over the handlers its predecessor had.
-    {handlers, next_order} =
-      case Convoy.Consumer.Handlers.fetch(stream_id) do
-        nil ->
-          send(self(), {:attach_initial, options[:handlers]})
-          {%{}, 0}
-
-        {handlers, next_order} ->
-          # The monitors were the predecessor's.
-          handlers = Map.new(handlers, fn {id, entry} -> {id, remonitor(entry)} end)
-          send(self(), :resume)
-          {handlers, next_order}
-      end
+    {handlers, next_order} = init_handlers(stream_id, options[:handlers])
 
     # Under :latest the shards' first positions are resolved at once.
     if options[:iterator_type] == :latest, do: send(self(), :pin)
@@ -193,7 +172,7 @@ defmodule Convoy.Consumer do
        # The stream's name, for telemetry metadata.
        stream: Keyword.get(options, :stream, stream_id),
        source: Keyword.fetch!(options, :source),
-       checkpoint: {checkpoint_module, checkpoint},
+       checkpoint: checkpoint,
        iterator_type: options[:iterator_type],
        poll_interval: options[:poll_interval],
        # Pushed readers (enhanced fan-out) need no poll_interval to run.
@@ -228,6 +207,34 @@ defmodule Convoy.Consumer do
        pinned: options[:iterator_type] != :latest,
        pin_failures: 0
      }}
+  end
+
+  defp init_checkpoint(stream_id, checkpoint) do
+    {module, options} =
+      case checkpoint do
+        {module, options} -> {module, options}
+        module -> {module, []}
+      end
+
+    {:ok, store} = module.init([{:stream_id, stream_id} | options])
+    {module, store}
+  end
+
+  # Handlers given at start are attached after init, so a slow or
+  # unreachable endpoint never holds up the queue's start. A consumer
+  # restarted alone takes over the handlers its predecessor had.
+  defp init_handlers(stream_id, initial) do
+    case Convoy.Consumer.Handlers.fetch(stream_id) do
+      nil ->
+        send(self(), {:attach_initial, initial})
+        {%{}, 0}
+
+      {handlers, next_order} ->
+        # The monitors were the predecessor's.
+        handlers = Map.new(handlers, fn {id, entry} -> {id, remonitor(entry)} end)
+        send(self(), :resume)
+        {handlers, next_order}
+    end
   end
 
   @impl true
