@@ -47,8 +47,9 @@ pub(super) struct KeySlots(HashMap<u64, u32, FixedState>);
 const WAITING: u32 = u32::MAX;
 
 /// At most this many records are set aside in one cut, which bounds the work
-/// of a cut when a few keys fill the buffer.
-const MAX_SET_ASIDE: usize = MAX_REQUEST_RECORDS;
+/// of a cut (a few microseconds) when a few keys fill the buffer. Records
+/// further back wait until the keys before them thin out.
+const MAX_SET_ASIDE: usize = 4 * MAX_REQUEST_RECORDS;
 
 pub(super) struct Scan<'a> {
     buffer: &'a mut VecDeque<Entry>,
