@@ -44,7 +44,20 @@ defmodule Convoy.Queue.Reporter do
   end
 
   def handle_info({:convoy_put_records, report}, state) do
-    metadata = %{stream: state.stream, stream_id: state.stream_id}
+    put_records(report, state.stream, state.stream_id)
+    {:noreply, state}
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
+
+  @doc """
+  Emits the `[:convoy, :put_records]` span of one PutRecords request from
+  the native producer's report, and Convoy 0.1's `records_sent` for the
+  records Kinesis confirmed.
+  """
+  @spec put_records(map, term, term) :: :ok
+  def put_records(report, stream, stream_id) do
+    metadata = %{stream: stream, stream_id: stream_id}
     measurements = Map.drop(report, [:duration, :error])
 
     Telemetry.reported(
@@ -55,11 +68,8 @@ defmodule Convoy.Queue.Reporter do
       report.error
     )
 
-    sent(report.acknowledged, state.stream, state.stream_id)
-    {:noreply, state}
+    sent(report.acknowledged, stream, stream_id)
   end
-
-  def handle_info(_other, state), do: {:noreply, state}
 
   @doc """
   Emits Convoy 0.1's `[:convoy, :queue, :records_sent]` for `count` records

@@ -40,8 +40,9 @@ fn nil_or<'a, T: Encoder>(env: Env<'a>, value: Option<T>) -> Term<'a> {
 }
 
 /// `{:convoy_put_records, %{duration: ns, records, entries, bytes,
-/// acknowledged, retried, failed, error: nil | reason}}`.
-pub fn put_records(to: &LocalPid, report: &PutRecordsReport) {
+/// acknowledged, retried, failed, error: nil | reason}}`. Whether `to` was
+/// alive to receive it.
+pub fn put_records(to: &LocalPid, report: &PutRecordsReport) -> bool {
     delivery::send(to, |env| {
         let map = map_new(env)
             .map_put(atoms::duration(), report.duration.as_nanos() as u64)
@@ -54,7 +55,7 @@ pub fn put_records(to: &LocalPid, report: &PutRecordsReport) {
             .and_then(|m| m.map_put(atoms::error(), nil_or(env, report.error.map(Reason))))
             .expect("map");
         (atoms::convoy_put_records(), map).encode(env)
-    });
+    })
 }
 
 /// `{:convoy_get_records, shard_id, %{duration: ns, count, millis_behind_latest,

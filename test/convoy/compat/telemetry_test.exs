@@ -117,6 +117,31 @@ defmodule Convoy.Compat.TelemetryTest do
              |> Enum.filter(&(elem(&1, 0) == [:convoy, :queue, :detach]))
   end
 
+  test "a reporter restarted alone gets the producer's reports, and puts go on" do
+    stream = create_stream!(unique_stream("reporter-restart"), 1)
+    start_supervised!({Convoy.Queue, stream: stream, kinesis: kinesis(), batch_timeout: 0})
+    [{owner, _}] = Registry.lookup(Convoy.Registry, {:handle, stream})
+
+    old = Convoy.Queue.Reporter.whereis(stream)
+    ref = Process.monitor(old)
+    Process.exit(old, :kill)
+    assert_receive {:DOWN, ^ref, :process, ^old, :killed}
+
+    new =
+      eventually(fn ->
+        pid = Convoy.Queue.Reporter.whereis(stream)
+        pid != old && :sys.get_state(owner).reporter == pid && pid
+      end)
+
+    :erlang.trace(new, true, [:receive, {:tracer, self()}])
+    assert {:ok, _} = Convoy.Queue.put(stream, "k", "after", await: 10_000)
+    assert_receive {:trace, ^new, :receive, {:convoy_put_records, %{acknowledged: 1}}}, 5_000
+
+    assert [{[:convoy, :put_records, :stop], %{acknowledged: 1}, _}] =
+             events_of(stream, &match?([{[:convoy, :put_records, :stop], _, _} | _], &1))
+             |> Enum.filter(&(elem(&1, 0) == [:convoy, :put_records, :stop]))
+  end
+
   test "each GetRecords call of a pull read is a span" do
     stream = create_stream!(unique_stream("telemetry-get"), 2)
 

@@ -55,6 +55,8 @@ defmodule Convoy.Services.Kinesis.Producer do
     stream_id = options[:stream_id]
     Convoy.Queue.Topology.await_free(:handle, stream_id)
     reporter = Reporter.whereis(stream_id) || exit(:no_reporter)
+    # The reporter may restart alone; the producer is then told its successor.
+    Process.monitor(reporter)
 
     native_options =
       options
@@ -67,7 +69,7 @@ defmodule Convoy.Services.Kinesis.Producer do
     handle = %{producer: producer, consumer: Convoy.Consumer.name(stream_id)}
     :ok = Convoy.Queue.register(stream_id, Convoy.Services.Kinesis, handle)
 
-    {:ok, %{stream_id: stream_id, producer: producer, options: options}}
+    {:ok, %{stream_id: stream_id, producer: producer, options: options, reporter: reporter}}
   end
 
   @impl true
@@ -82,6 +84,18 @@ defmodule Convoy.Services.Kinesis.Producer do
     report(failures, state)
     {:noreply, state}
   end
+
+  # Reports that came here while the reporter was down.
+  def handle_info({:convoy_put_records, report}, state) do
+    Reporter.put_records(report, state.options[:stream], state.stream_id)
+    {:noreply, state}
+  end
+
+  def handle_info({:DOWN, _, :process, pid, _}, %{reporter: pid} = state) do
+    {:noreply, find_reporter(state)}
+  end
+
+  def handle_info(:find_reporter, state), do: {:noreply, find_reporter(state)}
 
   def handle_info(_other, state), do: {:noreply, state}
 
@@ -122,6 +136,21 @@ defmodule Convoy.Services.Kinesis.Producer do
         drain_failures(state)
     after
       0 -> :ok
+    end
+  end
+
+  # The reporter's supervisor starts its successor: until it is registered,
+  # reports come here (the producer falls back to its owner).
+  defp find_reporter(state) do
+    case Reporter.whereis(state.stream_id) do
+      pid when is_pid(pid) and pid != state.reporter ->
+        Process.monitor(pid)
+        :ok = Native.producer_set_reporter(state.producer, pid)
+        %{state | reporter: pid}
+
+      _ ->
+        Process.send_after(self(), :find_reporter, 10)
+        state
     end
   end
 

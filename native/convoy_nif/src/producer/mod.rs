@@ -118,8 +118,10 @@ struct Shared {
     max_record_bytes: usize,
     policy: RetryPolicy,
     /// Receives `{:convoy_put_failed, [{key, data, reason}]}` for records
-    /// that finally failed: the queue's reporter...
-    reporter: LocalPid,
+    /// that finally failed, and the requests' telemetry: the queue's
+    /// reporter (its successor once it restarted, see
+    /// `producer_set_reporter`)...
+    reporter: Mutex<LocalPid>,
     /// ...or, while that process is down, the owner (the process that
     /// started the producer).
     owner: LocalPid,
@@ -179,6 +181,11 @@ impl Waiter {
 }
 
 impl Shared {
+    /// The queue's reporter, as last set.
+    fn reporter(&self) -> LocalPid {
+        *self.reporter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Pays back the budget of records whose outcome is final.
     fn release(&self, records: u64, bytes: u64) {
         self.stats.buffered.fetch_sub(records, Ordering::Relaxed);
@@ -292,7 +299,7 @@ fn producer_start(
             max_backoff: Duration::from_millis(options.max_backoff),
             deadline: Duration::from_millis(options.retry_deadline),
         },
-        reporter,
+        reporter: Mutex::new(reporter),
         owner,
         closed: AtomicBool::new(false),
         stats: Stats::default(),
@@ -393,6 +400,18 @@ fn producer_close(
 ) -> rustler::Atom {
     let waiter = Waiter::new(producer.lanes.len(), reply);
     producer.close(Duration::from_millis(timeout_ms), Some(waiter));
+    atoms::ok()
+}
+
+/// The queue's reporter restarted: reports go to the new one. (Until then
+/// they went to the owner, as whenever the reporter is down.)
+#[rustler::nif]
+fn producer_set_reporter(producer: ResourceArc<Producer>, reporter: LocalPid) -> rustler::Atom {
+    *producer
+        .shared
+        .reporter
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = reporter;
     atoms::ok()
 }
 

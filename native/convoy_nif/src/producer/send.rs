@@ -333,7 +333,10 @@ fn report(
         failed,
         error,
     };
-    telemetry::put_records(&shared.reporter, &report);
+    // Like failures: to the reporter, else (while it restarts) the owner.
+    let _ = [shared.reporter(), shared.owner]
+        .iter()
+        .any(|pid| telemetry::put_records(pid, &report));
 }
 
 /// Tells every awaiting caller of the record's members where it landed.
@@ -390,7 +393,7 @@ pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
     // has it too, so the log and `on_failure` never lag behind the caller.
     let mut env = OwnedEnv::new();
     let failed: Vec<(String, Vec<u8>)> = batch.iter().flat_map(Outgoing::user_records).collect();
-    let reported = [shared.reporter, shared.owner].iter().any(|pid| {
+    let reported = [shared.reporter(), shared.owner].iter().any(|pid| {
         env.send_and_clear(pid, |env| failure_report(env, &failed, reason))
             .is_ok()
     });
