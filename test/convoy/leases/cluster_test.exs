@@ -203,18 +203,73 @@ defmodule Convoy.Leases.ClusterTest do
     Enum.each(nodes, &LeaseNode.stop/1)
   end
 
+  @tag :fan_out
+  test "enhanced fan-out with leases: two nodes share one consumer name; stop and SIGKILL hand over",
+       %{moto: moto} do
+    stream = create_stream!(unique_stream("fan-lease"), @shards)
+    table = "fan-lease-#{System.unique_integer([:positive])}"
+    writer = start_writer(stream)
+    # Every node reads through the same registered consumer: with leases a
+    # shard has one reader, so one subscription per shard and consumer. No
+    # poll_interval: only the subscriptions can hand records over.
+    fan_out = [consumer: {:fan_out, "convoy-cluster"}, poll_interval: nil]
+
+    a = start_node("fan-a", stream, table, Moto.connection(moto), fan_out)
+    b = start_node("fan-b", stream, table, Moto.connection(moto), fan_out)
+    eventually(fn -> balanced?([a, b], 3..5) end, 180_000)
+    await_all([a, b], written(writer))
+    assert duplicates([a, b]) == %{}
+    assert Enum.all?([a, b], &(LeaseNode.records(&1) != []))
+
+    # A graceful stop: the other node subscribes to the shards it gave up,
+    # from their checkpoints, and nothing is handled twice.
+    :ok = LeaseNode.stop(b)
+    stopped = now()
+    eventually(fn -> length(LeaseNode.held(a)) == @shards end, 180_000)
+    handoff_ms = now() - stopped
+    await_all([a, b], written(writer))
+    assert duplicates([a, b]) == %{}
+
+    # A third node joins, then is killed: its shards come back to `a`, which
+    # handles again at most what followed their last checkpoints.
+    c = start_node("fan-c", stream, table, Moto.connection(moto), fan_out)
+    eventually(fn -> balanced?([a, c], 3..5) end, 240_000)
+    await_all([a, b, c], written(writer))
+    :ok = LeaseNode.kill(c)
+    killed = now()
+    eventually(fn -> length(LeaseNode.held(a)) == @shards end, 180_000)
+    failover_ms = now() - killed
+    total = stop_writer(writer)
+    await_all([a, b, c], total)
+    refute_extra([a, b, c], total)
+    doubled = duplicates([a, b, c])
+    assert_moved_only(doubled, [a, b, c])
+
+    figure(
+      "fan-out with leases: graceful stop, all shards held by the other node after " <>
+        "#{handoff_ms} ms, no duplicate; SIGKILL, all held after #{failover_ms} ms, " <>
+        "#{map_size(doubled)} records handled twice; #{total} records, none lost"
+    )
+
+    :ok = LeaseNode.stop(a)
+  end
+
   # ---------------------------------------------------------------------------
   # Nodes
 
-  defp start_node(name, stream, table, connection) do
-    options = [
-      stream: stream,
-      kinesis: kinesis(),
-      poll_interval: 200,
-      shard_refresh_interval: 5_000,
-      iterator_type: :trim_horizon,
-      leases: [table: table, worker_id: name, failover: @failover] ++ connection
-    ]
+  defp start_node(name, stream, table, connection, extra \\ []) do
+    options =
+      Keyword.merge(
+        [
+          stream: stream,
+          kinesis: kinesis(),
+          poll_interval: 200,
+          shard_refresh_interval: 5_000,
+          iterator_type: :trim_horizon,
+          leases: [table: table, worker_id: name, failover: @failover] ++ connection
+        ],
+        extra
+      )
 
     # 5 ms per record: batches are in hand when a stop or a lease move comes.
     {:ok, node} = LeaseNode.start(name, options, handler_ms: 5)
