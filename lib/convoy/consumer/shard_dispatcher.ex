@@ -206,10 +206,14 @@ defmodule Convoy.Consumer.ShardDispatcher do
     {:noreply, advance(state)}
   end
 
-  def handle_info({:convoy_shard_end, _shard_id}, state) do
+  def handle_info({:convoy_shard_end, shard_id}, state),
+    do: handle_info({:convoy_shard_end, shard_id, []}, state)
+
+  # `children`: the shards that continue this one, when the reader was told.
+  def handle_info({:convoy_shard_end, _shard_id, children}, state) do
     {module, checkpoint} = state.checkpoint
     :ok = module.store(checkpoint, state.stream_id, state.shard_id, :shard_end)
-    send(state.consumer, {:shard_ended, state.shard_id})
+    send(state.consumer, {:shard_ended, state.shard_id, children})
     {:stop, :normal, state}
   end
 
