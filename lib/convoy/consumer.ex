@@ -763,6 +763,7 @@ defmodule Convoy.Consumer do
                position: position,
                handlers: handler_list(state),
                checkpoint: state.checkpoint,
+               done_through: done_through(state, shard_id),
                reader_options: state.reader_options,
                leased: state.leased
              }}
@@ -790,8 +791,8 @@ defmodule Convoy.Consumer do
   # `limit` records are in hand, every shard is caught up or ended, or
   # @pull_rounds rounds are done. A shard read to its end is checkpointed
   # `:shard_end` and its children become readable in the same call. The
-  # checkpoint of a shard is the last Kinesis record whose user records
-  # were all returned.
+  # checkpoint of a shard is the last record returned, with its
+  # sub-sequence number when it came out of an aggregated record.
 
   @pull_rounds 10
   @read_spacing_ms 200
@@ -845,7 +846,15 @@ defmodule Convoy.Consumer do
     entry =
       Map.get_lazy(state.pull, shard_id, fn ->
         position = position(state, shard_id)
-        %{cursor: position, resume: position, buffer: [], ended: false, last_read: nil}
+
+        %{
+          cursor: position,
+          resume: position,
+          buffer: [],
+          ended: false,
+          last_read: nil,
+          done: done_through(state, shard_id)
+        }
       end)
 
     if entry.buffer != [] or entry.ended do
@@ -856,6 +865,7 @@ defmodule Convoy.Consumer do
 
       case read_shard(state, shard_id, entry, n) do
         {:ok, records, next, millis_behind, entry} ->
+          {records, entry} = drop_done(records, entry)
           {taken, rest} = Enum.split(records, n)
 
           entry = %{
@@ -879,6 +889,20 @@ defmodule Convoy.Consumer do
       end
     end
   end
+
+  # As the dispatcher does: the user records of the checkpoint's
+  # aggregated record up to its sub-sequence number were returned already.
+  defp drop_done(records, %{done: {sequence, sub}} = entry) when records != [] do
+    kept =
+      Enum.reject(
+        records,
+        &(&1.sequence_number == sequence and (&1.sub_sequence_number || 0) <= sub)
+      )
+
+    {kept, %{entry | done: nil}}
+  end
+
+  defp drop_done(records, entry), do: {records, entry}
 
   defp pause_reads(%{last_read: nil}), do: :ok
 
@@ -926,11 +950,17 @@ defmodule Convoy.Consumer do
         }
 
       _ ->
-        partial = with [next | _] <- entry.buffer, do: next.sequence_number
+        # The last record returned, with its sub-sequence number when it
+        # came out of an aggregated record (perhaps not all of it returned).
+        case List.last(records) do
+          nil ->
+            :ok
 
-        case records |> Enum.reject(&(&1.sequence_number == partial)) |> List.last() do
-          nil -> :ok
-          last -> store_checkpoint(state, shard_id, last.sequence_number)
+          %{sub_sequence_number: nil} = last ->
+            store_checkpoint(state, shard_id, last.sequence_number)
+
+          last ->
+            store_checkpoint(state, shard_id, {last.sequence_number, last.sub_sequence_number})
         end
 
         %{state | pull: Map.put(state.pull, shard_id, entry)}
@@ -957,9 +987,28 @@ defmodule Convoy.Consumer do
   # see `first_position/2`.
   defp position(state, shard_id) do
     case fetch_checkpoint(state, shard_id) do
-      {:ok, sequence} when is_binary(sequence) -> {:after_sequence_number, sequence}
-      {:ok, {:at_timestamp, ms}} when is_integer(ms) -> {:at_timestamp, ms}
-      _ -> first_position(state, shard_id)
+      {:ok, sequence} when is_binary(sequence) ->
+        {:after_sequence_number, sequence}
+
+      # Inside (or at the end of) an aggregated record: read it again, and
+      # skip its user records up to the sub-sequence number (`done_through/2`).
+      {:ok, {sequence, sub}} when is_binary(sequence) and is_integer(sub) ->
+        {:at_sequence_number, sequence}
+
+      {:ok, {:at_timestamp, ms}} when is_integer(ms) ->
+        {:at_timestamp, ms}
+
+      _ ->
+        first_position(state, shard_id)
+    end
+  end
+
+  # The user records a shard's first records hold that its checkpoint
+  # covers: `{sequence_number, sub_sequence_number}` or nil.
+  defp done_through(state, shard_id) do
+    case fetch_checkpoint(state, shard_id) do
+      {:ok, {sequence, sub}} when is_binary(sequence) and is_integer(sub) -> {sequence, sub}
+      _ -> nil
     end
   end
 
