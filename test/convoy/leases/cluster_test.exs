@@ -88,80 +88,16 @@ defmodule Convoy.Leases.ClusterTest do
 
   test "a shard split while three nodes consume: parents before children, nothing lost",
        %{moto: moto} do
-    stream = create_stream!(unique_stream("split"), @shards)
-    table = "split-#{System.unique_integer([:positive])}"
-    writer = start_writer(stream)
+    split_while_consuming(moto, ~w(split-a split-b split-c), 2..3, [], "")
+  end
 
-    nodes =
-      for name <- ~w(split-a split-b split-c),
-          do: start_node(name, stream, table, Moto.connection(moto))
-
-    eventually(fn -> balanced?(nodes, 2..3) end, 240_000)
-    await_all(nodes, written(writer))
-
-    parent = "shardId-000000000000"
-    # The middle of shard 0's hash range (the first eighth of 2^128).
-    middle = div(Integer.pow(2, 128), 16) |> Integer.to_string()
-    assert :ok = Convoy.Local.split_shard(endpoint(), stream, parent, middle)
-
-    children = ["shardId-000000000008", "shardId-000000000009"]
-
-    eventually(
-      fn ->
-        seen = all_records(nodes) |> Enum.map(& &1.shard_id) |> MapSet.new()
-        Enum.all?(children, &MapSet.member?(seen, &1))
-      end,
-      240_000
-    )
-
-    total = stop_writer(writer)
-    await_all(nodes, total)
-    refute_extra(nodes, total)
-
-    records = all_records(nodes)
-
-    last_parent =
-      records |> Enum.filter(&(&1.shard_id == parent)) |> Enum.map(& &1.at) |> Enum.max()
-
-    first_child =
-      records |> Enum.filter(&(&1.shard_id in children)) |> Enum.map(& &1.at) |> Enum.min()
-
-    # All nodes run on this machine: their OS clocks are one clock.
-    assert last_parent < first_child
-
-    # The child leases name their parent as the KCL does (parentShardId, SS).
-    out =
-      Moto.boto3!(
-        """
-        items = ddb.scan(TableName=#{inspect(table)}, ConsistentRead=True)["Items"]
-        for i in items:
-            print(i["leaseKey"]["S"], ",".join(i.get("parentShardId", {}).get("SS", [])), i["checkpoint"]["S"])
-        """,
-        moto
-      )
-
-    for child <- children, do: assert(out =~ "#{child} #{parent} ")
-
-    # Once both children have checkpoints, the finished parent's lease is
-    # deleted (by whichever node's take round sees it first).
-    eventually(
-      fn ->
-        keys =
-          Moto.boto3!(
-            "print([i['leaseKey']['S'] for i in ddb.scan(TableName=#{inspect(table)}, ConsistentRead=True)['Items']])",
-            moto
-          )
-
-        not String.contains?(keys, parent)
-      end,
-      120_000
-    )
-
-    figure(
-      "split: parent #{parent} finished before its children started; #{total} records, none lost"
-    )
-
-    Enum.each(nodes, &LeaseNode.stop/1)
+  # The children come from the parent's last event (ChildShards); their
+  # leases from the coordinators' listings, as with polling.
+  @tag :fan_out
+  test "a shard split while two nodes consume by enhanced fan-out: parents before children",
+       %{moto: moto} do
+    fan_out = [consumer: {:fan_out, "convoy-split"}, poll_interval: nil]
+    split_while_consuming(moto, ~w(fan-split-a fan-split-b), 3..5, fan_out, " (fan-out)")
   end
 
   test "DynamoDB unreachable for a while: nodes fence themselves, then recover, nothing lost",
@@ -256,6 +192,83 @@ defmodule Convoy.Leases.ClusterTest do
 
   # ---------------------------------------------------------------------------
   # Nodes
+
+  # Nodes named `names` (with `extra` queue options), once each holds a
+  # number of leases in `balanced`, consume while shard 0 splits: the
+  # parent's records come before its children's, nothing is lost, the
+  # children's leases name the parent, which is deleted later.
+  defp split_while_consuming(moto, names, balanced, extra, what) do
+    stream = create_stream!(unique_stream("split"), @shards)
+    table = "split-#{System.unique_integer([:positive])}"
+    writer = start_writer(stream)
+    nodes = for name <- names, do: start_node(name, stream, table, Moto.connection(moto), extra)
+    eventually(fn -> balanced?(nodes, balanced) end, 240_000)
+    await_all(nodes, written(writer))
+
+    parent = "shardId-000000000000"
+    # The middle of shard 0's hash range (the first eighth of 2^128).
+    middle = div(Integer.pow(2, 128), 16) |> Integer.to_string()
+    assert :ok = Convoy.Local.split_shard(endpoint(), stream, parent, middle)
+
+    children = ["shardId-000000000008", "shardId-000000000009"]
+
+    eventually(
+      fn ->
+        seen = all_records(nodes) |> Enum.map(& &1.shard_id) |> MapSet.new()
+        Enum.all?(children, &MapSet.member?(seen, &1))
+      end,
+      240_000
+    )
+
+    total = stop_writer(writer)
+    await_all(nodes, total)
+    refute_extra(nodes, total)
+
+    records = all_records(nodes)
+
+    last_parent =
+      records |> Enum.filter(&(&1.shard_id == parent)) |> Enum.map(& &1.at) |> Enum.max()
+
+    first_child =
+      records |> Enum.filter(&(&1.shard_id in children)) |> Enum.map(& &1.at) |> Enum.min()
+
+    # All nodes run on this machine: their OS clocks are one clock.
+    assert last_parent < first_child
+
+    # The child leases name their parent as the KCL does (parentShardId, SS).
+    out =
+      Moto.boto3!(
+        """
+        items = ddb.scan(TableName=#{inspect(table)}, ConsistentRead=True)["Items"]
+        for i in items:
+            print(i["leaseKey"]["S"], ",".join(i.get("parentShardId", {}).get("SS", [])), i["checkpoint"]["S"])
+        """,
+        moto
+      )
+
+    for child <- children, do: assert(out =~ "#{child} #{parent} ")
+
+    # Once both children have checkpoints, the finished parent's lease is
+    # deleted (by whichever node's take round sees it first).
+    eventually(
+      fn ->
+        keys =
+          Moto.boto3!(
+            "print([i['leaseKey']['S'] for i in ddb.scan(TableName=#{inspect(table)}, ConsistentRead=True)['Items']])",
+            moto
+          )
+
+        not String.contains?(keys, parent)
+      end,
+      120_000
+    )
+
+    figure(
+      "split#{what}: parent #{parent} finished before its children started; #{total} records, none lost"
+    )
+
+    Enum.each(nodes, &LeaseNode.stop/1)
+  end
 
   defp start_node(name, stream, table, connection, extra \\ []) do
     options =
