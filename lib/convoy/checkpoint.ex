@@ -27,13 +27,25 @@ defmodule Convoy.Checkpoint do
   """
 
   @typedoc """
-  A sequence number, `:shard_end` for a shard read to its end, or
+  A sequence number (that Kinesis record was processed), `{sequence_number,
+  sub_sequence_number}` (the user records of that aggregated record were
+  processed up to and including that sub-sequence number: the KCL's
+  extended sequence number), `:shard_end` for a shard read to its end, or
   `{:at_timestamp, unix_ms}`: the first position of a shard read from
   `:latest`, stored before any record of it was processed, so that a
   restarted queue resumes at the time the first one started instead of
   at its own start (which would skip what arrived in between).
+
+  A batch ending with a user record of an aggregated record is stored as
+  `{sequence_number, sub_sequence_number}`; a shard resumes from one at
+  that Kinesis record, without the user records up to the sub-sequence
+  number.
   """
-  @type position :: String.t() | :shard_end | {:at_timestamp, integer}
+  @type position ::
+          String.t()
+          | {String.t(), non_neg_integer}
+          | :shard_end
+          | {:at_timestamp, integer}
 
   @doc "Prepares the store; `options` include `:stream_id` and the queue's checkpoint options."
   @callback init(options :: keyword) :: {:ok, state :: term}

@@ -201,6 +201,7 @@ defmodule Convoy.Consumer do
        # The shard listing in flight (a task's ref), and whether another
        # was asked for meanwhile.
        listing: nil,
+       listing_sent: nil,
        relist: false,
        started_at: System.system_time(:millisecond),
        # Whether the shards' first positions were resolved (see pin_shards/1).
@@ -307,10 +308,20 @@ defmodule Convoy.Consumer do
     {:noreply, update_polling(state)}
   end
 
-  def handle_info({:shard_ended, shard_id}, state) do
+  def handle_info({:shard_ended, shard_id}, state),
+    do: handle_info({:shard_ended, shard_id, []}, state)
+
+  # The children a reader was told of at the shard's end (enhanced fan-out:
+  # the last event's ChildShards) start at once. Without them, or when they
+  # do not say every parent, the shards are listed: children appear in the
+  # shard list once their parent closed.
+  def handle_info({:shard_ended, shard_id, children}, state) do
     state = %{state | ended: MapSet.put(state.ended, shard_id)}
-    # Children appear in the shard list once their parent closed.
-    {:noreply, refresh(state)}
+
+    case learn_children(state, shard_id, children) do
+      {:ok, state} -> {:noreply, start_shards(state, readable_shards(state))}
+      :error -> {:noreply, refresh(state)}
+    end
   end
 
   # Only about the attachment the dispatcher saw: a notice that arrives
@@ -562,7 +573,7 @@ defmodule Convoy.Consumer do
   defp refresh(state) do
     {module, source} = state.source
     task = Task.async(fn -> module.list_shards(source) end)
-    %{state | listing: task.ref, relist: false}
+    %{state | listing: task.ref, listing_sent: System.monotonic_time(), relist: false}
   end
 
   defp listed(state, result) do
@@ -571,7 +582,7 @@ defmodule Convoy.Consumer do
     {state, next} =
       case result do
         {:ok, shards} ->
-          state = pin_shards(%{state | shards: Map.new(shards, &{&1.shard_id, &1})})
+          state = pin_shards(%{state | shards: with_learned(state, shards)})
           {start_shards(state, readable_shards(state)), state.shard_refresh_interval}
 
         {:error, reason} when not state.polling ->
@@ -619,6 +630,65 @@ defmodule Convoy.Consumer do
       {:error, _} = error -> error
     end
   end
+
+  # The shard map of a listing, plus children learned from a shard's end
+  # after the listing was sent (it may not show them yet). A learned shard
+  # that a later listing does not show is dropped.
+  defp with_learned(state, shards) do
+    listed = Map.new(shards, &{&1.shard_id, &1})
+
+    learned =
+      for {id, %{learned: at} = shard} <- state.shards,
+          state.listing_sent != nil and at > state.listing_sent,
+          into: %{},
+          do: {id, shard}
+
+    Map.merge(learned, listed)
+  end
+
+  # Children named at a parent's end join the shard map (with the time they
+  # were `learned`) when they tell the whole story: each names the parent,
+  # every parent it names is a shard already known, and a child of one
+  # parent lies within that parent's hash key range (a child of a merge
+  # covers both parents' ranges: one naming a single parent is missing the
+  # other). Otherwise :error, and the shards are listed.
+  defp learn_children(_state, _parent, []), do: :error
+
+  defp learn_children(state, parent, children) do
+    if Enum.all?(children, &complete_child?(state, parent, &1)) do
+      learned_at = System.monotonic_time()
+
+      shards =
+        Enum.reduce(children, state.shards, fn child, shards ->
+          Map.put_new(shards, child.shard_id, Map.put(child, :learned, learned_at))
+        end)
+
+      {:ok, %{state | shards: shards}}
+    else
+      :error
+    end
+  end
+
+  defp complete_child?(state, parent, child) do
+    parents =
+      [child.parent_shard_id, child.adjacent_parent_shard_id]
+      |> Enum.reject(&is_nil/1)
+      |> Enum.uniq()
+
+    parent in parents and Enum.all?(parents, &Map.has_key?(state.shards, &1)) and
+      (length(parents) == 2 or within?(child, Map.fetch!(state.shards, parent)))
+  end
+
+  defp within?(%{starting_hash_key: s, ending_hash_key: e}, %{
+         starting_hash_key: ps,
+         ending_hash_key: pe
+       })
+       when is_binary(s) and is_binary(e) and is_binary(ps) and is_binary(pe) do
+    String.to_integer(s) >= String.to_integer(ps) and
+      String.to_integer(e) <= String.to_integer(pe)
+  end
+
+  defp within?(_child, _parent), do: false
 
   # Shards that may be read now: not finished, and every parent finished (a
   # parent no longer listed has aged out of the stream and counts as finished).
@@ -700,6 +770,7 @@ defmodule Convoy.Consumer do
                position: position,
                handlers: handler_list(state),
                checkpoint: state.checkpoint,
+               done_through: done_through(state, shard_id),
                reader_options: state.reader_options,
                leased: state.leased
              }}
@@ -727,8 +798,8 @@ defmodule Convoy.Consumer do
   # `limit` records are in hand, every shard is caught up or ended, or
   # @pull_rounds rounds are done. A shard read to its end is checkpointed
   # `:shard_end` and its children become readable in the same call. The
-  # checkpoint of a shard is the last Kinesis record whose user records
-  # were all returned.
+  # checkpoint of a shard is the last record returned, with its
+  # sub-sequence number when it came out of an aggregated record.
 
   @pull_rounds 10
   @read_spacing_ms 200
@@ -782,7 +853,15 @@ defmodule Convoy.Consumer do
     entry =
       Map.get_lazy(state.pull, shard_id, fn ->
         position = position(state, shard_id)
-        %{cursor: position, resume: position, buffer: [], ended: false, last_read: nil}
+
+        %{
+          cursor: position,
+          resume: position,
+          buffer: [],
+          ended: false,
+          last_read: nil,
+          done: done_through(state, shard_id)
+        }
       end)
 
     if entry.buffer != [] or entry.ended do
@@ -793,6 +872,7 @@ defmodule Convoy.Consumer do
 
       case read_shard(state, shard_id, entry, n) do
         {:ok, records, next, millis_behind, entry} ->
+          {records, entry} = drop_done(records, entry)
           {taken, rest} = Enum.split(records, n)
 
           entry = %{
@@ -816,6 +896,20 @@ defmodule Convoy.Consumer do
       end
     end
   end
+
+  # As the dispatcher does: the user records of the checkpoint's
+  # aggregated record up to its sub-sequence number were returned already.
+  defp drop_done(records, %{done: {sequence, sub}} = entry) when records != [] do
+    kept =
+      Enum.reject(
+        records,
+        &(&1.sequence_number == sequence and (&1.sub_sequence_number || 0) <= sub)
+      )
+
+    {kept, %{entry | done: nil}}
+  end
+
+  defp drop_done(records, entry), do: {records, entry}
 
   defp pause_reads(%{last_read: nil}), do: :ok
 
@@ -863,11 +957,17 @@ defmodule Convoy.Consumer do
         }
 
       _ ->
-        partial = with [next | _] <- entry.buffer, do: next.sequence_number
+        # The last record returned, with its sub-sequence number when it
+        # came out of an aggregated record (perhaps not all of it returned).
+        case List.last(records) do
+          nil ->
+            :ok
 
-        case records |> Enum.reject(&(&1.sequence_number == partial)) |> List.last() do
-          nil -> :ok
-          last -> store_checkpoint(state, shard_id, last.sequence_number)
+          %{sub_sequence_number: nil} = last ->
+            store_checkpoint(state, shard_id, last.sequence_number)
+
+          last ->
+            store_checkpoint(state, shard_id, {last.sequence_number, last.sub_sequence_number})
         end
 
         %{state | pull: Map.put(state.pull, shard_id, entry)}
@@ -894,9 +994,28 @@ defmodule Convoy.Consumer do
   # see `first_position/2`.
   defp position(state, shard_id) do
     case fetch_checkpoint(state, shard_id) do
-      {:ok, sequence} when is_binary(sequence) -> {:after_sequence_number, sequence}
-      {:ok, {:at_timestamp, ms}} when is_integer(ms) -> {:at_timestamp, ms}
-      _ -> first_position(state, shard_id)
+      {:ok, sequence} when is_binary(sequence) ->
+        {:after_sequence_number, sequence}
+
+      # Inside (or at the end of) an aggregated record: read it again, and
+      # skip its user records up to the sub-sequence number (`done_through/2`).
+      {:ok, {sequence, sub}} when is_binary(sequence) and is_integer(sub) ->
+        {:at_sequence_number, sequence}
+
+      {:ok, {:at_timestamp, ms}} when is_integer(ms) ->
+        {:at_timestamp, ms}
+
+      _ ->
+        first_position(state, shard_id)
+    end
+  end
+
+  # The user records a shard's first records hold that its checkpoint
+  # covers: `{sequence_number, sub_sequence_number}` or nil.
+  defp done_through(state, shard_id) do
+    case fetch_checkpoint(state, shard_id) do
+      {:ok, {sequence, sub}} when is_binary(sequence) and is_integer(sub) -> {sequence, sub}
+      _ -> nil
     end
   end
 

@@ -153,14 +153,23 @@ defmodule Convoy.Leases do
   def drop(stream_id, shard_id), do: :ets.delete(@table, {stream_id, :held, shard_id})
 
   @doc false
-  def put_checkpoint(stream_id, shard_id, checkpoint),
-    do: :ets.insert(@table, {{stream_id, :checkpoint, shard_id}, checkpoint})
+  # With its checkpointSubSequenceNumber (0 for a sentinel or a whole record).
+  def put_checkpoint(stream_id, shard_id, checkpoint, sub_sequence_number \\ 0),
+    do: :ets.insert(@table, {{stream_id, :checkpoint, shard_id}, checkpoint, sub_sequence_number})
 
   @doc false
   def checkpoint(stream_id, shard_id) do
     case :ets.lookup(@table, {stream_id, :checkpoint, shard_id}) do
-      [{_, checkpoint}] -> checkpoint
+      [{_, checkpoint, _sub}] -> checkpoint
       [] -> nil
+    end
+  end
+
+  @doc false
+  def checkpoint_sub_sequence_number(stream_id, shard_id) do
+    case :ets.lookup(@table, {stream_id, :checkpoint, shard_id}) do
+      [{_, _checkpoint, sub}] -> sub
+      [] -> 0
     end
   end
 

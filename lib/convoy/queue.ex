@@ -258,9 +258,9 @@ defmodule Convoy.Queue do
 
   `limit` counts user records: the user records of an aggregated record
   (see `:aggregation`) that do not fit are kept for the next call. The
-  checkpoint of a shard is the last Kinesis record whose user records were
-  all returned, so a restart may return the rest of an aggregated record
-  again, never skip it.
+  checkpoint of a shard is the last record returned, with its sub-sequence
+  number when it came out of an aggregated record, so a restart goes on
+  with the next user record: none is returned twice or skipped.
 
   ## Example
 

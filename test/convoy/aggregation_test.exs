@@ -243,6 +243,21 @@ defmodule Convoy.AggregationTest do
     assert Enum.map(again.records ++ second.records, & &1.data) |> Enum.sort() ==
              Enum.sort(for i <- 1..600, do: "u#{i}")
 
+    # Its checkpoint names the last user record of the second aggregated
+    # record (sub-sequence number 299): a restart reads nothing again.
+    Convoy.Queue.ack(second)
+    [_, %{sequence_number: last}] = raw_get!(stream)
+    shard = second.shard_id
+    stream_id = consumer[:stream_id]
+
+    eventually(fn -> Convoy.Checkpoint.File.fetch(dir, stream_id, shard) == {:ok, {last, 299}} end)
+
+    Process.unlink(pid)
+    GenServer.stop(pid)
+
+    {:ok, pid} = Convoy.Queue.start_link(consumer)
+    :ok = Convoy.Queue.attach_handler(consumer[:stream_id], :pid, self(), nil)
+    refute_receive {:convoy_batch, _}, 2_000
     Process.unlink(pid)
     GenServer.stop(pid)
   end

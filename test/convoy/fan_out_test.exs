@@ -176,6 +176,50 @@ defmodule Convoy.FanOutTest do
     assert_shard_order(rest)
   end
 
+  # kinesis-mock names no ChildShards in its events (the consumer lists the
+  # shards there); the embedded emulator and AWS do.
+  @tag :fan_out_lifecycle
+  @tag :embedded_only
+  test "after a split the children start from the last event's ChildShards, without listing shards" do
+    stream = create_stream!(unique_stream("fan-out-children"), 1)
+    # No periodic listing during the test: only the start's.
+    id = start_queue!(stream, shard_refresh_interval: 600_000)
+    listings = trace_listings(id)
+    :ok = Convoy.Queue.attach_handler(id, :h, forward(:h), nil)
+
+    raw_put!(stream, 50)
+    before_split = collect(:h, 50)
+    assert_receive {:trace, _, :call, {Convoy.Services.Kinesis.Source, :list_shards, _}}
+
+    {:ok, [%{shard_id: parent}]} = Convoy.Local.list_shards(endpoint(), stream)
+    :ok = Convoy.Local.split_shard(endpoint(), stream, parent, @middle_hash_key)
+    raw_put!(stream, 100, start: 50)
+    after_split = collect(:h, 100)
+    refute_receive {:h, _}, 1_000
+
+    children = after_split |> Enum.map(& &1.shard_id) |> Enum.uniq()
+    assert length(children) == 2 and parent not in children
+
+    assert Enum.map(before_split ++ after_split, & &1.data) |> Enum.sort() ==
+             Enum.sort(for i <- 0..149, do: "record-#{i}")
+
+    assert_shard_order(after_split)
+    # The parent's end named its children: no ListShards after the start.
+    refute_received {:trace, _, :call, {Convoy.Services.Kinesis.Source, :list_shards, _}}
+    :erlang.trace(listings, false, [:call])
+  end
+
+  # Traces the queue's consumer process (and the tasks it starts) calling
+  # ListShards: each call arrives as a trace message. Returns the pid.
+  defp trace_listings(id) do
+    consumer = GenServer.whereis(Convoy.Consumer.name(id))
+    # A pattern applies to loaded modules only.
+    Code.ensure_loaded!(Convoy.Services.Kinesis.Source)
+    1 = :erlang.trace_pattern({Convoy.Services.Kinesis.Source, :list_shards, 1}, true, [:global])
+    :erlang.trace(consumer, true, [:call, :set_on_spawn, {:tracer, self()}])
+    consumer
+  end
+
   @tag :fan_out_lifecycle
   test "the stream consumer is registered once, reused by the next queue, and deregistered on request" do
     stream = create_stream!(unique_stream("fan-out-reuse"), 1)

@@ -111,16 +111,17 @@ defmodule Convoy.PullSourceTest do
     assert Enum.map(Convoy.Consumer.get(consumer, 2), & &1.data) == ["b2", "a2"]
   end
 
-  test "limit counts user records: the rest of an aggregated record waits, and is checkpointed once all returned" do
+  test "limit counts user records: the rest of an aggregated record waits; each call checkpoints its last user record" do
     users = for sub <- 0..4, do: record("a", "7", "u#{sub}", sub)
     {consumer, id, _agent} = start!([shard("a")], %{"a" => [{:ok, users, {:it, 1}, 0}]})
 
+    # With its sub-sequence number: a restart goes on with the next one.
     assert Enum.map(Convoy.Consumer.get(consumer, 2), & &1.data) == ["u0", "u1"]
-    assert checkpoint(id, "a") == :error
+    assert checkpoint(id, "a") == {:ok, {"7", 1}}
     assert Enum.map(Convoy.Consumer.get(consumer, 2), & &1.data) == ["u2", "u3"]
-    assert checkpoint(id, "a") == :error
+    assert checkpoint(id, "a") == {:ok, {"7", 3}}
     assert Enum.map(Convoy.Consumer.get(consumer, 2), & &1.data) == ["u4"]
-    assert checkpoint(id, "a") == {:ok, "7"}
+    assert checkpoint(id, "a") == {:ok, {"7", 4}}
   end
 
   test "a failed cursor is replaced by the position after the last record received" do

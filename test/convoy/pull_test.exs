@@ -85,6 +85,26 @@ defmodule Convoy.PullTest do
       {records, _} = drain(stream, 7, 60)
       assert datas(records) == range(0, 299)
     end
+
+    test "a restart in the middle of an aggregated record: get/2 goes on with its next user record" do
+      stream = create_stream!(unique_stream("pull-agg-restart"), 1)
+      start_kinesis!(stream, aggregation: true, batch_timeout: 60_000)
+      for i <- 0..9, do: :ok = Convoy.Queue.put(stream, "k", "record-#{i}")
+      :ok = Convoy.Queue.flush(stream, await: 30_000)
+      # One Kinesis record holds the 10 user records.
+      assert [_] = raw_get!(stream)
+
+      first = Convoy.Queue.get(stream, 4)
+      assert Enum.map(first, & &1.data) == for(i <- 0..3, do: "record-#{i}")
+      assert Enum.map(first, & &1.sub_sequence_number) == [0, 1, 2, 3]
+
+      # The queue starts again: it resumes after the fourth user record, from
+      # the checkpoint (sequence number and sub-sequence number 3).
+      stop_supervised!(stream)
+      start_kinesis!(stream)
+      {rest, _} = drain(stream, 100, 2)
+      assert Enum.map(rest, & &1.data) == for(i <- 4..9, do: "record-#{i}")
+    end
   end
 
   describe "on the Memory service" do

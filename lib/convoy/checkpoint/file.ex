@@ -38,7 +38,7 @@ defmodule Convoy.Checkpoint.File do
     case File.read(path(dir, stream_id, shard_id)) do
       {:ok, "shard_end"} -> {:ok, :shard_end}
       {:ok, "at_timestamp:" <> ms} -> {:ok, {:at_timestamp, String.to_integer(ms)}}
-      {:ok, sequence} when sequence != "" -> {:ok, sequence}
+      {:ok, sequence} when sequence != "" -> {:ok, decode(sequence)}
       _ -> :error
     end
   end
@@ -56,6 +56,17 @@ defmodule Convoy.Checkpoint.File do
   defp encode(:shard_end), do: "shard_end"
   defp encode({:at_timestamp, ms}) when is_integer(ms), do: "at_timestamp:#{ms}"
   defp encode(sequence) when is_binary(sequence), do: sequence
+
+  # Sequence numbers are digits only: "/" separates the sub-sequence number.
+  defp encode({sequence, sub}) when is_binary(sequence) and is_integer(sub),
+    do: "#{sequence}/#{sub}"
+
+  defp decode(text) do
+    case String.split(text, "/") do
+      [sequence, sub] -> {sequence, String.to_integer(sub)}
+      [sequence] -> sequence
+    end
+  end
 
   defp path(dir, stream_id, shard_id) do
     name =

@@ -33,6 +33,8 @@ defmodule Convoy.Checkpoint.Memory do
 
       case Convoy.Checkpoint.Memory.fetch(Convoy.Checkpoint.Memory, "events", "shardId-000000000000") do
         {:ok, :shard_end} -> :done
+        # inside an aggregated record: read it again, skipping user records through `sub`
+        {:ok, {sequence_number, _sub}} -> {:at_sequence_number, sequence_number}
         {:ok, sequence_number} -> {:after_sequence_number, sequence_number}
         :error -> :trim_horizon
       end

@@ -67,7 +67,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
     reader =
       module.start_reader(source, args.shard_id, args.position, self(), args.reader_options)
 
-    args = Map.put_new(args, :stream, args.stream_id)
+    args = args |> Map.put_new(:stream, args.stream_id) |> Map.put_new(:done_through, nil)
 
     {:ok,
      Map.merge(args, %{reader: reader, reader_module: module, failed: MapSet.new(), batch: nil})}
@@ -206,10 +206,14 @@ defmodule Convoy.Consumer.ShardDispatcher do
     {:noreply, advance(state)}
   end
 
-  def handle_info({:convoy_shard_end, _shard_id}, state) do
+  def handle_info({:convoy_shard_end, shard_id}, state),
+    do: handle_info({:convoy_shard_end, shard_id, []}, state)
+
+  # `children`: the shards that continue this one, when the reader was told.
+  def handle_info({:convoy_shard_end, _shard_id, children}, state) do
     {module, checkpoint} = state.checkpoint
     :ok = module.store(checkpoint, state.stream_id, state.shard_id, :shard_end)
-    send(state.consumer, {:shard_ended, state.shard_id})
+    send(state.consumer, {:shard_ended, state.shard_id, children})
     {:stop, :normal, state}
   end
 
@@ -247,6 +251,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
   defp handle_records({:convoy_records, _shard_id, records, millis_behind}, state) do
     started = System.monotonic_time()
+    {records, state} = drop_done(records, state)
 
     case records do
       [] ->
@@ -269,6 +274,21 @@ defmodule Convoy.Consumer.ShardDispatcher do
         {:noreply, advance(%{state | batch: batch})}
     end
   end
+
+  # A shard started at a checkpoint inside an aggregated record reads that
+  # record again: its user records up to the checkpoint's sub-sequence
+  # number are dropped from the first batch that brings any record.
+  defp drop_done(records, %{done_through: {sequence, sub}} = state) when records != [] do
+    kept =
+      Enum.reject(
+        records,
+        &(&1.sequence_number == sequence and (&1.sub_sequence_number || 0) <= sub)
+      )
+
+    {kept, %{state | done_through: nil}}
+  end
+
+  defp drop_done(records, state), do: {records, state}
 
   @impl true
   def terminate(reason, state) do
@@ -319,9 +339,16 @@ defmodule Convoy.Consumer.ShardDispatcher do
   end
 
   defp checkpoint(%{batch: batch} = state) do
-    last = List.last(batch.records)
     {module, checkpoint} = state.checkpoint
-    :ok = module.store(checkpoint, state.stream_id, state.shard_id, last.sequence_number)
+
+    # A user record of an aggregated record: with its sub-sequence number.
+    position =
+      case List.last(batch.records) do
+        %{sub_sequence_number: nil, sequence_number: sequence} -> sequence
+        %{sub_sequence_number: sub, sequence_number: sequence} -> {sequence, sub}
+      end
+
+    :ok = module.store(checkpoint, state.stream_id, state.shard_id, position)
     state.reader_module.ack(state.reader)
 
     Telemetry.execute(

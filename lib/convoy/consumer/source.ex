@@ -13,7 +13,14 @@ defmodule Convoy.Consumer.Source do
       of `%Convoy.Record{}` structs, complete (with `shard_id` and the
       queue's `stream_id`). The reader sends nothing more until `c:ack/1`
       is called for it.
-    * `{:convoy_shard_end, shard_id}` - a closed shard was read to its end.
+    * `{:convoy_shard_end, shard_id}` - a closed shard was read to its end;
+      the consumer lists the shards to find its children.
+    * `{:convoy_shard_end, shard_id, children}` - the same, with the shards
+      that continue it as Kinesis named them at the end (a SubscribeToShard
+      event's ChildShards), each a map as `c:list_shards/1` gives a shard
+      (`:shard_id`, `:parent_shard_id`, `:adjacent_parent_shard_id`, and
+      `:starting_hash_key` / `:ending_hash_key` as decimal strings). They
+      start without a listing, once every parent they name is finished.
     * `{:convoy_poller_error, shard_id, reason}` - an error worth logging;
       the reader retries transient ones itself.
     * `{:convoy_poller_stopped, shard_id, reason}` - the reader gave up on

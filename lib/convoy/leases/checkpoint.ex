@@ -13,8 +13,18 @@ defmodule Convoy.Leases.Checkpoint do
 
   `fetch/3` reads the checkpoints of the last lease-table scan (or this
   node's own writes): `"SHARD_END"` is `:shard_end`, a sequence number is
-  itself, and `TRIM_HORIZON`, `LATEST` and `AT_TIMESTAMP` mean "no
-  checkpoint yet", so the queue's `:iterator_type` applies.
+  `{sequence_number, checkpointSubSequenceNumber}`, and `TRIM_HORIZON`,
+  `LATEST` and `AT_TIMESTAMP` mean "no checkpoint yet", so the queue's
+  `:iterator_type` applies.
+
+  Sub-sequence numbers follow the KCL: a checkpoint `(s, n)` means the user
+  records of Kinesis record `s` up to and including sub-sequence number `n`
+  were processed (a record that is not aggregated counts as sub-sequence
+  number 0). A shard resumes at `s` and skips those, so a checkpoint a KCL
+  worker stored in the middle of an aggregated record loses none of its
+  remaining user records. A batch ending with an aggregated record is
+  stored with its last user record's sub-sequence number, so a KCL worker
+  taking over does not hand that record's user records again.
 
   ## Example
 
@@ -45,7 +55,7 @@ defmodule Convoy.Leases.Checkpoint do
   ## Example
 
       Convoy.Leases.Checkpoint.fetch("orders", "orders", "shardId-000000000000")
-      #=> {:ok, "49590338271490256608559692538361571095921575989136588898"}
+      #=> {:ok, {"49590338271490256608559692538361571095921575989136588898", 0}}
   """
   @spec fetch(term, term, String.t()) :: {:ok, Convoy.Checkpoint.position()} | :error
   def fetch(_state, stream_id, shard_id) do
@@ -53,7 +63,7 @@ defmodule Convoy.Leases.Checkpoint do
       "SHARD_END" -> {:ok, :shard_end}
       {:at_timestamp, ms} -> {:ok, {:at_timestamp, ms}}
       sentinel when sentinel in [nil, "TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"] -> :error
-      sequence -> {:ok, sequence}
+      sequence -> {:ok, {sequence, Leases.checkpoint_sub_sequence_number(stream_id, shard_id)}}
     end
   end
 
@@ -84,16 +94,19 @@ defmodule Convoy.Leases.Checkpoint do
   end
 
   def store(_state, stream_id, shard_id, position) do
-    value = if position == :shard_end, do: "SHARD_END", else: position
-    write(stream_id, shard_id, value, 1)
+    case position do
+      :shard_end -> write(stream_id, shard_id, {"SHARD_END", 0}, 1)
+      {sequence, sub} -> write(stream_id, shard_id, {sequence, sub}, 1)
+      sequence -> write(stream_id, shard_id, {sequence, 0}, 1)
+    end
   end
 
-  defp write(stream_id, shard_id, value, attempt) do
+  defp write(stream_id, shard_id, {value, sub} = checkpoint, attempt) do
     with {:ok, client, coordinator} <- Leases.client(stream_id),
          true <- Leases.holding?(stream_id, shard_id) do
-      case Native.call(&Native.lease_checkpoint(client, shard_id, value, 0, &1)) do
+      case Native.call(&Native.lease_checkpoint(client, shard_id, value, sub, &1)) do
         {:ok, :ok} ->
-          Leases.put_checkpoint(stream_id, shard_id, value)
+          Leases.put_checkpoint(stream_id, shard_id, value, sub)
           if value == "SHARD_END", do: send(coordinator, {:finished, shard_id})
           :ok
 
@@ -117,7 +130,7 @@ defmodule Convoy.Leases.Checkpoint do
           })
 
           Process.sleep(min(100 * Integer.pow(2, min(attempt, 5)), 2_000))
-          write(stream_id, shard_id, value, attempt + 1)
+          write(stream_id, shard_id, checkpoint, attempt + 1)
       end
     else
       _ -> abandoned(stream_id, shard_id, value, :not_held)

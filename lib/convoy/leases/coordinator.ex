@@ -498,7 +498,12 @@ defmodule Convoy.Leases.Coordinator do
 
     # Checkpoints of leases held elsewhere (the consumer reads parents').
     for lease <- leases, not Map.has_key?(state.held, lease.key) do
-      Leases.put_checkpoint(state.stream_id, lease.key, lease.checkpoint)
+      Leases.put_checkpoint(
+        state.stream_id,
+        lease.key,
+        lease.checkpoint,
+        lease.checkpoint_sub_sequence_number
+      )
     end
 
     # A parent without a lease, named by a child that has made progress,
@@ -634,7 +639,13 @@ defmodule Convoy.Leases.Coordinator do
           previous_owner: lease.owner
         })
 
-        Leases.put_checkpoint(state.stream_id, lease.key, lease.checkpoint)
+        Leases.put_checkpoint(
+          state.stream_id,
+          lease.key,
+          lease.checkpoint,
+          lease.checkpoint_sub_sequence_number
+        )
+
         Leases.hold(state.stream_id, lease.key, started + div(state.failover, 2))
         state = %{state | held: Map.put(state.held, lease.key, started)}
         notify_consumer(state)

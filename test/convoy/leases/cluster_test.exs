@@ -88,15 +88,121 @@ defmodule Convoy.Leases.ClusterTest do
 
   test "a shard split while three nodes consume: parents before children, nothing lost",
        %{moto: moto} do
+    split_while_consuming(moto, ~w(split-a split-b split-c), 2..3, [], "")
+  end
+
+  # The children come from the parent's last event (ChildShards); their
+  # leases from the coordinators' listings, as with polling.
+  @tag :fan_out
+  test "a shard split while two nodes consume by enhanced fan-out: parents before children",
+       %{moto: moto} do
+    fan_out = [consumer: {:fan_out, "convoy-split"}, poll_interval: nil]
+    split_while_consuming(moto, ~w(fan-split-a fan-split-b), 3..5, fan_out, " (fan-out)")
+  end
+
+  test "DynamoDB unreachable for a while: nodes fence themselves, then recover, nothing lost",
+       %{moto: moto} do
+    "http://127.0.0.1:" <> moto_port = moto
+    {:ok, proxy} = TcpProxy.start_link(String.to_integer(moto_port))
+    via_proxy = Moto.connection("http://127.0.0.1:#{TcpProxy.port(proxy)}")
+
+    stream = create_stream!(unique_stream("fence"), @shards)
+    table = "fence-#{System.unique_integer([:positive])}"
+    writer = start_writer(stream)
+    nodes = for name <- ~w(fence-a fence-b), do: start_node(name, stream, table, via_proxy)
+    eventually(fn -> balanced?(nodes, 3..5) end, 180_000)
+    await_all(nodes, written(writer))
+    before = duplicates(nodes)
+
+    :ok = TcpProxy.block(proxy)
+    blocked = now()
+    # Past failover / 2 every node has fenced itself: no record reaches a
+    # handler while DynamoDB stays unreachable.
+    Process.sleep(@failover)
+    handled = length(all_records(nodes))
+    Process.sleep(2 * @failover)
+    assert length(all_records(nodes)) == handled
+    :ok = TcpProxy.unblock(proxy)
+    unblocked = now()
+
+    eventually(fn -> balanced?(nodes, 3..5) end, 180_000)
+    total = stop_writer(writer)
+    await_all(nodes, total)
+    refute_extra(nodes, total)
+    doubled = map_size(duplicates(nodes)) - map_size(before)
+
+    figure(
+      "DynamoDB unreachable #{unblocked - blocked} ms: handlers idle from failover/2 on; " <>
+        "recovered; #{doubled} records handled twice; #{total} records, none lost"
+    )
+
+    Enum.each(nodes, &LeaseNode.stop/1)
+  end
+
+  @tag :fan_out
+  test "enhanced fan-out with leases: two nodes share one consumer name; stop and SIGKILL hand over",
+       %{moto: moto} do
+    stream = create_stream!(unique_stream("fan-lease"), @shards)
+    table = "fan-lease-#{System.unique_integer([:positive])}"
+    writer = start_writer(stream)
+    # Every node reads through the same registered consumer: with leases a
+    # shard has one reader, so one subscription per shard and consumer. No
+    # poll_interval: only the subscriptions can hand records over.
+    fan_out = [consumer: {:fan_out, "convoy-cluster"}, poll_interval: nil]
+
+    a = start_node("fan-a", stream, table, Moto.connection(moto), fan_out)
+    b = start_node("fan-b", stream, table, Moto.connection(moto), fan_out)
+    eventually(fn -> balanced?([a, b], 3..5) end, 180_000)
+    await_all([a, b], written(writer))
+    assert duplicates([a, b]) == %{}
+    assert Enum.all?([a, b], &(LeaseNode.records(&1) != []))
+
+    # A graceful stop: the other node subscribes to the shards it gave up,
+    # from their checkpoints, and nothing is handled twice.
+    :ok = LeaseNode.stop(b)
+    stopped = now()
+    eventually(fn -> length(LeaseNode.held(a)) == @shards end, 180_000)
+    handoff_ms = now() - stopped
+    await_all([a, b], written(writer))
+    assert duplicates([a, b]) == %{}
+
+    # A third node joins, then is killed: its shards come back to `a`, which
+    # handles again at most what followed their last checkpoints.
+    c = start_node("fan-c", stream, table, Moto.connection(moto), fan_out)
+    eventually(fn -> balanced?([a, c], 3..5) end, 240_000)
+    await_all([a, b, c], written(writer))
+    :ok = LeaseNode.kill(c)
+    killed = now()
+    eventually(fn -> length(LeaseNode.held(a)) == @shards end, 180_000)
+    failover_ms = now() - killed
+    total = stop_writer(writer)
+    await_all([a, b, c], total)
+    refute_extra([a, b, c], total)
+    doubled = duplicates([a, b, c])
+    assert_moved_only(doubled, [a, b, c])
+
+    figure(
+      "fan-out with leases: graceful stop, all shards held by the other node after " <>
+        "#{handoff_ms} ms, no duplicate; SIGKILL, all held after #{failover_ms} ms, " <>
+        "#{map_size(doubled)} records handled twice; #{total} records, none lost"
+    )
+
+    :ok = LeaseNode.stop(a)
+  end
+
+  # ---------------------------------------------------------------------------
+  # Nodes
+
+  # Nodes named `names` (with `extra` queue options), once each holds a
+  # number of leases in `balanced`, consume while shard 0 splits: the
+  # parent's records come before its children's, nothing is lost, the
+  # children's leases name the parent, which is deleted later.
+  defp split_while_consuming(moto, names, balanced, extra, what) do
     stream = create_stream!(unique_stream("split"), @shards)
     table = "split-#{System.unique_integer([:positive])}"
     writer = start_writer(stream)
-
-    nodes =
-      for name <- ~w(split-a split-b split-c),
-          do: start_node(name, stream, table, Moto.connection(moto))
-
-    eventually(fn -> balanced?(nodes, 2..3) end, 240_000)
+    nodes = for name <- names, do: start_node(name, stream, table, Moto.connection(moto), extra)
+    eventually(fn -> balanced?(nodes, balanced) end, 240_000)
     await_all(nodes, written(writer))
 
     parent = "shardId-000000000000"
@@ -158,63 +264,25 @@ defmodule Convoy.Leases.ClusterTest do
     )
 
     figure(
-      "split: parent #{parent} finished before its children started; #{total} records, none lost"
+      "split#{what}: parent #{parent} finished before its children started; #{total} records, none lost"
     )
 
     Enum.each(nodes, &LeaseNode.stop/1)
   end
 
-  test "DynamoDB unreachable for a while: nodes fence themselves, then recover, nothing lost",
-       %{moto: moto} do
-    "http://127.0.0.1:" <> moto_port = moto
-    {:ok, proxy} = TcpProxy.start_link(String.to_integer(moto_port))
-    via_proxy = Moto.connection("http://127.0.0.1:#{TcpProxy.port(proxy)}")
-
-    stream = create_stream!(unique_stream("fence"), @shards)
-    table = "fence-#{System.unique_integer([:positive])}"
-    writer = start_writer(stream)
-    nodes = for name <- ~w(fence-a fence-b), do: start_node(name, stream, table, via_proxy)
-    eventually(fn -> balanced?(nodes, 3..5) end, 180_000)
-    await_all(nodes, written(writer))
-    before = duplicates(nodes)
-
-    :ok = TcpProxy.block(proxy)
-    blocked = now()
-    # Past failover / 2 every node has fenced itself: no record reaches a
-    # handler while DynamoDB stays unreachable.
-    Process.sleep(@failover)
-    handled = length(all_records(nodes))
-    Process.sleep(2 * @failover)
-    assert length(all_records(nodes)) == handled
-    :ok = TcpProxy.unblock(proxy)
-    unblocked = now()
-
-    eventually(fn -> balanced?(nodes, 3..5) end, 180_000)
-    total = stop_writer(writer)
-    await_all(nodes, total)
-    refute_extra(nodes, total)
-    doubled = map_size(duplicates(nodes)) - map_size(before)
-
-    figure(
-      "DynamoDB unreachable #{unblocked - blocked} ms: handlers idle from failover/2 on; " <>
-        "recovered; #{doubled} records handled twice; #{total} records, none lost"
-    )
-
-    Enum.each(nodes, &LeaseNode.stop/1)
-  end
-
-  # ---------------------------------------------------------------------------
-  # Nodes
-
-  defp start_node(name, stream, table, connection) do
-    options = [
-      stream: stream,
-      kinesis: kinesis(),
-      poll_interval: 200,
-      shard_refresh_interval: 5_000,
-      iterator_type: :trim_horizon,
-      leases: [table: table, worker_id: name, failover: @failover] ++ connection
-    ]
+  defp start_node(name, stream, table, connection, extra \\ []) do
+    options =
+      Keyword.merge(
+        [
+          stream: stream,
+          kinesis: kinesis(),
+          poll_interval: 200,
+          shard_refresh_interval: 5_000,
+          iterator_type: :trim_horizon,
+          leases: [table: table, worker_id: name, failover: @failover] ++ connection
+        ],
+        extra
+      )
 
     # 5 ms per record: batches are in hand when a stop or a lease move comes.
     {:ok, node} = LeaseNode.start(name, options, handler_ms: 5)

@@ -99,6 +99,63 @@ defmodule Convoy.Leases.QueueTest do
              Enum.sort(for i <- 40..49, do: "record-#{i}")
   end
 
+  test "a KCL checkpoint inside an aggregated record: the rest of it comes, and the sub-sequence number is stored",
+       %{moto: moto} do
+    stream = create_stream!(unique_stream("leases-agg"), 1)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    producer = {:producer, stream}
+
+    start_supervised!(
+      {Convoy.Queue,
+       stream: stream,
+       stream_id: producer,
+       kinesis: kinesis(),
+       aggregation: true,
+       batch_timeout: 60_000},
+      id: producer
+    )
+
+    # Two aggregated Kinesis records of 5 user records each.
+    for batch <- ["a", "b"] do
+      for i <- 0..4, do: :ok = Convoy.Queue.put(producer, "k", "#{batch}#{i}")
+      :ok = Convoy.Queue.flush(producer, await: 30_000)
+    end
+
+    assert [%{sequence_number: first}, %{sequence_number: second}] = raw_get!(stream)
+
+    # A KCL worker handled a0..a2 and checkpointed there (sub-sequence
+    # number 2), then let its lease go.
+    Moto.boto3!(
+      """
+      ddb.create_table(TableName=#{inspect(table)},
+          KeySchema=[{"AttributeName": "leaseKey", "KeyType": "HASH"}],
+          AttributeDefinitions=[{"AttributeName": "leaseKey", "AttributeType": "S"}],
+          BillingMode="PAY_PER_REQUEST")
+      ddb.put_item(TableName=#{inspect(table)}, Item={
+          "leaseKey": {"S": "shardId-000000000000"},
+          "leaseCounter": {"N": "7"},
+          "checkpoint": {"S": #{inspect(first)}},
+          "checkpointSubSequenceNumber": {"N": "2"},
+          "ownerSwitchesSinceCheckpoint": {"N": "0"}})
+      """,
+      moto
+    )
+
+    start_queue(stream, table, moto)
+    records = receive_records(7)
+    refute_more_records()
+    assert Enum.map(records, & &1.data) == ~w(a3 a4 b0 b1 b2 b3 b4)
+
+    # Convoy's checkpoint at the end of the second record names its last
+    # user record, as a KCL worker's would.
+    eventually(fn ->
+      [item] = scan(table, moto)
+
+      item["checkpoint"] == %{"S" => second} and
+        item["checkpointSubSequenceNumber"] == %{"N" => "4"}
+    end)
+  end
+
   test "self-fencing: records wait while renewals fail, then flow again", %{moto: moto} do
     "http://127.0.0.1:" <> moto_port = moto
     {:ok, proxy} = Convoy.TestSupport.TcpProxy.start_link(String.to_integer(moto_port))
@@ -125,7 +182,8 @@ defmodule Convoy.Leases.QueueTest do
     # Every checkpoint stored before DynamoDB goes away.
     for {shard, rs} <- Enum.group_by(records, & &1.shard_id) do
       last = List.last(rs).sequence_number
-      eventually(fn -> Convoy.Leases.Checkpoint.fetch(nil, stream, shard) == {:ok, last} end)
+      # A plain record: sub-sequence number 0, as the KCL writes it.
+      eventually(fn -> Convoy.Leases.Checkpoint.fetch(nil, stream, shard) == {:ok, {last, 0}} end)
     end
 
     # DynamoDB unreachable: within failover / 2 the shards are fenced (still

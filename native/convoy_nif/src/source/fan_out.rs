@@ -10,7 +10,7 @@ use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::operation::subscribe_to_shard::SubscribeToShardOutput;
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{
-    ConsumerStatus, Record, ShardIteratorType, StartingPosition, SubscribeToShardEvent,
+    ChildShard, ConsumerStatus, Record, ShardIteratorType, StartingPosition, SubscribeToShardEvent,
     SubscribeToShardEventStream,
 };
 use rustler::{Encoder, Env, LocalPid, ResourceArc, Term};
@@ -189,8 +189,9 @@ pub struct SubscriptionOptions {
 enum Ended {
     /// Its five minutes are over (or the connection closed cleanly).
     Renew,
-    /// The shard was read to its end.
-    ShardEnd,
+    /// The shard was read to its end; the children the last event named
+    /// (none when it named none).
+    ShardEnd(Vec<ChildShard>),
     Stop,
     Failed(Error),
 }
@@ -285,8 +286,8 @@ impl Subscriber {
             };
             match ended {
                 Ended::Renew => {}
-                Ended::ShardEnd => {
-                    self.link.shard_end();
+                Ended::ShardEnd(children) => {
+                    self.link.shard_end(&children);
                     return;
                 }
                 Ended::Stop => return,
@@ -398,7 +399,7 @@ impl Subscriber {
         // in an event with nothing more to read.
         let at_end = continuation.is_none()
             || (event.records().is_empty() && !event.child_shards().is_empty());
-        at_end.then_some(Ended::ShardEnd)
+        at_end.then(|| Ended::ShardEnd(event.child_shards().to_vec()))
     }
 }
 

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_kinesis::types::Record;
-use rustler::{Encoder, LocalPid, ResourceArc, Term};
+use aws_sdk_kinesis::types::{ChildShard, Record};
+use rustler::{Encoder, Env, LocalPid, ResourceArc, Term};
 use tokio::sync::{watch, Semaphore};
 
 use crate::atoms;
@@ -106,11 +106,19 @@ impl Link {
         })
     }
 
-    /// A closed shard was read to its end.
-    pub fn shard_end(&self) -> bool {
+    /// A closed shard was read to its end. `children` are the shards that
+    /// continue it as Kinesis named them at the end (a SubscribeToShard
+    /// event's ChildShards); when there are none the message has no list
+    /// and the consumer finds the children by listing the shards.
+    pub fn shard_end(&self, children: &[ChildShard]) -> bool {
         let shard_id = self.shard_id.as_str();
         delivery::send(&self.dispatcher, |env| {
-            (atoms::convoy_shard_end(), shard_id).encode(env)
+            if children.is_empty() {
+                (atoms::convoy_shard_end(), shard_id).encode(env)
+            } else {
+                let children = encode_children(env, children);
+                (atoms::convoy_shard_end(), shard_id, children).encode(env)
+            }
         })
     }
 
@@ -151,6 +159,38 @@ impl Link {
             _ = self.stop_requested() => Flow::Stop,
         }
     }
+}
+
+/// Child shards as maps of the keys `list_shards` gives a shard: the first
+/// parent is `parent_shard_id`, a second one `adjacent_parent_shard_id`.
+fn encode_children<'a>(env: Env<'a>, children: &[ChildShard]) -> Term<'a> {
+    let children: Vec<Term> = children
+        .iter()
+        .map(|child| {
+            let parents = child.parent_shards();
+            let range = child.hash_key_range();
+            let keys = [
+                atoms::shard_id(),
+                atoms::parent_shard_id(),
+                atoms::adjacent_parent_shard_id(),
+                atoms::starting_hash_key(),
+                atoms::ending_hash_key(),
+                atoms::ending_sequence_number(),
+            ]
+            .map(|a| a.encode(env));
+            let values = [
+                Some(child.shard_id()),
+                parents.first().map(String::as_str),
+                parents.get(1).map(String::as_str),
+                range.map(|r| r.starting_hash_key()),
+                range.map(|r| r.ending_hash_key()),
+                None,
+            ]
+            .map(|v| v.encode(env));
+            Term::map_from_term_arrays(env, &keys, &values).expect("distinct keys")
+        })
+        .collect();
+    children.encode(env)
 }
 
 /// The dispatcher finished the batch it was sent: the reader may go on.

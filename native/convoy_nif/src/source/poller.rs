@@ -181,7 +181,7 @@ impl ShardTask {
         }
         let Some(next) = output.next_shard_iterator() else {
             // A closed shard read to its end.
-            self.link.shard_end();
+            self.link.shard_end(&[]);
             return Next::Stop;
         };
         if records.is_empty() {
