@@ -1,10 +1,12 @@
 //! A buffered record, kept small: its partition key and data share one
-//! allocation, the rarely used parts are boxed, and its arrival is a
-//! millisecond count. A record then holds a 48-byte entry besides its key
+//! allocation, the parts most records lack (an explicit hash key, a caller
+//! awaiting the outcome) share one optional box, and its arrival is a
+//! millisecond count. A record then holds a 32-byte entry besides its key
 //! and data (plus the allocator's rounding), where separate key, data,
-//! reply and `Instant` fields took more than twice that and two
-//! allocations.
+//! hash key, reply and `Instant` fields took more than twice that and
+//! several allocations.
 
+use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use crate::reply::ReplyTo;
@@ -15,7 +17,7 @@ pub(super) struct Packed {
     bytes: Box<[u8]>,
     key_len: u16,
     /// 32 bits that would otherwise be padding: an [`Entry`] keeps its
-    /// arrival here, which keeps the entry at 48 bytes.
+    /// arrival here, which keeps the entry at 32 bytes.
     stamp: u32,
 }
 
@@ -53,15 +55,53 @@ impl Packed {
     }
 }
 
+/// What a record rarely has, boxed together so that a record with neither
+/// pays one null pointer.
+pub(super) struct Extras {
+    pub explicit_hash_key: Option<Box<str>>,
+    /// The caller awaiting the record's outcome (`put/4` with `await:`).
+    pub reply: Option<ReplyTo>,
+}
+
+impl Extras {
+    /// Boxed when there is something to keep.
+    fn boxed(explicit_hash_key: Option<Box<str>>, reply: Option<ReplyTo>) -> Option<Box<Self>> {
+        (explicit_hash_key.is_some() || reply.is_some()).then(|| {
+            Box::new(Extras {
+                explicit_hash_key,
+                reply,
+            })
+        })
+    }
+}
+
+static NO_EXTRAS: Extras = Extras {
+    explicit_hash_key: None,
+    reply: None,
+};
+
 /// A record waiting in a lane.
+///
+/// `reply` holds the [`Extras`]: the name is that of the part that travels
+/// on with the record once it is in a request (a `send::Member`), and the
+/// explicit hash key rides along. The entry dereferences to its extras, so
+/// `entry.explicit_hash_key` reads as a field (`None` for a record with no
+/// extras).
 pub(super) struct Entry {
     pub record: Packed,
-    pub explicit_hash_key: Option<Box<str>>,
-    pub reply: Option<Box<ReplyTo>>,
+    pub reply: Option<Box<Extras>>,
 }
 
 // What the memory budget of a buffered record rests on.
-const _: () = assert!(std::mem::size_of::<Entry>() == 48);
+const _: () = assert!(std::mem::size_of::<Entry>() == 32);
+
+impl Deref for Entry {
+    type Target = Extras;
+
+    fn deref(&self) -> &Extras {
+        self.reply.as_deref().unwrap_or(&NO_EXTRAS)
+    }
+}
 
 impl Entry {
     /// `enqueued`: when it was put, in ms since the producer started (see
@@ -69,14 +109,13 @@ impl Entry {
     pub fn new(
         mut record: Packed,
         explicit_hash_key: Option<Box<str>>,
-        reply: Option<Box<ReplyTo>>,
+        reply: Option<ReplyTo>,
         enqueued: u32,
     ) -> Self {
         record.stamp = enqueued;
         Entry {
             record,
-            explicit_hash_key,
-            reply,
+            reply: Extras::boxed(explicit_hash_key, reply),
         }
     }
 
