@@ -133,20 +133,26 @@ impl Entry {
 /// Milliseconds since the producer started, in 32 bits. Ages are computed
 /// with wrapping arithmetic, so they stay right for records younger than
 /// 49 days.
+///
+/// Every put stamps its record, so the clock is read on the hot path. On
+/// Linux it is the coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`: the
+/// time of the last timer tick, 1 to 4 ms old, read in about 8 ns), not
+/// `Instant` (about 40 ns with the conversion to milliseconds on this
+/// project's machines). A stamp, an age and so a batch's deadline are then
+/// exact to a tick: a record may leave up to one tick before or after its
+/// `batch_timeout`, which is a target for batching, not a promise.
 pub(super) struct Clock {
-    epoch: Instant,
+    epoch: u64,
 }
 
 impl Clock {
     pub fn new() -> Self {
-        Clock {
-            epoch: Instant::now(),
-        }
+        Clock { epoch: clock_ms() }
     }
 
     pub fn now(&self) -> u32 {
         // Truncation is the point: the count wraps.
-        self.epoch.elapsed().as_millis() as u32
+        clock_ms().wrapping_sub(self.epoch) as u32
     }
 
     pub fn age(&self, at: u32) -> Duration {
@@ -157,6 +163,26 @@ impl Clock {
     pub fn deadline(&self, at: u32, after: Duration) -> Instant {
         Instant::now() + after.saturating_sub(self.age(at))
     }
+}
+
+/// A monotonic clock in milliseconds, coarse where the system has one.
+#[cfg(target_os = "linux")]
+fn clock_ms() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write; CLOCK_MONOTONIC_COARSE
+    // exists on every Linux since 2.6.32 and cannot fail with a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    now.tv_sec as u64 * 1_000 + now.tv_nsec as u64 / 1_000_000
+}
+
+#[cfg(not(target_os = "linux"))]
+fn clock_ms() -> u64 {
+    use std::sync::OnceLock;
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 #[cfg(test)]
