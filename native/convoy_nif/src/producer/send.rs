@@ -66,7 +66,12 @@ pub(super) struct Outgoing {
 impl Outgoing {
     pub fn single(entry: Entry) -> Self {
         let Entry { record, mut reply } = entry;
+        // The hash key moves to the outgoing record; the box stays only for
+        // a reply.
         let explicit_hash_key = reply.as_mut().and_then(|x| x.explicit_hash_key.take());
+        if reply.as_ref().is_some_and(|x| x.reply.is_none()) {
+            reply = None;
+        }
         Outgoing {
             members: Members::One(Member {
                 reply,
