@@ -193,14 +193,6 @@ defmodule Bench do
     run_parallel(count, procs, fn key, data -> put!(id, key, data) end)
   end
 
-  # Puts every `{key, data}` from this process; answers :ok.
-  def put_each(_id, []), do: :ok
-
-  def put_each(id, [{key, data} | rest]) do
-    :ok = Convoy.Queue.put(id, key, data)
-    put_each(id, rest)
-  end
-
   # Puts `count` records from `procs` processes, each building its records
   # as it goes, as the peers do (no list of payloads to build and collect
   # first); answers the seconds until all are accepted.
