@@ -193,20 +193,12 @@ defmodule Bench do
     run_parallel(count, procs, fn key, data -> put!(id, key, data) end)
   end
 
-  # Puts every `{key, data}` from this process; answers :ok.
-  def put_each(_id, []), do: :ok
-
-  def put_each(id, [{key, data} | rest]) do
-    :ok = Convoy.Queue.put(id, key, data)
-    put_each(id, rest)
-  end
-
   # Puts `count` records from `procs` processes, each building its records
   # as it goes, as the peers do (no list of payloads to build and collect
   # first); answers the seconds until all are accepted.
   def produce_all(id, count, procs, key_count \\ 64) do
     per = div(count, procs)
-    keys = List.to_tuple(for k <- 1..key_count, do: "key-#{k}")
+    keys = keys(key_count)
 
     seconds(fn ->
       1..procs
@@ -219,6 +211,8 @@ defmodule Bench do
       |> Task.await_many(:infinity)
     end)
   end
+
+  defp keys(count \\ 64), do: List.to_tuple(for k <- 0..(count - 1), do: "key-#{k}")
 
   defp produce(_id, _keys, last, last), do: :ok
 
@@ -267,6 +261,96 @@ defmodule Bench do
   # The CPU time (ns) the VM's scheduler threads used during the last
   # `run_parallel/3` (its calls only).
   def last_scheduler_ns, do: Process.get(:bench_scheduler_ns)
+
+  # Section 0 of bench/run.exs, one run: the bytes of resident memory the VM
+  # grows by per record while `count` records stay buffered in a queue whose
+  # Kinesis is unreachable. `warm` records are put first, outside the
+  # measure: they fill the lanes' first requests (in flight, retried) and
+  # grow the allocators past their first segments, costs a queue pays once
+  # rather than per record held. Records are built as they are put: a list
+  # of them built beforehand would be copied by this process's garbage
+  # collections meanwhile (about 120 bytes a record, more than Convoy's own
+  # share) and that copy would count as held.
+  def held_per_record(count, warm) do
+    {id, pid} =
+      queue!("held", "http://127.0.0.1:9",
+        batch_timeout: 600_000,
+        max_retries: 1_000,
+        retry_deadline: 3_600_000,
+        retry_backoff: 60_000,
+        max_backoff: 60_000,
+        shutdown: 1_000
+      )
+
+    keys = keys()
+    :ok = produce(id, keys, count, count + warm)
+    :erlang.garbage_collect()
+    Process.sleep(200)
+    before = rss_kb()
+    :ok = produce(id, keys, 0, count)
+    :erlang.garbage_collect()
+    Process.sleep(200)
+    grown = (rss_kb() - before) * 1024
+    %{buffered: buffered, in_flight: in_flight} = Convoy.Queue.stats(id)
+    true = buffered + in_flight == count + warm
+    stop_queue(pid)
+    grown / count
+  end
+
+  # Bytes of key and data of records `first..first + count - 1` as
+  # `produce_all/3` and `held_per_record/2` build them.
+  def payload_bytes(first, count) do
+    keys = keys()
+
+    Enum.reduce(
+      first..(first + count - 1),
+      0,
+      &(&2 + byte_size(elem(keys, rem(&1, 64))) + size())
+    )
+  end
+
+  # Section 3 of bench/run.exs, one run: Convoy consumes the `count` records
+  # of the pre-filled `stream` with one function handler, from
+  # `:trim_horizon`. Answers `{seconds, peak_rss_kb, cpu_seconds}`, the CPU
+  # time of the whole VM (all its threads) meanwhile.
+  def consume(stream, endpoint, count) do
+    {id, pid} = queue!(stream, endpoint, iterator_type: :trim_horizon, poll_interval: 50)
+    counter = :counters.new(1, [:write_concurrency])
+    me = self()
+
+    cpu_before = cpu_seconds()
+
+    {seconds, rss} =
+      peak_rss(fn ->
+        seconds(fn ->
+          :ok =
+            Convoy.Queue.attach_handler(
+              id,
+              :count,
+              fn _record, _ ->
+                :counters.add(counter, 1, 1)
+                if :counters.get(counter, 1) == count, do: send(me, :all_in)
+              end,
+              nil
+            )
+
+          receive do
+            :all_in -> :ok
+          after
+            300_000 -> raise "consumer timed out at #{:counters.get(counter, 1)}"
+          end
+        end)
+      end)
+
+    cpu = cpu_seconds() - cpu_before
+    stop_queue(pid)
+    {seconds, rss, cpu}
+  end
+
+  # The CPU seconds of the raw SDK's GetRecords loop reading the same stream.
+  def raw_get_cpu(stream, endpoint, count) do
+    child_cpu!(@raw, ["get", endpoint, stream, "#{count}"])
+  end
 
   def payloads(first, count),
     do: for(i <- first..(first + count - 1), do: {"key-#{rem(i, 64)}", data(i)})

@@ -200,8 +200,8 @@ defmodule Convoy.Queue do
   def put(stream_id, partition_key, data, opts \\ []) do
     # The handle found last time, while it is certainly still the registered
     # one (see Convoy.Queue.HandleCache); else through the Registry.
-    with {:ok, service, handle} <- HandleCache.fetch(stream_id),
-         {:error, :closed} <- service.put(handle, partition_key, data, opts) do
+    with {:ok, put, handle} <- HandleCache.fetch(stream_id),
+         {:error, :closed} <- put.(handle, partition_key, data, opts) do
       HandleCache.forget(stream_id)
       put_looked_up(stream_id, partition_key, data, opts)
     else

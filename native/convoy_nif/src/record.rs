@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use aws_sdk_kinesis::types::Record;
 use rustler::{Binary, Encoder, Env, NewBinary, Term};
 
-use crate::timestamp;
+use crate::timestamp::DateTimes;
 use convoy_core::aggregation;
 
 /// A user record as delivered. An aggregated Kinesis record (KPL format)
@@ -97,7 +97,12 @@ pub struct Origin<'a> {
 }
 
 impl Delivered<'_> {
-    fn to_struct<'a>(&self, env: Env<'a>, origin: &Origin<'a>) -> RecordStruct<'a> {
+    fn to_struct<'a>(
+        &self,
+        env: Env<'a>,
+        origin: &Origin<'a>,
+        times: &mut DateTimes<'a>,
+    ) -> RecordStruct<'a> {
         let mut data = NewBinary::new(env, self.data.len());
         data.as_mut_slice().copy_from_slice(&self.data);
         RecordStruct {
@@ -105,7 +110,7 @@ impl Delivered<'_> {
             partition_key: self.partition_key.as_ref().encode(env),
             sequence_number: self.sequence_number.encode(env),
             shard_id: origin.shard_id,
-            approximate_arrival_timestamp: timestamp::utc_datetime(env, self.arrival_ms),
+            approximate_arrival_timestamp: times.utc(self.arrival_ms),
             stream_id: origin.stream_id,
             sub_sequence_number: self.sub_sequence_number,
             explicit_hash_key: self.explicit_hash_key.as_deref().encode(env),
@@ -122,9 +127,10 @@ pub fn encode_records<'a>(
     unparseable: &mut Vec<Unparseable>,
 ) -> Term<'a> {
     let mut terms: Vec<Term<'a>> = Vec::with_capacity(records.len());
+    let mut times = DateTimes::new(env);
     for record in records {
         for delivered in expand(record, unparseable) {
-            terms.push(delivered.to_struct(env, origin).encode(env));
+            terms.push(delivered.to_struct(env, origin, &mut times).encode(env));
         }
     }
     terms.encode(env)

@@ -16,6 +16,7 @@ static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
 /// are easy to spot in `top -H`, perf and gdb.
 pub fn handle() -> &'static tokio::runtime::Runtime {
     RUNTIME.get_or_init(|| {
+        crate::allocator::configure();
         let workers = std::env::var("CONVOY_RUNTIME_THREADS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())

@@ -234,7 +234,7 @@ impl Producer {
         let entry = Entry::new(
             Packed::new(key, &data),
             explicit_hash_key.map(String::into_boxed_str),
-            reply.map(Box::new),
+            reply,
             self.shared.clock.now(),
         );
         if self.lanes[lane]

@@ -12,7 +12,7 @@ use convoy_core::aggregation;
 use convoy_core::retry;
 use rustler::{Binary, Encoder, Env, NewBinary, OwnedEnv, Term};
 
-use super::entry::{Entry, Packed};
+use super::entry::{Entry, Extras, Packed};
 use super::Shared;
 use crate::atoms;
 use crate::error::{Error, Reason};
@@ -21,9 +21,17 @@ use crate::telemetry;
 
 /// A user record's share of an outgoing Kinesis record.
 pub(super) struct Member {
-    pub reply: Option<Box<ReplyTo>>,
+    /// The entry's extras, kept for their reply (see [`Member::reply`]).
+    pub reply: Option<Box<Extras>>,
     /// Bytes charged to the buffer budget.
     pub size: usize,
+}
+
+impl Member {
+    /// The caller awaiting this record's outcome, if any.
+    pub fn reply(&self) -> Option<&ReplyTo> {
+        self.reply.as_ref()?.reply.as_ref()
+    }
 }
 
 /// The user records an outgoing record carries: one, without a `Vec` of
@@ -57,13 +65,20 @@ pub(super) struct Outgoing {
 
 impl Outgoing {
     pub fn single(entry: Entry) -> Self {
+        let Entry { record, mut reply } = entry;
+        // The hash key moves to the outgoing record; the box stays only for
+        // a reply.
+        let explicit_hash_key = reply.as_mut().and_then(|x| x.explicit_hash_key.take());
+        if reply.as_ref().is_some_and(|x| x.reply.is_none()) {
+            reply = None;
+        }
         Outgoing {
             members: Members::One(Member {
-                reply: entry.reply,
-                size: entry.record.len(),
+                reply,
+                size: record.len(),
             }),
-            record: entry.record,
-            explicit_hash_key: entry.explicit_hash_key,
+            record,
+            explicit_hash_key,
             expected_shard: None,
             aggregated: false,
         }
@@ -343,7 +358,7 @@ fn report(
 /// Members of an aggregated record also learn their sub-sequence number.
 fn acknowledge(env: &mut OwnedEnv, outgoing: &Outgoing, shard: &str, sequence: &str) {
     for (index, member) in outgoing.members.as_slice().iter().enumerate() {
-        let Some(reply) = &member.reply else {
+        let Some(reply) = member.reply() else {
             continue;
         };
         reply.send_with(env, |env| {
@@ -406,12 +421,10 @@ pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
             shared.stream_name
         );
     }
-    for reply in batch.iter().flat_map(|o| {
-        o.members
-            .as_slice()
-            .iter()
-            .filter_map(|m| m.reply.as_deref())
-    }) {
+    for reply in batch
+        .iter()
+        .flat_map(|o| o.members.as_slice().iter().filter_map(Member::reply))
+    {
         reply.send_with(&mut env, |env| (atoms::error(), Reason(reason)).encode(env));
     }
 }

@@ -1,0 +1,39 @@
+# Section 3 of bench/run.exs alone, its CPU figures: Convoy with a function
+# handler against the raw SDK's GetRecords loop, both reading the same
+# pre-filled stream on the embedded emulator.
+#
+#   MIX_ENV=prod mix run bench/consume.exs [records]
+#
+# bench/run sets ELIXIR_ERL_OPTIONS="+sbwt none +sbwtdcpu none +sbwtdio none"
+# (schedulers that run out of work sleep instead of spinning); set it the
+# same for comparable figures. Each side runs BENCH_RUNS times (default 3).
+Code.require_file("support.exs", __DIR__)
+require Logger
+Logger.configure(level: :warning)
+
+count =
+  case System.argv() do
+    [n] -> String.to_integer(n)
+    [] -> Bench.count()
+  end
+
+{:ok, local} = Convoy.Local.start_link()
+endpoint = Convoy.Local.endpoint(local)
+filled = Bench.stream!(endpoint, "filled")
+Bench.raw(["put", endpoint, filled, "#{count}", "#{Bench.size()}", "8"])
+
+runs = for _ <- 1..Bench.runs(), do: Bench.consume(filled, endpoint, count)
+IO.puts("  convoy {seconds, peak RSS KiB, CPU seconds}: #{inspect(runs)}")
+convoy = Bench.median(Enum.map(runs, &elem(&1, 2))) / count * 1.0e6
+
+raw =
+  Bench.repeat("raw Rust GetRecords loop, CPU seconds", fn ->
+    Bench.raw_get_cpu(filled, endpoint, count)
+  end) / count * 1.0e6
+
+IO.puts(
+  "CPU per record: Convoy #{Float.round(convoy, 2)} µs, raw SDK loop #{Float.round(raw, 2)} µs: " <>
+    "#{:erlang.float_to_binary(convoy / raw, decimals: 2)}x"
+)
+
+Convoy.Local.stop(local)
