@@ -86,7 +86,7 @@ impl KeyHashes {
 }
 
 fn group_of(map: &ShardMap, key: &str, entry: &Entry, hashes: &mut KeyHashes) -> Group {
-    let hash = match &entry.explicit_hash_key {
+    let hash = match entry.explicit_hash_key() {
         Some(ehk) => ehk.parse().unwrap_or(0),
         None => hashes.of(key),
     };
@@ -113,7 +113,7 @@ impl Open {
             group,
             aggregator: Aggregator::new(),
             members: Vec::new(),
-            explicit_hash_key: entry.explicit_hash_key.clone(),
+            explicit_hash_key: entry.explicit_hash_key().map(Box::from),
         }
     }
 
@@ -124,13 +124,10 @@ impl Open {
 
     fn add(&mut self, entry: Entry) {
         let record = &entry.record;
-        self.aggregator.add(
-            record.key(),
-            entry.explicit_hash_key.as_deref(),
-            record.data(),
-        );
+        self.aggregator
+            .add(record.key(), entry.explicit_hash_key(), record.data());
         self.members.push(Member {
-            reply: entry.reply,
+            extras: entry.extras,
             size: record.len(),
         });
     }
@@ -195,7 +192,7 @@ impl<'a> Cut<'a> {
     /// `key` is the entry's partition key (checked once by the caller).
     fn place(&self, group: Group, key: &str, entry: &Entry) -> Place {
         let max = self.aggregation.max_bytes;
-        let ehk = entry.explicit_hash_key.as_deref();
+        let ehk = entry.explicit_hash_key();
         let data_len = entry.record.data().len();
         let slot = self.open.iter().position(|o| o.group == group);
         if let Some(i) = slot {

@@ -6,7 +6,6 @@
 //! hash key, reply and `Instant` fields took more than twice that and
 //! several allocations.
 
-use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use crate::reply::ReplyTo;
@@ -75,33 +74,16 @@ impl Extras {
     }
 }
 
-static NO_EXTRAS: Extras = Extras {
-    explicit_hash_key: None,
-    reply: None,
-};
-
 /// A record waiting in a lane.
-///
-/// `reply` holds the [`Extras`]: the name is that of the part that travels
-/// on with the record once it is in a request (a `send::Member`), and the
-/// explicit hash key rides along. The entry dereferences to its extras, so
-/// `entry.explicit_hash_key` reads as a field (`None` for a record with no
-/// extras).
 pub(super) struct Entry {
     pub record: Packed,
-    pub reply: Option<Box<Extras>>,
+    /// The explicit hash key and the awaiting caller, boxed together and
+    /// only when there is one: most records have neither.
+    pub extras: Option<Box<Extras>>,
 }
 
 // What the memory budget of a buffered record rests on.
 const _: () = assert!(std::mem::size_of::<Entry>() == 32);
-
-impl Deref for Entry {
-    type Target = Extras;
-
-    fn deref(&self) -> &Extras {
-        self.reply.as_deref().unwrap_or(&NO_EXTRAS)
-    }
-}
 
 impl Entry {
     /// `enqueued`: when it was put, in ms since the producer started (see
@@ -115,13 +97,17 @@ impl Entry {
         record.stamp = enqueued;
         Entry {
             record,
-            reply: Extras::boxed(explicit_hash_key, reply),
+            extras: Extras::boxed(explicit_hash_key, reply),
         }
     }
 
     /// When it was put, in ms since the producer started.
     pub fn enqueued(&self) -> u32 {
         self.record.stamp
+    }
+
+    pub fn explicit_hash_key(&self) -> Option<&str> {
+        self.extras.as_ref()?.explicit_hash_key.as_deref()
     }
 
     /// Bytes charged to the budget and to the request size.

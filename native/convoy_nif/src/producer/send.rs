@@ -22,7 +22,7 @@ use crate::telemetry;
 /// A user record's share of an outgoing Kinesis record.
 pub(super) struct Member {
     /// The entry's extras, kept for their reply (see [`Member::reply`]).
-    pub reply: Option<Box<Extras>>,
+    pub extras: Option<Box<Extras>>,
     /// Bytes charged to the buffer budget.
     pub size: usize,
 }
@@ -30,7 +30,7 @@ pub(super) struct Member {
 impl Member {
     /// The caller awaiting this record's outcome, if any.
     pub fn reply(&self) -> Option<&ReplyTo> {
-        self.reply.as_ref()?.reply.as_ref()
+        self.extras.as_ref()?.reply.as_ref()
     }
 }
 
@@ -65,16 +65,16 @@ pub(super) struct Outgoing {
 
 impl Outgoing {
     pub fn single(entry: Entry) -> Self {
-        let Entry { record, mut reply } = entry;
+        let Entry { record, mut extras } = entry;
         // The hash key moves to the outgoing record; the box stays only for
         // a reply.
-        let explicit_hash_key = reply.as_mut().and_then(|x| x.explicit_hash_key.take());
-        if reply.as_ref().is_some_and(|x| x.reply.is_none()) {
-            reply = None;
+        let explicit_hash_key = extras.as_mut().and_then(|x| x.explicit_hash_key.take());
+        if extras.as_ref().is_some_and(|x| x.reply.is_none()) {
+            extras = None;
         }
         Outgoing {
             members: Members::One(Member {
-                reply,
+                extras,
                 size: record.len(),
             }),
             record,
