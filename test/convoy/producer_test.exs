@@ -213,6 +213,62 @@ defmodule Convoy.ProducerTest do
     assert length(read_all(stream)) == 5_000
   end
 
+  # Kinesis does not answer: at the shutdown deadline the request in flight
+  # ends, and everything still buffered fails at once, so every failure
+  # reaches on_failure before the queue is gone. (The request in flight used
+  # to run to its timeout and its retries to the retry deadline, and a
+  # backlog of one key then failed one record per cut.)
+  @tag timeout: 120_000
+  test "a backlog of one key fails at once at the shutdown deadline, every record reported" do
+    me = self()
+    stream = unique_stream("overdue")
+    count = 100_000
+    # An endpoint that takes connections and never answers: every attempt
+    # times out and is retried until the deadline.
+    {:ok, silent} = :gen_tcp.listen(0, ip: {127, 0, 0, 1}, active: false)
+    {:ok, port} = :inet.port(silent)
+
+    {:ok, queue} =
+      Convoy.Queue.start_link(
+        stream: stream,
+        kinesis:
+          Keyword.put(
+            Convoy.Local.kinesis_options("http://127.0.0.1:#{port}"),
+            :request_timeout,
+            100
+          ),
+        batch_timeout: 0,
+        max_retries: 1_000,
+        retry_deadline: 600_000,
+        shutdown: 1_000,
+        on_failure: me
+      )
+
+    for i <- 1..count, do: :ok = put_until_accepted(stream, "k", "r#{i}")
+
+    log =
+      ExUnit.CaptureLog.capture_log(fn ->
+        Process.unlink(queue)
+        :ok = Supervisor.stop(queue, :normal, 60_000)
+      end)
+
+    refute log =~ "did not close in time"
+
+    reported =
+      Stream.repeatedly(fn ->
+        receive do
+          {:convoy_put_failed, _, failures} -> length(failures)
+        after
+          0 -> nil
+        end
+      end)
+      |> Enum.take_while(& &1)
+      |> Enum.sum()
+
+    assert reported == count
+    :gen_tcp.close(silent)
+  end
+
   test "records that finally fail are logged, counted and handed to on_failure" do
     me = self()
     stream = unique_stream("missing")

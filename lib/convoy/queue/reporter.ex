@@ -29,6 +29,10 @@ defmodule Convoy.Queue.Reporter do
 
   @impl true
   def init(options) do
+    # Stopped by its supervisor, it first handles what is in its mailbox:
+    # the producer's last failure reports arrive just before the stop.
+    Process.flag(:trap_exit, true)
+
     {:ok,
      %{
        stream_id: options[:stream_id],

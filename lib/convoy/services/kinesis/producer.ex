@@ -123,6 +123,10 @@ defmodule Convoy.Services.Kinesis.Producer do
       {:convoy_put_failed, failures} ->
         report(failures, state)
         await_close(ref, state, timeout)
+
+      {:convoy_put_records, report} ->
+        Reporter.put_records(report, state.options[:stream], state.stream_id)
+        await_close(ref, state, timeout)
     after
       timeout ->
         Logger.error("Convoy #{inspect(state.stream_id)}: producer did not close in time")
@@ -133,6 +137,10 @@ defmodule Convoy.Services.Kinesis.Producer do
     receive do
       {:convoy_put_failed, failures} ->
         report(failures, state)
+        drain_failures(state)
+
+      {:convoy_put_records, report} ->
+        Reporter.put_records(report, state.options[:stream], state.stream_id)
         drain_failures(state)
     after
       0 -> :ok

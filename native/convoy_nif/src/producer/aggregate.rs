@@ -237,6 +237,13 @@ impl<'a> Cut<'a> {
     fn take(&mut self, place: Place, group: Group, entry: Entry) {
         let index = match place {
             Place::Alone(_) => {
+                // The group's open aggregate may hold earlier records of
+                // this key: it goes first, so the request keeps put order.
+                if let Some(i) = self.open.iter().position(|o| o.group == group) {
+                    let open = self.open.remove(i);
+                    self.done_bytes += open.request_bytes();
+                    self.done.push(open.finish(&self.map));
+                }
                 self.next_slot += 1;
                 self.done_bytes += entry.size();
                 self.done.push(Outgoing::single(entry));

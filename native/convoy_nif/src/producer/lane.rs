@@ -67,11 +67,14 @@ impl Lane {
                 self.inbox.settle().await;
                 self.drain_commands();
             }
+            if self.closing_overdue() {
+                self.fail_buffered(&Error::Shutdown);
+                continue;
+            }
             if self.due() {
                 let (request, taken) = self.cut();
-                let deadline = self.closing.as_ref().map(|(d, _)| *d);
                 self.sending = request;
-                deliver(&self.shared, &mut self.sending, deadline).await;
+                deliver(&self.shared, &mut self.sending).await;
                 self.completed(&taken);
                 continue;
             }
@@ -135,6 +138,34 @@ impl Lane {
             || self.flushes.iter().any(|(ahead, _)| *ahead > 0)
             || self.full()
             || self.shared.clock.age(oldest.enqueued()) >= self.shared.batch_timeout
+    }
+
+    /// The close deadline passed with records still buffered: they fail at
+    /// once, not a request's worth at a time (in per-key order a busy key
+    /// would otherwise take a cut per record).
+    fn closing_overdue(&self) -> bool {
+        !self.buffer.is_empty()
+            && self
+                .closing
+                .as_ref()
+                .is_some_and(|(deadline, _)| Instant::now() >= *deadline)
+    }
+
+    /// Every buffered record takes the failure path; flushes are answered.
+    fn fail_buffered(&mut self, reason: &Error) {
+        // They join the in-flight count that `fail` pays back.
+        let count = self.buffer.len() as u64;
+        self.shared
+            .stats
+            .in_flight
+            .fetch_add(count, Ordering::Relaxed);
+        let lost: Vec<Outgoing> = self.buffer.drain(..).map(Outgoing::single).collect();
+        self.buffer_bytes = 0;
+        fail(&self.shared, lost, reason);
+        for (ahead, _) in &mut self.flushes {
+            *ahead = 0;
+        }
+        self.answer_flushes();
     }
 
     /// Whether a full request is ready. With aggregation many records share
@@ -225,18 +256,9 @@ impl Drop for Lane {
         self.inbox.settle_blocking();
         self.drain_commands();
         let reason = Error::Panic("the producer lane ended abnormally".into());
-        // Buffered records join the in-flight count `fail` pays back.
-        let buffered = self.buffer.len() as u64;
-        let stats = &self.shared.stats;
-        stats.in_flight.fetch_add(buffered, Ordering::Relaxed);
-        let mut lost: Vec<Outgoing> = std::mem::take(&mut self.sending);
-        lost.extend(self.buffer.drain(..).map(Outgoing::single));
-        fail(&self.shared, lost, &reason);
-        for (_, waiter) in self.flushes.drain(..) {
-            if let Some(waiter) = waiter {
-                waiter.done();
-            }
-        }
+        // The request being sent is counted in flight already.
+        fail(&self.shared, std::mem::take(&mut self.sending), &reason);
+        self.fail_buffered(&reason);
         if let Some((_, Some(waiter))) = self.closing.take() {
             waiter.done();
         }

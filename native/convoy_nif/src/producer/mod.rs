@@ -126,6 +126,9 @@ struct Shared {
     /// started the producer).
     owner: LocalPid,
     closed: AtomicBool,
+    /// Set by `close`: when the lanes give up sending. A request in flight
+    /// or a retry waiting then ends at once (see `send::deliver`).
+    close_deadline: tokio::sync::watch::Sender<Option<Instant>>,
     stats: Stats,
     aggregation: Option<Arc<Aggregation>>,
     /// Stamps records as they are put.
@@ -201,6 +204,9 @@ impl Producer {
     fn close(&self, timeout: Duration, waiter: Option<Arc<Waiter>>) {
         let already_closed = self.shared.closed.swap(true, Ordering::SeqCst);
         let deadline = Instant::now() + timeout;
+        if !already_closed {
+            self.shared.close_deadline.send_replace(Some(deadline));
+        }
         for inbox in &self.lanes {
             if !already_closed {
                 inbox.push_close(Command::Close(deadline, waiter.clone()));
@@ -302,6 +308,7 @@ fn producer_start(
         reporter: Mutex::new(reporter),
         owner,
         closed: AtomicBool::new(false),
+        close_deadline: tokio::sync::watch::Sender::new(None),
         stats: Stats::default(),
         aggregation: options
             .aggregation

@@ -141,6 +141,8 @@ impl<'a> Scan<'a> {
 
 impl Drop for Scan<'_> {
     /// Also on a panic mid-cut, so the lane can still account for them.
+    /// (Records already taken into the request being built are the cut's,
+    /// and a panic there loses them, as it did before per-key order.)
     fn drop(&mut self) {
         for entry in self.set_aside.drain(..).rev() {
             self.buffer.push_front(entry);

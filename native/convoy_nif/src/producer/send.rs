@@ -123,14 +123,12 @@ fn records(batch: &[Outgoing]) -> u64 {
 }
 
 /// Sends one request and retries its failed entries until each has an
-/// outcome; `pending` is empty on return. With a close deadline, whatever is
-/// unsent then fails as `:shutdown`. The entries stay in `pending` (owned by
-/// the lane) across every await.
-pub(super) async fn deliver(
-    shared: &Shared,
-    pending: &mut Vec<Outgoing>,
-    close_deadline: Option<Instant>,
-) {
+/// outcome; `pending` is empty on return. Once the producer's close deadline
+/// passes, whatever is unsent fails as `:shutdown`, also mid-request (its
+/// outcome is then unknown: Kinesis may have stored some of it) or
+/// mid-backoff. The entries stay in `pending` (owned by the lane) across
+/// every await.
+pub(super) async fn deliver(shared: &Shared, pending: &mut Vec<Outgoing>) {
     let stats = &shared.stats;
     let started = Instant::now();
     let mut attempts = 0u32;
@@ -138,12 +136,20 @@ pub(super) async fn deliver(
         .in_flight
         .fetch_add(records(pending), Ordering::Relaxed);
     loop {
-        if close_deadline.is_some_and(|d| Instant::now() >= d) {
+        if shared
+            .close_deadline
+            .borrow()
+            .is_some_and(|d| Instant::now() >= d)
+        {
             fail(shared, std::mem::take(pending), &Error::Shutdown);
             return;
         }
         attempts += 1;
-        let last_error = attempt(shared, pending).await;
+        // Cancel-safe: `attempt` changes `pending` only once answered.
+        let last_error = tokio::select! {
+            error = attempt(shared, pending) => error,
+            () = close_deadline_reached(shared) => continue,
+        };
         if pending.is_empty() {
             return;
         }
@@ -152,11 +158,26 @@ pub(super) async fn deliver(
             return;
         }
         stats.retried.fetch_add(records(pending), Ordering::Relaxed);
-        let mut wait = shared.policy.backoff(attempts);
-        if let Some(deadline) = close_deadline {
-            wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+        tokio::select! {
+            () = tokio::time::sleep(shared.policy.backoff(attempts)) => {}
+            () = close_deadline_reached(shared) => {}
         }
-        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Resolves when the producer is closing and its deadline has passed.
+async fn close_deadline_reached(shared: &Shared) {
+    let mut deadline = shared.close_deadline.subscribe();
+    // The guard is dropped at the end of this statement, before any await.
+    let at = deadline
+        .wait_for(Option::is_some)
+        .await
+        .ok()
+        .and_then(|set| *set);
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        // The sender lives as long as `shared`: it never closes first.
+        None => std::future::pending().await,
     }
 }
 
