@@ -29,10 +29,6 @@ defmodule Convoy.Queue.Reporter do
 
   @impl true
   def init(options) do
-    # Stopped by its supervisor, it first handles what is in its mailbox:
-    # the producer's last failure reports arrive just before the stop.
-    Process.flag(:trap_exit, true)
-
     {:ok,
      %{
        stream_id: options[:stream_id],
@@ -40,6 +36,21 @@ defmodule Convoy.Queue.Reporter do
        on_failure: options[:on_failure]
      }}
   end
+
+  @doc """
+  Returns once `reporter` has handled every report sent to it before the
+  call (the producer's last ones, when a queue stops); `:ok` also when it is
+  gone.
+  """
+  @spec sync(pid, timeout) :: :ok
+  def sync(reporter, timeout) do
+    GenServer.call(reporter, :sync, timeout)
+  catch
+    :exit, _ -> :ok
+  end
+
+  @impl true
+  def handle_call(:sync, _from, state), do: {:reply, :ok, state}
 
   @impl true
   def handle_info({:convoy_put_failed, failures}, state) do

@@ -113,6 +113,9 @@ defmodule Convoy.Services.Kinesis.Producer do
     ref = make_ref()
     :ok = Native.producer_close(state.producer, deadline, {self(), ref})
     await_close(ref, state, deadline + 1_000)
+    # The reporter stops right after this process: first it handles the
+    # last failure reports the lanes sent it.
+    Reporter.sync(state.reporter, 1_000)
   end
 
   defp await_close(ref, state, timeout) do
