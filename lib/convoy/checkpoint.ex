@@ -47,6 +47,17 @@ defmodule Convoy.Checkpoint do
           | :shard_end
           | {:at_timestamp, integer}
 
+  @doc false
+  # A shard resumed from `{sequence_number, sub}` reads that aggregated
+  # record again: its user records up to `sub` were processed already.
+  @spec drop_processed([Convoy.Record.t()], {String.t(), non_neg_integer}) :: [Convoy.Record.t()]
+  def drop_processed(records, {sequence, sub}) do
+    Enum.reject(
+      records,
+      &(&1.sequence_number == sequence and (&1.sub_sequence_number || 0) <= sub)
+    )
+  end
+
   @doc "Prepares the store; `options` include `:stream_id` and the queue's checkpoint options."
   @callback init(options :: keyword) :: {:ok, state :: term}
 

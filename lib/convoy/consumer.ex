@@ -899,14 +899,8 @@ defmodule Convoy.Consumer do
 
   # As the dispatcher does: the user records of the checkpoint's
   # aggregated record up to its sub-sequence number were returned already.
-  defp drop_done(records, %{done: {sequence, sub}} = entry) when records != [] do
-    kept =
-      Enum.reject(
-        records,
-        &(&1.sequence_number == sequence and (&1.sub_sequence_number || 0) <= sub)
-      )
-
-    {kept, %{entry | done: nil}}
+  defp drop_done(records, %{done: {_, _} = done} = entry) when records != [] do
+    {Convoy.Checkpoint.drop_processed(records, done), %{entry | done: nil}}
   end
 
   defp drop_done(records, entry), do: {records, entry}

@@ -278,14 +278,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
   # A shard started at a checkpoint inside an aggregated record reads that
   # record again: its user records up to the checkpoint's sub-sequence
   # number are dropped from the first batch that brings any record.
-  defp drop_done(records, %{done_through: {sequence, sub}} = state) when records != [] do
-    kept =
-      Enum.reject(
-        records,
-        &(&1.sequence_number == sequence and (&1.sub_sequence_number || 0) <= sub)
-      )
-
-    {kept, %{state | done_through: nil}}
+  defp drop_done(records, %{done_through: {_, _} = done} = state) when records != [] do
+    {Convoy.Checkpoint.drop_processed(records, done), %{state | done_through: nil}}
   end
 
   defp drop_done(records, state), do: {records, state}

@@ -12,6 +12,7 @@ use aws_sdk_kinesis::types::{ChildShard, Record};
 use rustler::{Encoder, Env, LocalPid, ResourceArc, Term};
 use tokio::sync::{watch, Semaphore};
 
+use super::shard_map;
 use crate::atoms;
 use crate::delivery::{self, KeptTerm};
 use crate::error::{Error, Reason};
@@ -168,26 +169,8 @@ fn encode_children<'a>(env: Env<'a>, children: &[ChildShard]) -> Term<'a> {
         .iter()
         .map(|child| {
             let parents = child.parent_shards();
-            let range = child.hash_key_range();
-            let keys = [
-                atoms::shard_id(),
-                atoms::parent_shard_id(),
-                atoms::adjacent_parent_shard_id(),
-                atoms::starting_hash_key(),
-                atoms::ending_hash_key(),
-                atoms::ending_sequence_number(),
-            ]
-            .map(|a| a.encode(env));
-            let values = [
-                Some(child.shard_id()),
-                parents.first().map(String::as_str),
-                parents.get(1).map(String::as_str),
-                range.map(|r| r.starting_hash_key()),
-                range.map(|r| r.ending_hash_key()),
-                None,
-            ]
-            .map(|v| v.encode(env));
-            Term::map_from_term_arrays(env, &keys, &values).expect("distinct keys")
+            let parents = [0, 1].map(|i| parents.get(i).map(String::as_str));
+            shard_map(env, child.shard_id(), parents, child.hash_key_range(), None)
         })
         .collect();
     children.encode(env)

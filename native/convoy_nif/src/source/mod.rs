@@ -9,7 +9,7 @@ mod link;
 mod poller;
 
 use aws_sdk_kinesis::primitives::DateTime;
-use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
+use aws_sdk_kinesis::types::{HashKeyRange, Shard, ShardIteratorType};
 use rustler::{Encoder, Env, ResourceArc, Term};
 
 use crate::atoms;
@@ -85,31 +85,46 @@ impl Encoder for Shards {
             .0
             .iter()
             .map(|s| {
-                let range = s.hash_key_range();
-                let keys = [
-                    atoms::shard_id(),
-                    atoms::parent_shard_id(),
-                    atoms::adjacent_parent_shard_id(),
-                    atoms::starting_hash_key(),
-                    atoms::ending_hash_key(),
-                    atoms::ending_sequence_number(),
-                ]
-                .map(|a| a.encode(env));
-                let values = [
-                    Some(s.shard_id()),
-                    s.parent_shard_id(),
-                    s.adjacent_parent_shard_id(),
-                    range.map(|r| r.starting_hash_key()),
-                    range.map(|r| r.ending_hash_key()),
-                    s.sequence_number_range()
-                        .and_then(|r| r.ending_sequence_number()),
-                ]
-                .map(|v| v.encode(env));
-                Term::map_from_term_arrays(env, &keys, &values).expect("distinct keys")
+                let ending = s
+                    .sequence_number_range()
+                    .and_then(|r| r.ending_sequence_number());
+                let parents = [s.parent_shard_id(), s.adjacent_parent_shard_id()];
+                shard_map(env, s.shard_id(), parents, s.hash_key_range(), ending)
             })
             .collect();
         shards.encode(env)
     }
+}
+
+/// A shard as Elixir sees it, from ListShards or from an event's
+/// ChildShards: `%{shard_id, parent_shard_id, adjacent_parent_shard_id,
+/// starting_hash_key, ending_hash_key, ending_sequence_number}`.
+pub(crate) fn shard_map<'a>(
+    env: Env<'a>,
+    shard_id: &str,
+    [parent, adjacent_parent]: [Option<&str>; 2],
+    range: Option<&HashKeyRange>,
+    ending_sequence_number: Option<&str>,
+) -> Term<'a> {
+    let keys = [
+        atoms::shard_id(),
+        atoms::parent_shard_id(),
+        atoms::adjacent_parent_shard_id(),
+        atoms::starting_hash_key(),
+        atoms::ending_hash_key(),
+        atoms::ending_sequence_number(),
+    ]
+    .map(|a| a.encode(env));
+    let values = [
+        Some(shard_id),
+        parent,
+        adjacent_parent,
+        range.map(|r| r.starting_hash_key()),
+        range.map(|r| r.ending_hash_key()),
+        ending_sequence_number,
+    ]
+    .map(|v| v.encode(env));
+    Term::map_from_term_arrays(env, &keys, &values).expect("distinct keys")
 }
 
 #[rustler::nif]
