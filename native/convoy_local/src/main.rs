@@ -11,6 +11,7 @@
 //! and stops the same way.
 
 mod null;
+mod subscribe;
 
 use std::net::SocketAddr;
 
@@ -130,7 +131,7 @@ async fn serve(args: ServeArgs) -> i32 {
         subscribe_to_shard_session_ms: subscription_seconds * 1000,
         ..StoreOptions::default()
     };
-    let (app, _store) = ferrokinesis::create_app(options);
+    let (app, store) = ferrokinesis::create_app(options);
     let app = app.layer(DefaultBodyLimit::max(max_request_body_mb * 1024 * 1024));
     // One request at a time. ferrokinesis 0.7.0 deadlocks under concurrent
     // PutRecords and GetRecords on one stream: GetRecords keeps a DashMap
@@ -138,6 +139,13 @@ async fn serve(args: ServeArgs) -> i32 {
     // waiting for that shard exclusively. Each request is short, so
     // serving them in turn costs little and cannot deadlock.
     let gate = Arc::new(Semaphore::new(1));
+    // Inside the gate: a subscription's opening reads run in their turn;
+    // its later reads take the gate themselves.
+    let subscriptions = subscribe::Subscriptions::new(store, gate.clone());
+    let app = app.layer(axum::middleware::from_fn_with_state(
+        subscriptions,
+        subscribe::middleware,
+    ));
     let app = app.layer(axum::middleware::from_fn(move |request, next: Next| {
         let gate = gate.clone();
         async move {

@@ -206,8 +206,8 @@ const NOT_FOUND_RETRIES: u32 = 5;
 /// The first record a reader may hand over: a record a server sends again,
 /// or one from before the start, never reaches the handlers. A renewal
 /// starts after the last record delivered, but not every server honours a
-/// starting position (ferrokinesis 0.7 keeps only its type and replays the
-/// shard from its start).
+/// starting position (ferrokinesis 0.7's own SubscribeToShard keeps only its
+/// type and replays the shard from its start).
 enum Floor {
     Any,
     Since(i64),
