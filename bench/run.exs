@@ -574,7 +574,8 @@ mostly Convoy's: the put's request, the event's decoding, the dispatcher and the
 #{Enum.map_join(r.unreachable, "\n", fn {s, kb, grown, held, over} -> "| #{s} | #{Float.round(kb / 1024, 1)} | #{Float.round(grown / 1024, 1)} | #{held} | #{over} |" end)}
 
 The buffer bound (`max_buffered_records: 100_000`) holds: memory levels off once it is reached.
-"""
+
+#{File.read!(Path.join(__DIR__, "LEASES.md")) |> String.replace(~r/\A<!--.*?-->\n+/s, "")}"""
 
 File.write!(Path.join(Path.expand("..", __DIR__), "bench/RESULTS.md"), report)
 IO.puts("\n" <> report)
