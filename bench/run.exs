@@ -575,7 +575,8 @@ mostly Convoy's: the put's request, the event's decoding, the dispatcher and the
 
 The buffer bound (`max_buffered_records: 100_000`) holds: memory levels off once it is reached.
 
-#{File.read!(Path.join(__DIR__, "LEASES.md")) |> String.replace(~r/\A<!--.*?-->\n+/s, "")}"""
+#{File.read!(Path.join(__DIR__, "LEASES.md")) |> String.replace(~r/\A<!--.*?-->\n+/s, "")}
+"""
 
 File.write!(Path.join(Path.expand("..", __DIR__), "bench/RESULTS.md"), report)
 IO.puts("\n" <> report)
