@@ -83,6 +83,20 @@ defmodule Convoy.Local do
   def put_requests(server), do: GenServer.call(server, :put_requests)
 
   @doc """
+  The SubscribeToShard requests the emulator answered, in order, as
+  `{shard_id, :opened}` or `{shard_id, :in_use}` (refused with
+  ResourceInUseException: the consumer subscribed to that shard less than
+  5 seconds before and that subscription still lives). For tests of
+  enhanced fan-out's renewals and races.
+
+  ## Example
+
+      [{"shardId-000000000000", :opened} | _] = Convoy.Local.subscriptions(local)
+  """
+  @spec subscriptions(GenServer.server()) :: [{String.t(), :opened | :in_use}]
+  def subscriptions(server), do: GenServer.call(server, :subscriptions)
+
+  @doc """
   Stops the emulator.
 
   ## Example
@@ -287,7 +301,7 @@ defmodule Convoy.Local do
     case await_listening(port, "") do
       {:ok, endpoint} ->
         :ok = await_answer(endpoint, 50)
-        {:ok, %{port: port, endpoint: endpoint, put_requests: []}}
+        {:ok, %{port: port, endpoint: endpoint, put_requests: [], subscriptions: []}}
 
       {:error, reason} ->
         {:stop, reason}
@@ -339,6 +353,9 @@ defmodule Convoy.Local do
   def handle_call(:put_requests, _from, state),
     do: {:reply, Enum.reverse(state.put_requests), state}
 
+  def handle_call(:subscriptions, _from, state),
+    do: {:reply, Enum.reverse(state.subscriptions), state}
+
   @impl true
   def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
     {:stop, {:convoy_local_exited, status}, state}
@@ -350,6 +367,15 @@ defmodule Convoy.Local do
       ) do
     [entries, bytes] = counts |> String.split() |> Enum.map(&String.to_integer/1)
     {:noreply, %{state | put_requests: [{entries, bytes} | state.put_requests]}}
+  end
+
+  def handle_info(
+        {port, {:data, {:eol, "convoy_local subscribe " <> subscription}}},
+        %{port: port} = state
+      ) do
+    [shard_id, outcome] = String.split(subscription)
+    outcome = if outcome == "opened", do: :opened, else: :in_use
+    {:noreply, %{state | subscriptions: [{shard_id, outcome} | state.subscriptions]}}
   end
 
   def handle_info({port, {:data, _}}, %{port: port} = state), do: {:noreply, state}

@@ -6,6 +6,8 @@ defmodule Convoy.FanOutTest do
 
   import Convoy.TestSupport
 
+  alias Convoy.TestSupport.TcpProxy
+
   @moduletag :fan_out
   @moduletag timeout: 600_000
 
@@ -141,39 +143,46 @@ defmodule Convoy.FanOutTest do
   test "a split during a subscription: the parent's records before its children's, nothing lost" do
     stream = create_stream!(unique_stream("fan-out-split"), 1)
     id = start_queue!(stream, shard_refresh_interval: 500)
-    me = self()
-
-    # The handler holds each record until the test lets it go, so the
-    # parent cannot have been read to its end when the children appear.
-    :ok =
-      Convoy.Queue.attach_handler(
-        id,
-        :h,
-        fn record, _ ->
-          send(me, {:h, record})
-        end,
-        nil
-      )
+    :ok = Convoy.Queue.attach_handler(id, :h, self(), nil)
 
     raw_put!(stream, 100)
-    before_split = collect(:h, 100)
+    # Every batch of the parent is acknowledged but the last, which is held:
+    # the parent cannot be read to its end while it is.
+    {held, before_split} = hold_last(100)
+    parent = held.shard_id
 
-    raw_put!(stream, 100, start: 100)
-    {:ok, [%{shard_id: parent}]} = Convoy.Local.list_shards(endpoint(), stream)
+    {:ok, [%{shard_id: ^parent}]} = Convoy.Local.list_shards(endpoint(), stream)
     :ok = Convoy.Local.split_shard(endpoint(), stream, parent, @middle_hash_key)
-    raw_put!(stream, 200, start: 200)
+    raw_put!(stream, 200, start: 100)
+    # The children hold records and are known (listed every 500 ms, or
+    # named by the parent's last event), yet nothing of theirs comes.
+    refute_receive {:convoy_batch, _}, 2_000
+    :ok = Convoy.Queue.ack(held)
 
-    rest = collect(:h, 300)
-    refute_receive {:h, _}, 1_000
+    after_split = receive_batches(200)
+    refute_receive {:convoy_batch, _}, 1_000
 
-    {from_parent, from_children} = Enum.split_while(rest, &(&1.shard_id == parent))
-    assert length(from_parent) == 100
-    assert from_children |> Enum.map(& &1.shard_id) |> Enum.uniq() |> length() == 2
+    assert Enum.all?(after_split, &(&1.shard_id != parent))
+    assert after_split |> Enum.map(& &1.shard_id) |> Enum.uniq() |> length() == 2
 
-    assert Enum.map(before_split ++ rest, & &1.data) |> Enum.sort() ==
-             Enum.sort(for i <- 0..399, do: "record-#{i}")
+    assert Enum.map(before_split ++ after_split, & &1.data) |> Enum.sort() ==
+             Enum.sort(for i <- 0..299, do: "record-#{i}")
 
-    assert_shard_order(rest)
+    assert_shard_order(after_split)
+  end
+
+  # Acknowledges the pid handler's batches until `count` records came,
+  # except the last batch, which it returns with every record received.
+  defp hold_last(count, acc \\ []) do
+    assert_receive {:convoy_batch, batch}, 30_000
+    acc = acc ++ batch.records
+
+    if length(acc) >= count do
+      {batch, acc}
+    else
+      :ok = Convoy.Queue.ack(batch)
+      hold_last(count, acc)
+    end
   end
 
   # kinesis-mock names no ChildShards in its events (the consumer lists the
@@ -265,6 +274,88 @@ defmodule Convoy.FanOutTest do
              Enum.sort(for i <- 0..299, do: "record-#{i}")
 
     assert_shard_order(records)
+
+    # Renewals did happen: each shard was subscribed to more than once.
+    opened = for {shard, :opened} <- Convoy.Local.subscriptions(local), do: shard
+    assert opened |> Enum.frequencies() |> Map.values() |> Enum.all?(&(&1 >= 2))
+    assert opened |> Enum.uniq() |> length() == 2
+    Convoy.Local.stop(local)
+  end
+
+  @tag :embedded_only
+  test "a dropped connection: the reader subscribes again and the records written meanwhile arrive" do
+    {:ok, local} = Convoy.Local.start()
+    endpoint = Convoy.Local.endpoint(local)
+    {:ok, proxy} = TcpProxy.start_link(URI.parse(endpoint).port)
+    via_proxy = "http://127.0.0.1:#{TcpProxy.port(proxy)}"
+    stream = create_stream!(unique_stream("fan-out-cut"), 1, endpoint)
+
+    id = start_queue!(stream, kinesis: kinesis(via_proxy), retry_backoff: 50, max_backoff: 500)
+
+    :ok = Convoy.Queue.attach_handler(id, :h, forward(:rec), nil)
+    raw_put!(stream, 20, endpoint: endpoint)
+    assert Enum.map(collect(:rec, 20), & &1.data) == for(i <- 0..19, do: "record-#{i}")
+
+    # Every connection through the proxy is closed, the subscription's too,
+    # and new ones are refused for a while; records keep coming meanwhile.
+    :ok = TcpProxy.block(proxy)
+    raw_put!(stream, 20, start: 20, endpoint: endpoint)
+    Process.sleep(1_500)
+    :ok = TcpProxy.unblock(proxy)
+    raw_put!(stream, 20, start: 40, endpoint: endpoint)
+
+    records = collect(:rec, 40)
+    refute_receive {:rec, _}, 1_500
+    assert Enum.map(records, & &1.data) == for(i <- 20..59, do: "record-#{i}")
+    opened = for {_shard, :opened} <- Convoy.Local.subscriptions(local), do: 1
+    assert length(opened) >= 2
+    Convoy.Local.stop(local)
+  end
+
+  @tag :embedded_only
+  test "two queues racing for one consumer's subscription (ResourceInUse) each get every record once" do
+    {:ok, local} = Convoy.Local.start()
+    endpoint = Convoy.Local.endpoint(local)
+    stream = create_stream!(unique_stream("fan-out-race"), 1, endpoint)
+    name = "race-#{System.unique_integer([:positive])}"
+    me = self()
+
+    for queue <- [:a, :b] do
+      start_supervised!(
+        {Convoy.Queue,
+         stream: stream,
+         stream_id: "#{stream}-#{queue}",
+         kinesis: kinesis(endpoint),
+         iterator_type: :trim_horizon,
+         consumer: {:fan_out, name},
+         retry_backoff: 100,
+         max_backoff: 1_000},
+        id: queue
+      )
+
+      :ok =
+        Convoy.Queue.attach_handler(
+          "#{stream}-#{queue}",
+          :h,
+          fn r, _ -> send(me, {queue, r}) end,
+          nil
+        )
+    end
+
+    raw_put!(stream, 20, endpoint: endpoint)
+    # One queue's subscription is refused while the other's lives (less
+    # than 5 s); after that the refused one takes the shard over, the other
+    # is cut off and takes it back 5 s later, and so on.
+    Process.sleep(6_000)
+    raw_put!(stream, 20, start: 20, endpoint: endpoint)
+
+    for queue <- [:a, :b] do
+      records = collect(queue, 40)
+      assert Enum.map(records, & &1.data) == for(i <- 0..39, do: "record-#{i}")
+    end
+
+    refute_receive {_queue, %Convoy.Record{}}, 1_500
+    assert {_, :in_use} = List.keyfind(Convoy.Local.subscriptions(local), :in_use, 1)
     Convoy.Local.stop(local)
   end
 

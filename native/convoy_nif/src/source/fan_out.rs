@@ -452,17 +452,17 @@ fn starting_position(position: &Position) -> StartingPosition {
 /// connection, a missing consumer (registered again) for a few tries,
 /// besides the usual transient ones.
 fn retryable(error: &Error, failures: u32) -> bool {
-    if retry::error_is_retryable(error) {
-        return true;
-    }
     match error {
+        // Before the general rule, which retries a missing resource forever.
+        Error::Aws { code, .. } if code == "ResourceNotFoundException" => {
+            failures <= NOT_FOUND_RETRIES
+        }
         Error::Aws { code, message } => match code.as_str() {
             "SubscriptionSilent" | "LimitExceededException" => true,
-            "ResourceNotFoundException" => failures <= NOT_FOUND_RETRIES,
             "Unknown" => message.contains("active subscription"),
-            _ => false,
+            _ => retry::error_is_retryable(error),
         },
-        _ => false,
+        _ => retry::error_is_retryable(error),
     }
 }
 
