@@ -175,8 +175,9 @@ defmodule Convoy.Queue do
       `sub_sequence_number`, the record's index inside its aggregated
       record). The record still waits for its batch, up to `batch_timeout`
       ms, so the timeout should allow more than that. On `{:error,
-      :timeout}` the record may still arrive later, and its outcome message (`{:convoy_put, id, result}`) may still reach
-      the caller's mailbox; a GenServer calling this should ignore it.
+      :timeout}` the record may still arrive later, and its outcome message
+      (`{ref, result}`, `ref` a reference `put/4` made) may still reach the
+      caller's mailbox; a GenServer calling this should ignore it.
 
   ## Errors
 
