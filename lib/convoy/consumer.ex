@@ -475,16 +475,17 @@ defmodule Convoy.Consumer do
           next_order: state.next_order + 1
       }
 
-      handler_event(state, :attach, id)
+      handler_event(state, [:convoy, :queue, :attach], id)
       {:ok, state |> store_handlers() |> broadcast_handlers()}
     end
   end
 
   # Convoy 0.1's events, with its measurements and metadata (and the
-  # stream_id added).
+  # stream_id added). Callers write the event out, so that every event name
+  # can be found in the source (test/convoy/telemetry_events_test.exs).
   defp handler_event(state, event, id) do
     Convoy.Telemetry.execute(
-      [:convoy, :queue, event],
+      event,
       %{handler_count: map_size(state.handlers)},
       %{stream: state.stream, stream_id: state.stream_id, handler_id: id}
     )
@@ -494,7 +495,7 @@ defmodule Convoy.Consumer do
     {entry, handlers} = Map.pop(state.handlers, id)
     if entry.monitor, do: Process.demonitor(entry.monitor, [:flush])
     state = %{state | handlers: handlers}
-    handler_event(state, :detach, id)
+    handler_event(state, [:convoy, :queue, :detach], id)
 
     state
     |> store_handlers()
