@@ -39,7 +39,13 @@ defmodule Convoy.Consumer do
   Starts a consumer. Options: `:stream_id`, `:source` (`{module, source}`),
   `:checkpoint` (`{module, options}`), `:iterator_type`, `:poll_interval`,
   `:poll_limit`, `:shard_refresh_interval`, `:retry_backoff`, `:max_backoff`
-  (see `Convoy.Queue.start_link/1`).
+  (see `Convoy.Queue.start_link/1`), and `:restart_reset_after`.
+
+  A shard dispatcher that exits abnormally is started again from the
+  shard's checkpoint after 1 s, then 2 s, 4 s ... up to 60 s if it keeps
+  dying. As with a supervisor's restart intensity, only recent failures
+  count: a dispatcher that ran `:restart_reset_after` ms (default 60_000)
+  before it died is started again after 1 s.
 
   ## Example
 
@@ -148,6 +154,8 @@ defmodule Convoy.Consumer do
 
   @reader_options [:poll_interval, :poll_limit, :retry_backoff, :max_backoff]
 
+  @restart_reset_after 60_000
+
   @impl true
   def init(options) do
     # Options left out take Convoy.Queue's defaults, defined once there.
@@ -195,7 +203,11 @@ defmodule Convoy.Consumer do
        pull_turn: 0,
        dispatchers: %{},
        stopping: %{},
+       # shard id => dispatchers that died in a row, each younger than
+       # restart_reset_after; pid => when that dispatcher started (ms).
        restarts: %{},
+       dispatcher_since: %{},
+       restart_reset_after: Keyword.get(options, :restart_reset_after, @restart_reset_after),
        polling: false,
        refresh_ref: nil,
        # The shard listing in flight (a task's ref), and whether another
@@ -405,6 +417,9 @@ defmodule Convoy.Consumer do
   def handle_info(_other, state), do: {:noreply, state}
 
   defp dispatcher_down(state, pid, reason) do
+    {since, dispatcher_since} = Map.pop(state.dispatcher_since, pid)
+    state = %{state | dispatcher_since: dispatcher_since}
+
     cond do
       Map.has_key?(state.stopping, pid) ->
         {shard_id, stopping} = Map.pop(state.stopping, pid)
@@ -418,8 +433,13 @@ defmodule Convoy.Consumer do
           {:noreply, state}
         else
           # 1 s, 2 s, 4 s ... up to a minute, so a shard that keeps failing
-          # neither spins nor is given up.
-          restarts = Map.get(state.restarts, shard_id, 0)
+          # neither spins nor is given up. A dispatcher that lived
+          # restart_reset_after was healthy: its death counts as a first one.
+          restarts =
+            if since && System.monotonic_time(:millisecond) - since >= state.restart_reset_after,
+              do: 0,
+              else: Map.get(state.restarts, shard_id, 0)
+
           delay = min(1_000 * Integer.pow(2, min(restarts, 6)), 60_000)
 
           Logger.error(
@@ -475,16 +495,17 @@ defmodule Convoy.Consumer do
           next_order: state.next_order + 1
       }
 
-      handler_event(state, :attach, id)
+      handler_event(state, [:convoy, :queue, :attach], id)
       {:ok, state |> store_handlers() |> broadcast_handlers()}
     end
   end
 
   # Convoy 0.1's events, with its measurements and metadata (and the
-  # stream_id added).
+  # stream_id added). Callers write the event out, so that every event name
+  # can be found in the source (test/convoy/telemetry_events_test.exs).
   defp handler_event(state, event, id) do
     Convoy.Telemetry.execute(
-      [:convoy, :queue, event],
+      event,
       %{handler_count: map_size(state.handlers)},
       %{stream: state.stream, stream_id: state.stream_id, handler_id: id}
     )
@@ -494,7 +515,7 @@ defmodule Convoy.Consumer do
     {entry, handlers} = Map.pop(state.handlers, id)
     if entry.monitor, do: Process.demonitor(entry.monitor, [:flush])
     state = %{state | handlers: handlers}
-    handler_event(state, :detach, id)
+    handler_event(state, [:convoy, :queue, :detach], id)
 
     state
     |> store_handlers()
@@ -777,7 +798,13 @@ defmodule Convoy.Consumer do
           )
 
         Process.monitor(pid)
-        %{state | dispatchers: Map.put(state.dispatchers, shard_id, pid)}
+
+        %{
+          state
+          | dispatchers: Map.put(state.dispatchers, shard_id, pid),
+            dispatcher_since:
+              Map.put(state.dispatcher_since, pid, System.monotonic_time(:millisecond))
+        }
       end
     end)
   end

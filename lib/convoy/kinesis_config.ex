@@ -309,14 +309,10 @@ defmodule Convoy.KinesisConfig do
   end
 
   @doc false
-  # The map the NIF decodes.
+  # The map the NIF decodes: the options under their own names
+  # (`request_timeout` in ms on both sides).
   @spec to_native(t) :: map
-  def to_native(%__MODULE__{} = config) do
-    config
-    |> Map.from_struct()
-    |> Map.delete(:request_timeout)
-    |> Map.put(:request_timeout_ms, config.request_timeout)
-  end
+  def to_native(%__MODULE__{} = config), do: Map.from_struct(config)
 
   defimpl Inspect do
     import Inspect.Algebra

@@ -47,6 +47,9 @@ defmodule Convoy.Queue do
   | `[:convoy, :handler, :failed]` | `count` (1) | `shard_id`, `handler_id`, `kind`, `reason`, `action`, `sequence_number` | a handler failed on a record for the last time its `:on_error` allows; `action` is `:detach`, `:halt` or `:dead_letter` |
   | `[:convoy, :shard, :halted]` | `count` (1) | `shard_id`, `handler_id`, `sequence_number`, `reason` | a shard stopped at a record under `on_error: :halt` |
   | `[:convoy, :record, :unparseable]` | `count` | `shard_id`, `records` (`[{sequence_number, reason}]`) | records that looked aggregated but could not be unpacked: one holding no user record (nothing delivered) or with a bad checksum or protobuf (delivered as a plain record, as the KCL does); the shard goes on |
+  | `[:convoy, :lease, :taken]` | `count` (1) | `shard_id`, `previous_owner` | this node took a shard's lease (queues with `leases:`; metadata has `stream_id` but no `stream`) |
+  | `[:convoy, :lease, :lost]` | `count` (1) | `shard_id`, `reason` | this node lost a lease it held (taken by another node, or not renewed in time); the shard stops here |
+  | `[:convoy, :lease, :error]` | `count` (1) | `shard_id` (or `:all`), `operation`, `reason` | a DynamoDB call for the leases or their checkpoints failed; it is retried |
 
   `records`, `count` and `acknowledged` count user records for PutRecords
   (an aggregated Kinesis record counts each record it carries) and Kinesis
@@ -175,8 +178,9 @@ defmodule Convoy.Queue do
       `sub_sequence_number`, the record's index inside its aggregated
       record). The record still waits for its batch, up to `batch_timeout`
       ms, so the timeout should allow more than that. On `{:error,
-      :timeout}` the record may still arrive later, and its outcome message (`{:convoy_put, id, result}`) may still reach
-      the caller's mailbox; a GenServer calling this should ignore it.
+      :timeout}` the record may still arrive later, and its outcome message
+      (`{ref, result}`, `ref` a reference `put/4` made) may still reach the
+      caller's mailbox; a GenServer calling this should ignore it.
 
   ## Errors
 

@@ -197,7 +197,9 @@ defmodule Convoy.DispatcherTest do
           unless String.starts_with?(record.data, "fail"), do: send(me, {:bad, record.data})
         end
 
-        eventually(fn -> Convoy.Queue.attach_handler(id, :bad, new, nil) == :ok end)
+        # The strict form answers :ok only once the failure detached :bad
+        # (attach_handler/4 would replace it without waiting).
+        eventually(fn -> Convoy.Queue.attach_handler(id, :bad, new, nil, []) == :ok end)
       end)
 
       for i <- 1..5, hash <- [@low, @high], do: put!(id, "k", "#{hash}-#{i}", hash)
@@ -222,14 +224,15 @@ defmodule Convoy.DispatcherTest do
           assert_receive {:calling, "fail", dispatcher_low}, 15_000
           assert_receive {:calling, "hold", dispatcher_high}, 15_000
 
-          # The failure on one shard detaches :bad; it is attached again...
+          # The failure on one shard detaches :bad; it is attached again
+          # (the strict form: :ok only once the detach happened)...
           send(dispatcher_low, {:raise, "boom"})
 
           new = fn record, _ ->
             if String.starts_with?(record.data, "after"), do: send(me, {:bad, record.data})
           end
 
-          eventually(fn -> Convoy.Queue.attach_handler(id, :bad, new, nil) == :ok end)
+          eventually(fn -> Convoy.Queue.attach_handler(id, :bad, new, nil, []) == :ok end)
           # ...before the old one fails on the other shard.
           send(dispatcher_high, {:raise, "late boom"})
 

@@ -38,6 +38,28 @@ defmodule Convoy.NativeTest do
              Native.call(&Native.list_shards_nif(client, "nope", &1))
   end
 
+  test "Kinesis settings cross the boundary under their Elixir names, request_timeout in ms" do
+    # An endpoint that takes connections and never answers.
+    {:ok, silent} = :gen_tcp.listen(0, ip: {127, 0, 0, 1}, active: false)
+    {:ok, port} = :inet.port(silent)
+
+    config =
+      Convoy.KinesisConfig.resolve(
+        Convoy.Local.kinesis_options("http://127.0.0.1:#{port}") ++ [request_timeout: 200]
+      )
+
+    # The struct's own fields, renamed nowhere on the way.
+    assert Convoy.KinesisConfig.to_native(config) == Map.from_struct(config)
+    {:ok, client} = Native.call(&Native.client_new(Map.from_struct(config), &1))
+
+    # The call ends by its request_timeout of 200 ms: with the default of
+    # 10 s, Native.call would give up first, answering {:error, :timeout}.
+    assert {:error, {:aws, kind, _}} =
+             Native.call(&Native.list_shards_nif(client, "nope", &1), 5_000)
+
+    assert kind =~ "Timeout"
+  end
+
   test "the library an application loads carries no stream administration" do
     exported = Native.__info__(:functions) |> Keyword.keys()
     assert :list_shards_nif in exported

@@ -3,11 +3,18 @@ defmodule Convoy.TopologyTest do
   # acknowledged or buffered is lost, and the queue serves puts and handlers
   # again. Handlers attached at run time survive every restart short of the
   # whole queue's; the queue's own restart re-attaches the `handlers:` option.
+  #
+  # How soon it serves again is measured, not asserted: for each process,
+  # the time from the kill to the first put accepted and to the first record
+  # put after the kill reaching the handler is appended to
+  # _build/recovery_figures.txt (and printed).
   use ExUnit.Case, async: true
 
   import Convoy.TestSupport
 
   alias Convoy.Queue.Topology
+
+  @figures Path.expand("../../_build/recovery_figures.txt", __DIR__)
 
   @kinds [
     :queue,
@@ -47,7 +54,8 @@ defmodule Convoy.TopologyTest do
       kind = unquote(kind)
       stream = create_stream!(unique_stream("kill-#{kind}"), 2)
       me = self()
-      forward = fn record, _ -> send(me, {:got, record.data}) end
+      # With the time it was handled, for the recovery figures.
+      forward = fn record, _ -> send(me, {:got, record.data, now()}) end
 
       options = [
         stream: stream,
@@ -68,7 +76,7 @@ defmodule Convoy.TopologyTest do
       handled = for i <- 1..50, do: "handled-#{i}"
       Enum.each(handled, &(:ok = Convoy.Queue.put(stream, "k#{rem(byte_size(&1), 7)}", &1)))
       :ok = Convoy.Queue.flush(stream, await: 10_000)
-      Enum.each(handled, &assert_receive({:got, ^&1}, 10_000))
+      Enum.each(handled, &assert_receive({:got, ^&1, _}, 10_000))
 
       # Buffered, not yet sent, when the process is killed.
       buffered = for i <- 1..50, do: "buffered-#{i}"
@@ -76,20 +84,31 @@ defmodule Convoy.TopologyTest do
 
       victim = find(kind, stream)
       ref = Process.monitor(victim)
+      killed_at = now()
       Process.exit(victim, :kill)
       assert_receive {:DOWN, ^ref, :process, ^victim, :killed}
 
       # Puts are accepted again once the tree has restarted what it must.
-      after_kill = for i <- 1..50, do: "after-#{i}"
-      Enum.each(after_kill, &put_eventually(stream, &1))
+      [first | _] = after_kill = for i <- 1..50, do: "after-#{i}"
+      put_eventually(stream, first)
+      put_accepted = now() - killed_at
+      Enum.each(tl(after_kill), &put_eventually(stream, &1))
       eventually(fn -> Convoy.Queue.flush(stream, await: 10_000) == :ok end, 30_000)
 
       # Every record reaches the handler; a restarted consumer may hand over
       # again what its predecessor had not checkpointed, never fewer.
       expected = MapSet.new(handled ++ buffered ++ after_kill)
-      received = receive_until(MapSet.new(buffered ++ after_kill), MapSet.new())
+      handled_at = receive_until(MapSet.new(buffered ++ after_kill), %{})
+      received = MapSet.new(Map.keys(handled_at))
       assert MapSet.subset?(MapSet.new(buffered ++ after_kill), received)
       assert MapSet.subset?(received, expected)
+
+      first_handled = Enum.min(for data <- after_kill, do: handled_at[data]) - killed_at
+
+      figure(
+        "kill #{kind}: first put accepted after #{put_accepted} ms, " <>
+          "first record put after the kill handled after #{first_handled} ms"
+      )
 
       # Kinesis holds each record exactly once: nothing was put twice.
       stored = read_all(stream) |> Enum.map(& &1.data) |> Enum.sort()
@@ -180,24 +199,34 @@ defmodule Convoy.TopologyTest do
     eventually(fn -> Convoy.Queue.put(stream, "k#{rem(byte_size(data), 7)}", data) == :ok end)
   end
 
+  # The records handled (data => when first), until every wanted one was.
   defp receive_until(wanted, received) do
-    if MapSet.subset?(wanted, received) do
+    if MapSet.subset?(wanted, MapSet.new(Map.keys(received))) do
       # Whatever else is still coming (redeliveries) arrives within a poll.
       drain(received)
     else
       receive do
-        {:got, data} -> receive_until(wanted, MapSet.put(received, data))
+        {:got, data, at} -> receive_until(wanted, Map.put_new(received, data, at))
       after
-        30_000 -> flunk("missing: #{inspect(MapSet.difference(wanted, received))}")
+        30_000 ->
+          flunk("missing: #{inspect(MapSet.difference(wanted, MapSet.new(Map.keys(received))))}")
       end
     end
   end
 
   defp drain(received) do
     receive do
-      {:got, data} -> drain(MapSet.put(received, data))
+      {:got, data, at} -> drain(Map.put_new(received, data, at))
     after
       500 -> received
     end
+  end
+
+  defp now, do: System.monotonic_time(:millisecond)
+
+  defp figure(line) do
+    IO.puts("recovery figures: " <> line)
+    File.mkdir_p!(Path.dirname(@figures))
+    File.write!(@figures, line <> "\n", [:append])
   end
 end

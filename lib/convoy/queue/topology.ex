@@ -11,6 +11,7 @@ defmodule Convoy.Queue.Topology do
   #         ├── Convoy.Services.Kinesis.Producer   owns the native producer, registers the handle
   #         └── Convoy.Consumer.Supervisor    one_for_one
   #             ├── DynamicSupervisor         one Convoy.Consumer.ShardDispatcher per shard
+  #             ├── Convoy.Leases.Coordinator only with `leases:`: renews, takes, hands over leases
   #             └── Convoy.Consumer           shards, polling, checkpoints
   #
   # Every process restarts alone. The native producer reports failures to

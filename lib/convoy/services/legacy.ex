@@ -20,8 +20,8 @@ defmodule Convoy.Services.Legacy do
 
       {Convoy.Queue, stream: :events, service: MyApp.OldKinesisService}
 
-  Producing: `put/4` encodes and validates the record as the Kinesis service
-  does and buffers it; every `batch_timeout` ms (at once with `0`, or at 500
+  Producing: `put/4` encodes and validates the record as every service does
+  and buffers it; every `batch_timeout` ms (at once with `0`, or at 500
   records) the buffer goes out in one `put_records/2` call. With `await:`,
   `put/4` answers once that call returned, `{:ok, %{}}` (an old service
   gives no shard or sequence number). Failed records take the usual failure
@@ -43,7 +43,7 @@ defmodule Convoy.Services.Legacy do
     * checkpoints need the records' sequence numbers: with a service that
       gives none, keep the default `Convoy.Checkpoint.Memory`, and a
       restarted queue reads such a shard from `iterator_type` again;
-    * `millis_behind_latest` is unknown (`-1`).
+    * `millis_behind_latest` is unknown: `nil` in telemetry.
 
   ## Example
 
@@ -119,11 +119,9 @@ defmodule Convoy.Services.Legacy do
 
   @impl Convoy.Service
   def put(%{server: server, max_record_bytes: max}, key, data, opts) do
+    # The checks and encoding every service applies (Convoy.Native).
     with {:ok, hash_key, await} <- Convoy.Queue.PutOptions.parse(opts),
-         :ok <- check_key(key),
-         :ok <- check_hash_key(hash_key),
-         {:ok, data} <- encode(data),
-         :ok <- check_size(key, data, max) do
+         {:ok, data} <- Convoy.Native.put_record_check(key, data, hash_key, max) do
       record = %{data: data, partition_key: key}
       record = if hash_key, do: Map.put(record, :explicit_hash_key, hash_key), else: record
       call(server, {:put, record, await != nil}, await || 5_000)
@@ -162,33 +160,6 @@ defmodule Convoy.Services.Legacy do
   catch
     :exit, {:timeout, _} -> {:error, :timeout}
     :exit, _ -> {:error, :closed}
-  end
-
-  defp check_key(key) when is_binary(key) and key != "" do
-    if String.valid?(key) and String.length(key) <= 256,
-      do: :ok,
-      else: {:error, {:invalid_partition_key, "must be 1..256 characters of UTF-8"}}
-  end
-
-  defp check_key(_), do: {:error, {:invalid_partition_key, "must be a non-empty binary"}}
-
-  defp check_hash_key(nil), do: :ok
-
-  defp check_hash_key(key) when is_binary(key) do
-    if key =~ ~r/^(0|[1-9][0-9]*)$/ and String.to_integer(key) < Bitwise.bsl(1, 128),
-      do: :ok,
-      else: {:error, {:invalid_explicit_hash_key, "must be a decimal in 0..2^128-1"}}
-  end
-
-  defp check_hash_key(_), do: {:error, {:invalid_explicit_hash_key, "must be a decimal string"}}
-
-  # The producer's JSON encoding, done in Rust.
-  defp encode(data) when is_binary(data), do: {:ok, data}
-  defp encode(data), do: Convoy.Native.encode_json(data)
-
-  defp check_size(key, data, max) do
-    size = byte_size(key) + byte_size(data)
-    if size > max, do: {:error, {:record_too_large, size, max}}, else: :ok
   end
 
   # ---------------------------------------------------------------------------
@@ -418,7 +389,7 @@ defmodule Convoy.Services.Legacy.Source do
         loop(source, shard_id, next, skip, dispatcher, options)
 
       {:ok, records, next} ->
-        send(dispatcher, {:convoy_records, shard_id, records, -1})
+        send(dispatcher, {:convoy_records, shard_id, records, nil})
 
         receive do
           :ack when next == nil -> send(dispatcher, {:convoy_shard_end, shard_id})

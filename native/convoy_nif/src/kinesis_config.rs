@@ -19,8 +19,9 @@ pub struct KinesisConfig {
     pub secret_access_key: Option<String>,
     pub session_token: Option<String>,
     pub profile: Option<String>,
-    /// Limit for one API call, connection included.
-    pub request_timeout_ms: u64,
+    /// Limit for one API call, connection included, in milliseconds (the
+    /// Elixir option's name and unit).
+    pub request_timeout: u64,
 }
 
 impl fmt::Debug for KinesisConfig {
@@ -33,7 +34,7 @@ impl fmt::Debug for KinesisConfig {
             .field("secret_access_key", &redact(&self.secret_access_key))
             .field("session_token", &redact(&self.session_token))
             .field("profile", &self.profile)
-            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("request_timeout", &self.request_timeout)
             .finish()
     }
 }
@@ -88,7 +89,7 @@ impl KinesisConfig {
     }
 
     fn timeouts(&self) -> TimeoutConfig {
-        let timeout = Duration::from_millis(self.request_timeout_ms.max(1));
+        let timeout = Duration::from_millis(self.request_timeout.max(1));
         TimeoutConfig::builder()
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .operation_attempt_timeout(timeout)

@@ -159,6 +159,54 @@ defmodule Convoy.Compat.LegacyServiceTest do
     assert %{sent: 1, failed: 1} = Convoy.Queue.stats(stream)
   end
 
+  test "put checks records with the one check every service uses", %{stream: stream} do
+    start_supervised!({Convoy.Queue, stream: stream, service: OldService, batch_timeout: 0})
+
+    # "5\n" once passed a `~r/^...$/` check and then raised in String.to_integer.
+    assert {:error, {:invalid_explicit_hash_key, _}} =
+             Convoy.Queue.put(stream, "k", "v", explicit_hash_key: "5\n")
+
+    # 200 graphemes but 400 code points: Kinesis counts code points.
+    long_key = String.duplicate("e\u0301", 200)
+    assert {:error, {:invalid_partition_key, _}} = Convoy.Queue.put(stream, long_key, "v")
+
+    for {key, opts} <- [{"k", explicit_hash_key: "5\n"}, {long_key, []}] do
+      assert Convoy.Queue.put(stream, key, %{a: 1}, opts) ==
+               Convoy.Native.put_record_check(key, %{a: 1}, opts[:explicit_hash_key], 1_048_576)
+    end
+
+    assert {:ok, %{}} = Convoy.Queue.put(stream, "k", "v", explicit_hash_key: "5", await: 5_000)
+  end
+
+  test "millis_behind_latest is nil in telemetry: an old service does not know it",
+       %{stream: stream} do
+    Convoy.TestTelemetry.subscribe()
+    name = Atom.to_string(stream)
+
+    start_supervised!(
+      {Convoy.Queue,
+       stream: stream,
+       service: OldService,
+       poll_interval: 20,
+       iterator_type: :trim_horizon,
+       batch_timeout: 0}
+    )
+
+    :ok = Convoy.Queue.attach(stream, :h, forward(:got), nil)
+    :ok = Convoy.Queue.put(stream, "k", "v")
+    assert_receive {:got, nil, %{data: "v"}}, 5_000
+
+    assert_receive {:telemetry_event, [:convoy, :batch, :stop], %{millis_behind_latest: lag},
+                    %{stream_id: ^name}},
+                   5_000
+
+    assert lag == nil
+
+    assert_receive {:telemetry_event, [:convoy, :get_records, :stop],
+                    %{millis_behind_latest: nil}, %{stream: ^name}},
+                   5_000
+  end
+
   test "a queue restarted resumes after its checkpoint even though the service knows only the atoms",
        %{stream: stream} do
     options = [
