@@ -564,7 +564,7 @@ deserializes the same records into SDK structs, #{Float.round(r.raw_get_cpu_us, 
 
 Polling: GetRecords is spaced at least 200 ms apart per shard (the Kinesis limit of 5 reads per second), which bounds
 the latency floor. Fan-out: the embedded emulator's SubscribeToShard (`convoy_local`'s own handler) pushes records
-within about 5 ms of their arrival, as Kinesis pushes them (AWS quotes about 70 ms on average there), so the figure is
+as soon as the put that wrote them has been served, as Kinesis pushes them (AWS quotes about 70 ms on average there), so the figure is
 mostly Convoy's: the put's request, the event's decoding, the dispatcher and the handler.
 
 ## 5. Memory while Kinesis is unreachable (puts continue at full speed)
