@@ -29,8 +29,9 @@ defmodule Convoy.Queue do
   system_time}`; `:stop` and `:exception` have `%{duration, monotonic_time}`
   (native time units) plus what the table says; all three carry the same
   `telemetry_span_context` in their metadata, and `:exception` adds `kind`,
-  `reason` and `stacktrace`. Every event's metadata has `stream` (the stream
-  name, a string) and `stream_id`.
+  `reason` and `stacktrace`. Every event's metadata has `stream_id`, and all
+  but `[:convoy, :put, :failed]`, `[:convoy, :record, :unparseable]` and the
+  `:lease` events also have `stream` (the stream name, a string).
 
   | event | measurements | metadata | when |
   |---|---|---|---|
@@ -47,7 +48,7 @@ defmodule Convoy.Queue do
   | `[:convoy, :handler, :failed]` | `count` (1) | `shard_id`, `handler_id`, `kind`, `reason`, `action`, `sequence_number` | a handler failed on a record for the last time its `:on_error` allows; `action` is `:detach`, `:halt` or `:dead_letter` |
   | `[:convoy, :shard, :halted]` | `count` (1) | `shard_id`, `handler_id`, `sequence_number`, `reason` | a shard stopped at a record under `on_error: :halt` |
   | `[:convoy, :record, :unparseable]` | `count` | `shard_id`, `records` (`[{sequence_number, reason}]`) | records that looked aggregated but could not be unpacked: one holding no user record (nothing delivered) or with a bad checksum or protobuf (delivered as a plain record, as the KCL does); the shard goes on |
-  | `[:convoy, :lease, :taken]` | `count` (1) | `shard_id`, `previous_owner` | this node took a shard's lease (queues with `leases:`; metadata has `stream_id` but no `stream`) |
+  | `[:convoy, :lease, :taken]` | `count` (1) | `shard_id`, `previous_owner` | this node took a shard's lease (queues with `leases:`) |
   | `[:convoy, :lease, :lost]` | `count` (1) | `shard_id`, `reason` | this node lost a lease it held (taken by another node, or not renewed in time); the shard stops here |
   | `[:convoy, :lease, :error]` | `count` (1) | `shard_id` (or `:all`), `operation`, `reason` | a DynamoDB call for the leases or their checkpoints failed; it is retried |
 

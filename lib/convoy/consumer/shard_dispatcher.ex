@@ -352,7 +352,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
         duration: System.monotonic_time() - batch.started,
         millis_behind_latest: batch.millis_behind
       },
-      %{stream_id: state.stream_id, shard_id: state.shard_id}
+      %{stream: state.stream, stream_id: state.stream_id, shard_id: state.shard_id}
     )
 
     %{state | batch: nil}
@@ -577,6 +577,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
     )
 
     Telemetry.execute([:convoy, :shard, :halted], %{count: 1}, %{
+      stream: state.stream,
       stream_id: state.stream_id,
       shard_id: state.shard_id,
       handler_id: handler.id,
@@ -608,6 +609,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
   # failed call.
   defp failure(state, handler, kind, reason, action, record) do
     Telemetry.execute([:convoy, :handler, :failed], %{count: 1}, %{
+      stream: state.stream,
       stream_id: state.stream_id,
       shard_id: state.shard_id,
       handler_id: handler.id,
@@ -655,6 +657,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
     Logger.log(level, "Convoy #{inspect(state.stream_id)}: #{what}: #{inspect(reason)}")
 
     Telemetry.execute([:convoy, :poller, :error], %{count: 1}, %{
+      stream: state.stream,
       stream_id: state.stream_id,
       shard_id: state.shard_id,
       reason: reason
