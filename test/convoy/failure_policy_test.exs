@@ -5,6 +5,7 @@ defmodule Convoy.FailurePolicyTest do
   use ExUnit.Case, async: true
 
   import ExUnit.CaptureLog
+  import Convoy.TestSupport, only: [eventually: 1]
 
   @moduletag :capture_log
 
@@ -145,7 +146,9 @@ defmodule Convoy.FailurePolicyTest do
       end)
 
     assert log =~ "is detached"
-    assert Convoy.Queue.detach_handler(id, :h, strict: true) == {:error, :not_found}
+    # The dispatcher logs the detach, then tells the consumer: the id is
+    # free once a strict attach under it succeeds.
+    eventually(fn -> Convoy.Queue.attach_handler(id, :h, fn _, _ -> :ok end, nil, []) == :ok end)
   end
 
   test ":retry retries without bound until the handler succeeds" do
