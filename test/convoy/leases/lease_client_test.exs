@@ -175,4 +175,54 @@ defmodule Convoy.Leases.LeaseClientTest do
     assert {:error, {:aws, "DispatchFailure", _}} = call(&Native.lease_list(a, &1))
     assert {:error, :lease_lost} = call(&Native.lease_checkpoint(a, "s", "1", 0, &1))
   end
+
+  # How many shards one node can hold: a node must renew all its leases
+  # within failover / 3. The times go to _build/lease_figures.txt (for
+  # bench/LEASES.md), never into an assertion.
+  @figures Path.expand("../../../_build/lease_figures.txt", __DIR__)
+
+  test "one node holds 500 leases: every one renewed in one round, and the table scanned",
+       %{endpoint: endpoint} do
+    table = table()
+    a = client(endpoint, table, "a")
+    {:ok, _} = call(&Native.lease_prepare(a, &1))
+
+    Moto.boto3!(
+      """
+      t = #{inspect(table)}
+      for i in range(500):
+          ddb.put_item(TableName=t, Item={"leaseKey": {"S": "shardId-%012d" % i}, "leaseCounter": {"N": "1"},
+                                          "checkpoint": {"S": "TRIM_HORIZON"}, "checkpointSubSequenceNumber": {"N": "0"},
+                                          "ownerSwitchesSinceCheckpoint": {"N": "0"}})
+      """,
+      endpoint
+    )
+
+    {scan_us, {:ok, leases}} = :timer.tc(fn -> call(&Native.lease_list(a, &1)) end)
+    assert length(leases) == 500
+
+    for lease <- leases do
+      assert {:ok, 2} = call(&Native.lease_take(a, lease.key, lease.counter, nil, &1))
+    end
+
+    rounds =
+      for _ <- 1..3 do
+        {us, {:ok, outcomes}} = :timer.tc(fn -> call(&Native.lease_renew_all(a, &1)) end)
+        assert length(outcomes) == 500 and Enum.all?(outcomes, &match?({_, :ok}, &1))
+        div(us, 1000)
+      end
+
+    # Every renewal moved the counter: take (2), then three rounds.
+    {:ok, after_rounds} = call(&Native.lease_list(a, &1))
+    assert Enum.all?(after_rounds, &match?(%Lease{counter: 5, owner: "a"}, &1))
+
+    File.mkdir_p!(Path.dirname(@figures))
+
+    File.write!(
+      @figures,
+      "one node, 500 leases in moto: renewal rounds took #{Enum.join(rounds, ", ")} ms; " <>
+        "a scan of the table #{div(scan_us, 1000)} ms\n",
+      [:append]
+    )
+  end
 end
