@@ -1,8 +1,9 @@
 # One Convoy node of the multi-node lease tests, run as its own OS process
 # (`elixir -pa _build/test/lib/convoy/ebin test/leases/node.exs CONFIG`) by
 # Convoy.TestSupport.LeaseNode. CONFIG is a Base64 external term:
-# `{queue_options, node_options}` (node option: `handler_ms`, the time the
-# handler takes per record). It reports on stdout, one line each:
+# `{queue_options, node_options}` (node options: `handler_ms`, the time the
+# handler takes per record; `slow_shards`, a map of shard id to the time it
+# takes per record of that shard instead). It reports on stdout, one line each:
 #   READY
 #   REC <os time µs> <shard_id> <sequence_number> <data>   each record handed to the handler
 #   HELD <shard_id,...>                          the shards held, every 200 ms
@@ -14,13 +15,15 @@
 # A handler that takes a moment per record, so that stops and lease moves
 # happen while batches are in hand.
 handler_ms = Keyword.get(node_options, :handler_ms, 0)
+slow_shards = Keyword.get(node_options, :slow_shards, %{})
 Logger.configure(level: :warning)
 {:ok, _} = Application.ensure_all_started(:convoy)
 
 stream_id = options[:stream_id] || options[:stream]
 
 printer = fn record, _config ->
-  if handler_ms > 0, do: Process.sleep(handler_ms)
+  ms = Map.get(slow_shards, record.shard_id, handler_ms)
+  if ms > 0, do: Process.sleep(ms)
 
   IO.puts(
     "REC #{System.os_time(:microsecond)} #{record.shard_id} #{record.sequence_number} #{record.data}"

@@ -17,6 +17,9 @@ defmodule Convoy.Leases.ClusterTest do
   @moduletag timeout: 600_000
 
   @failover 5_000
+  # The split tests' backlog on the parent shard: records, and ms each.
+  @backlog 400
+  @backlog_ms 50
   @shards 8
   @figures Path.expand("../../../_build/lease_figures.txt", __DIR__)
 
@@ -197,15 +200,30 @@ defmodule Convoy.Leases.ClusterTest do
   # number of leases in `balanced`, consume while shard 0 splits: the
   # parent's records come before its children's, nothing is lost, the
   # children's leases name the parent, which is deleted later.
+  #
+  # Just before the split, a burst of @backlog records goes to the parent,
+  # whose handler takes @backlog_ms per record: the parent's last record is
+  # handled some 20 s after the split, while the writer's records reach the
+  # children from the split on. A node that read a child before its parent
+  # ended would handle a child's record before the parent's last.
   defp split_while_consuming(moto, names, balanced, extra, what) do
+    parent = "shardId-000000000000"
     stream = create_stream!(unique_stream("split"), @shards)
     table = "split-#{System.unique_integer([:positive])}"
     writer = start_writer(stream)
-    nodes = for name <- names, do: start_node(name, stream, table, Moto.connection(moto), extra)
+    slow = [slow_shards: %{parent => @backlog_ms}]
+
+    nodes =
+      for name <- names, do: start_node(name, stream, table, Moto.connection(moto), extra, slow)
+
     eventually(fn -> balanced?(nodes, balanced) end, 240_000)
     await_all(nodes, written(writer))
 
-    parent = "shardId-000000000000"
+    backlog = for {key, i} <- Enum.with_index(parent_keys(@backlog)), do: {key, "p-#{i}"}
+    for {key, data} <- backlog, do: :ok = put_until_accepted(writer.id, key, data)
+    :ok = Convoy.Queue.flush(writer.id, await: 60_000)
+    backlog = Enum.map(backlog, &elem(&1, 1))
+
     # The middle of shard 0's hash range (the first eighth of 2^128).
     middle = div(Integer.pow(2, 128), 16) |> Integer.to_string()
     assert :ok = Convoy.Local.split_shard(endpoint(), stream, parent, middle)
@@ -221,8 +239,8 @@ defmodule Convoy.Leases.ClusterTest do
     )
 
     total = stop_writer(writer)
-    await_all(nodes, total)
-    refute_extra(nodes, total)
+    await_all(nodes, total, backlog)
+    refute_extra(nodes, total, backlog)
 
     records = all_records(nodes)
 
@@ -234,6 +252,8 @@ defmodule Convoy.Leases.ClusterTest do
 
     # All nodes run on this machine: their OS clocks are one clock.
     assert last_parent < first_child
+    # The premise: the backlog was on the parent.
+    assert Enum.all?(records, &(&1.data not in backlog or &1.shard_id == parent))
 
     # The child leases name their parent as the KCL does (parentShardId, SS).
     out =
@@ -264,13 +284,15 @@ defmodule Convoy.Leases.ClusterTest do
     )
 
     figure(
-      "split#{what}: parent #{parent} finished before its children started; #{total} records, none lost"
+      "split#{what}: parent #{parent} (a backlog of #{@backlog} records at #{@backlog_ms} ms " <>
+        "each) finished #{div(first_child - last_parent, 1000)} ms before its children " <>
+        "started; #{total + @backlog} records, none lost"
     )
 
     Enum.each(nodes, &LeaseNode.stop/1)
   end
 
-  defp start_node(name, stream, table, connection, extra \\ []) do
+  defp start_node(name, stream, table, connection, extra \\ [], node_options \\ []) do
     options =
       Keyword.merge(
         [
@@ -285,7 +307,7 @@ defmodule Convoy.Leases.ClusterTest do
       )
 
     # 5 ms per record: batches are in hand when a stop or a lease move comes.
-    {:ok, node} = LeaseNode.start(name, options, handler_ms: 5)
+    {:ok, node} = LeaseNode.start(name, options, Keyword.merge([handler_ms: 5], node_options))
 
     on_exit(fn -> if Process.alive?(node) and LeaseNode.alive?(node), do: LeaseNode.kill(node) end)
 
@@ -337,8 +359,9 @@ defmodule Convoy.Leases.ClusterTest do
     end
   end
 
-  defp await_all(nodes, count) do
-    expected = MapSet.new(0..(count - 1)//1, &"c-#{&1}")
+  # The writer's `count` records and `also` (data) were all handled.
+  defp await_all(nodes, count, also \\ []) do
+    expected = expected(count, also)
 
     eventually(
       fn ->
@@ -350,11 +373,23 @@ defmodule Convoy.Leases.ClusterTest do
   end
 
   # Nothing but the records written, after a quiet moment.
-  defp refute_extra(nodes, count) do
+  defp refute_extra(nodes, count, also \\ []) do
     Process.sleep(2_000)
-    expected = MapSet.new(0..(count - 1)//1, &"c-#{&1}")
+    expected = expected(count, also)
     extra = all_records(nodes) |> MapSet.new(& &1.data) |> MapSet.difference(expected)
     assert MapSet.size(extra) == 0, "unexpected records: #{inspect(Enum.take(extra, 5))}"
+  end
+
+  defp expected(count, also),
+    do: MapSet.new(0..(count - 1)//1, &"c-#{&1}") |> MapSet.union(MapSet.new(also))
+
+  # `n` partition keys whose MD5 falls in shard 0's hash range, the first
+  # eighth of 2^128 (its top three bits are 0).
+  defp parent_keys(n) do
+    Stream.iterate(0, &(&1 + 1))
+    |> Stream.map(&"p-#{&1}")
+    |> Stream.filter(&match?(<<0::3, _::bits>>, :crypto.hash(:md5, &1)))
+    |> Enum.take(n)
   end
 
   # ---------------------------------------------------------------------------
