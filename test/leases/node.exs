@@ -7,6 +7,8 @@
 #   READY
 #   REC <os time µs> <shard_id> <sequence_number> <data>   each record handed to the handler
 #   HELD <shard_id,...>                          the shards held, every 200 ms
+#   CKPT <shard_id> <checkpoint>                 a held shard's checkpoint as this
+#                                                node stored (or found) it, within 10 ms
 #   STOPPED                                      after "stop" on stdin
 # and stops at once (a plain halt) when stdin closes.
 
@@ -42,6 +44,28 @@ spawn_link(fn ->
   end
 
   report.(report)
+end)
+
+# The checkpoints of held shards, as this node last stored them (or found
+# them when it took the lease): a lower bound of where its successor starts.
+spawn_link(fn ->
+  watch = fn watch, known ->
+    known =
+      Enum.reduce(Convoy.Leases.held(stream_id), known, fn shard, known ->
+        checkpoint = Convoy.Leases.checkpoint(stream_id, shard)
+
+        if is_binary(checkpoint) and Map.get(known, shard) != checkpoint do
+          IO.puts("CKPT #{shard} #{checkpoint}")
+        end
+
+        Map.put(known, shard, checkpoint)
+      end)
+
+    Process.sleep(10)
+    watch.(watch, known)
+  end
+
+  watch.(watch, %{})
 end)
 
 read = fn read ->

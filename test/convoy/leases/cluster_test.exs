@@ -66,24 +66,45 @@ defmodule Convoy.Leases.ClusterTest do
     await_all([a, b, c], written(writer))
     assert duplicates([a, b, c]) == after_join
 
-    # SIGKILL: the survivor takes every shard once the leases expire; nothing
-    # is lost, records after the last checkpoints are handled again.
+    # SIGKILL, while `b` is in the middle of a burst (some 50 records a
+    # shard, 5 ms each): the survivor takes every shard once the leases
+    # expire; nothing is lost, and what is handled again is, on each shard
+    # the killed node held, what it handled after its last checkpoint there.
+    before_kill = handled_counts([a, b, c])
+    burst = for i <- 0..399, do: "b-#{i}"
+    in_burst = MapSet.new(burst)
+    for data <- burst, do: :ok = put_until_accepted(writer.id, "burst-" <> data, data)
+    :ok = Convoy.Queue.flush(writer.id, await: 60_000)
+
+    eventually(
+      fn -> Enum.count(LeaseNode.records(b), &MapSet.member?(in_burst, &1.data)) >= 10 end,
+      60_000
+    )
+
     :ok = LeaseNode.kill(b)
     killed = now()
     eventually(fn -> length(LeaseNode.held(a)) == @shards end, 180_000)
     failover_ms = now() - killed
     total = stop_writer(writer)
-    await_all([a, b, c], total)
-    refute_extra([a, b, c], total)
+    await_all([a, b, c], total, burst)
+    refute_extra([a, b, c], total, burst)
     figure(calls_per_minute(a, "one node, #{@shards} idle shards"))
     after_kill = duplicates([a, b, c])
-    doubled = map_size(after_kill) - map_size(after_join)
-    moved = length(LeaseNode.records(b) |> Enum.map(& &1.shard_id) |> Enum.uniq())
+    assert_moved_only(after_kill, [a, b, c])
+    again = handled_again(before_kill, [a, b, c])
+    assert_replayed_after_checkpoint(again, b, a)
+
+    moved =
+      LeaseNode.records(b)
+      |> Enum.filter(&(&1.data in again))
+      |> Enum.map(& &1.shard_id)
+      |> Enum.uniq()
+      |> length()
 
     figure(
       "SIGKILL: all #{@shards} shards held by the survivor #{failover_ms} ms after the kill " <>
-        "(failover #{@failover} ms); #{doubled} records handled twice over #{moved} moved shards; " <>
-        "#{total} records, none lost"
+        "(failover #{@failover} ms); #{length(again)} records handled twice over #{moved} " <>
+        "moved shards; #{total + length(burst)} records, none lost"
     )
 
     :ok = LeaseNode.stop(a)
@@ -357,6 +378,53 @@ defmodule Convoy.Leases.ClusterTest do
       holders = Enum.count(nodes, &MapSet.member?(by_node[&1], data))
       assert holders >= 2, "#{data} handled twice by one node"
     end
+  end
+
+  # data => times handled
+  defp handled_counts(nodes), do: nodes |> all_records() |> Enum.frequencies_by(& &1.data)
+
+  # The data of the records handled once more (and so more than once) since
+  # `before` (handled_counts/1).
+  defp handled_again(before, nodes) do
+    for {data, n} <- handled_counts(nodes), n > 1 and n > Map.get(before, data, 0), do: data
+  end
+
+  # The records in `again` (data) were handled by `from`, whose leases moved
+  # to `to`, and again by `to`. On each shard they all follow the last
+  # checkpoint `from` reported there (at most the one `to` started from), and
+  # they are all that `from` handled after the first of them: only records
+  # after the last checkpoint came again.
+  defp assert_replayed_after_checkpoint(again, from, to) do
+    again = MapSet.new(again)
+    seen_by_to = MapSet.new(LeaseNode.records(to), & &1.data)
+    from_records = LeaseNode.records(from)
+    from_data = MapSet.new(from_records, & &1.data)
+    checkpoints = LeaseNode.checkpoints(from)
+
+    for data <- again do
+      assert MapSet.member?(from_data, data), "#{data} handled again, not after a lease moved"
+      assert MapSet.member?(seen_by_to, data), "#{data} handled again, but not by the new holder"
+    end
+
+    for {shard, records} <- Enum.group_by(from_records, & &1.shard_id) do
+      records = Enum.sort_by(records, &String.to_integer(&1.sequence_number))
+      replayed = Enum.drop_while(records, &(not MapSet.member?(again, &1.data)))
+
+      assert Enum.all?(replayed, &MapSet.member?(again, &1.data)),
+             "#{shard}: records handled again are not all that followed a checkpoint"
+
+      case {replayed, Integer.parse(Map.get(checkpoints, shard, ""))} do
+        {[first | _], {checkpoint, ""}} ->
+          assert String.to_integer(first.sequence_number) > checkpoint,
+                 "#{shard}: #{first.data} handled again, though at or before the checkpoint " <>
+                   "#{LeaseNode.name(from)} stored"
+
+        _ ->
+          :ok
+      end
+    end
+
+    :ok
   end
 
   # The writer's `count` records and `also` (data) were all handled.
