@@ -195,6 +195,7 @@ defmodule Convoy.Leases.ClusterTest do
     c = start_node("fan-c", stream, table, Moto.connection(moto), fan_out)
     eventually(fn -> balanced?([a, c], 3..5) end, 240_000)
     await_all([a, b, c], written(writer))
+    before_kill = handled_counts([a, b, c])
     :ok = LeaseNode.kill(c)
     killed = now()
     eventually(fn -> length(LeaseNode.held(a)) == @shards end, 180_000)
@@ -204,6 +205,7 @@ defmodule Convoy.Leases.ClusterTest do
     refute_extra([a, b, c], total)
     doubled = duplicates([a, b, c])
     assert_moved_only(doubled, [a, b, c])
+    assert_replayed_after_checkpoint(handled_again(before_kill, [a, b, c]), c, a)
 
     figure(
       "fan-out with leases: graceful stop, all shards held by the other node after " <>
