@@ -64,6 +64,7 @@ defmodule Convoy.FailurePolicyTest do
     flag = {__MODULE__, make_ref()}
     :persistent_term.put(flag, true)
     id = start_queue!()
+    Convoy.TestTelemetry.subscribe()
 
     log =
       capture_log(fn ->
@@ -79,6 +80,15 @@ defmodule Convoy.FailurePolicyTest do
           :error -> :ok
           {:ok, seq} -> assert String.to_integer(seq) < seqs["bad"]
         end
+
+        # Telemetry says so, once, naming the record.
+        assert_received {:telemetry_event, [:convoy, :shard, :halted], %{count: 1},
+                         %{stream_id: ^id} = halted}
+
+        assert %{shard_id: "shardId-000000000000", handler_id: :h} = halted
+        assert %RuntimeError{message: "cannot take bad"} = halted.reason
+        assert String.to_integer(halted.sequence_number) == seqs["bad"]
+        refute_received {:telemetry_event, [:convoy, :shard, :halted], _, %{stream_id: ^id}}
       end)
 
     assert log =~ "handler :h failed on shardId-000000000000 at sequence number"
@@ -92,6 +102,7 @@ defmodule Convoy.FailurePolicyTest do
     refute_receive {:h, _}, 300
     {:ok, seq} = eventually_checkpoint(id)
     assert seq != nil
+    refute_received {:telemetry_event, [:convoy, :shard, :halted], _, %{stream_id: ^id}}
   end
 
   test "{:dead_letter, fun} hands the record over and the shard goes on past it" do

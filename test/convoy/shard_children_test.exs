@@ -104,8 +104,10 @@ defmodule Convoy.ShardChildrenTest do
     right_reader = assert_reader("shardId-1")
 
     # The right parent's end names the child with itself as its only
-    # parent (the embedded emulator does so for a merge's adjacent parent),
-    # though the child's hash key range is wider than the right parent's.
+    # parent, though the child's hash key range is wider than the right
+    # parent's: an incomplete ChildShards, scripted here. (The embedded
+    # emulator no longer sends one: its SubscribeToShard, served by
+    # native/convoy_local/src/subscribe.rs, names every parent of a child.)
     named = %{child | parent_shard_id: "shardId-1", adjacent_parent_shard_id: nil}
     send(right_reader, {:end, [named]})
     assert_receive :listed, 5_000

@@ -32,6 +32,40 @@ defmodule Convoy.UnparseableTest do
     stream
   end
 
+  # The `[:convoy, :record, :unparseable]` events of `stream` until their
+  # counts add up to `total`, then none more: [{count, metadata}].
+  defp unparseable_events(stream, total, acc \\ []) do
+    if acc |> Enum.map(&elem(&1, 0)) |> Enum.sum() >= total do
+      refute_receive {:telemetry_event, [:convoy, :record, :unparseable], _,
+                      %{stream_id: ^stream}},
+                     500
+
+      Enum.reverse(acc)
+    else
+      receive do
+        {:telemetry_event, [:convoy, :record, :unparseable], %{count: n},
+         %{stream_id: ^stream} = m} ->
+          unparseable_events(stream, total, [{n, m} | acc])
+      after
+        10_000 -> flunk("unparseable events so far: #{inspect(Enum.reverse(acc))}")
+      end
+    end
+  end
+
+  # One event or two, counting the two records, each named with its reason.
+  defp assert_unparseable_counted(stream) do
+    events = unparseable_events(stream, 2)
+    assert events |> Enum.map(&elem(&1, 0)) |> Enum.sum() == 2
+
+    for {n, m} <- events do
+      assert m.shard_id == "shardId-000000000000"
+      assert length(m.records) == n
+    end
+
+    reasons = for {_, m} <- events, {_seq, reason} <- m.records, do: reason
+    assert Enum.sort(reasons) == [:bad_checksum, :empty_aggregate]
+  end
+
   defp put_all!(id) do
     for data <- [empty_aggregate(), bad_checksum(), "plain"] do
       assert {:ok, _} = Convoy.Queue.put(id, "k", data, await: 10_000)
@@ -40,6 +74,7 @@ defmodule Convoy.UnparseableTest do
 
   test "an empty aggregated record delivers nothing, a bad checksum one is delivered plain; the shard goes on" do
     stream = create_stream!(unique_stream("unparseable"), 1)
+    Convoy.TestTelemetry.subscribe()
     me = self()
     bad = bad_checksum()
 
@@ -62,10 +97,12 @@ defmodule Convoy.UnparseableTest do
     # tests' lines too: only this stream's count).
     refute log =~ ~r/#{Regex.escape(inspect(stream))}: dispatcher .* exited/
     refute log =~ "panicked"
+    assert_unparseable_counted(stream)
   end
 
   test "get/2 does the same" do
     stream = create_stream!(unique_stream("unparseable-get"), 1)
+    Convoy.TestTelemetry.subscribe()
     bad = bad_checksum()
 
     log =
@@ -78,5 +115,6 @@ defmodule Convoy.UnparseableTest do
 
     assert log =~ ":empty_aggregate"
     assert log =~ ":bad_checksum"
+    assert_unparseable_counted(stream)
   end
 end

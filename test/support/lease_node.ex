@@ -16,6 +16,9 @@ defmodule Convoy.TestSupport.LeaseNode do
   @doc "Records handled so far, in arrival order: %{at: os time in µs, shard_id, sequence_number, data}."
   def records(node), do: GenServer.call(node, :records)
   def held(node), do: GenServer.call(node, :held)
+
+  @doc "shard_id => the checkpoint the node last reported for it while holding it."
+  def checkpoints(node), do: GenServer.call(node, :checkpoints)
   def name(node), do: GenServer.call(node, :name)
   def alive?(node), do: GenServer.call(node, :alive?)
   def ready?(node), do: GenServer.call(node, :ready?)
@@ -81,6 +84,7 @@ defmodule Convoy.TestSupport.LeaseNode do
        os_pid: os_pid,
        records: [],
        held: [],
+       checkpoints: %{},
        ready: false,
        alive: true,
        output: [],
@@ -92,6 +96,7 @@ defmodule Convoy.TestSupport.LeaseNode do
   @impl true
   def handle_call(:records, _from, state), do: {:reply, Enum.reverse(state.records), state}
   def handle_call(:held, _from, state), do: {:reply, state.held, state}
+  def handle_call(:checkpoints, _from, state), do: {:reply, state.checkpoints, state}
   def handle_call(:name, _from, state), do: {:reply, state.name, state}
   def handle_call(:alive?, _from, state), do: {:reply, state.alive, state}
   def handle_call(:ready?, _from, state), do: {:reply, state.ready, state}
@@ -131,6 +136,12 @@ defmodule Convoy.TestSupport.LeaseNode do
 
   defp line(state, "HELD " <> rest), do: %{state | held: String.split(rest, ",", trim: true)}
   defp line(state, "HELD"), do: %{state | held: []}
+
+  defp line(state, "CKPT " <> rest) do
+    [shard, checkpoint] = String.split(rest, " ", parts: 2)
+    %{state | checkpoints: Map.put(state.checkpoints, shard, checkpoint)}
+  end
+
   defp line(state, "READY"), do: %{state | ready: true}
 
   defp line(%{info_waiters: [from | rest]} = state, "INFO " <> info) do

@@ -17,6 +17,9 @@ defmodule Convoy.Leases.ClusterTest do
   @moduletag timeout: 600_000
 
   @failover 5_000
+  # The split tests' backlog on the parent shard: records, and ms each.
+  @backlog 400
+  @backlog_ms 50
   @shards 8
   @figures Path.expand("../../../_build/lease_figures.txt", __DIR__)
 
@@ -63,24 +66,45 @@ defmodule Convoy.Leases.ClusterTest do
     await_all([a, b, c], written(writer))
     assert duplicates([a, b, c]) == after_join
 
-    # SIGKILL: the survivor takes every shard once the leases expire; nothing
-    # is lost, records after the last checkpoints are handled again.
+    # SIGKILL, while `b` is in the middle of a burst (some 50 records a
+    # shard, 5 ms each): the survivor takes every shard once the leases
+    # expire; nothing is lost, and what is handled again is, on each shard
+    # the killed node held, what it handled after its last checkpoint there.
+    before_kill = handled_counts([a, b, c])
+    burst = for i <- 0..399, do: "b-#{i}"
+    in_burst = MapSet.new(burst)
+    for data <- burst, do: :ok = put_until_accepted(writer.id, "burst-" <> data, data)
+    :ok = Convoy.Queue.flush(writer.id, await: 60_000)
+
+    eventually(
+      fn -> Enum.count(LeaseNode.records(b), &MapSet.member?(in_burst, &1.data)) >= 10 end,
+      60_000
+    )
+
     :ok = LeaseNode.kill(b)
     killed = now()
     eventually(fn -> length(LeaseNode.held(a)) == @shards end, 180_000)
     failover_ms = now() - killed
     total = stop_writer(writer)
-    await_all([a, b, c], total)
-    refute_extra([a, b, c], total)
+    await_all([a, b, c], total, burst)
+    refute_extra([a, b, c], total, burst)
     figure(calls_per_minute(a, "one node, #{@shards} idle shards"))
     after_kill = duplicates([a, b, c])
-    doubled = map_size(after_kill) - map_size(after_join)
-    moved = length(LeaseNode.records(b) |> Enum.map(& &1.shard_id) |> Enum.uniq())
+    assert_moved_only(after_kill, [a, b, c])
+    again = handled_again(before_kill, [a, b, c])
+    assert_replayed_after_checkpoint(again, b, a)
+
+    moved =
+      LeaseNode.records(b)
+      |> Enum.filter(&(&1.data in again))
+      |> Enum.map(& &1.shard_id)
+      |> Enum.uniq()
+      |> length()
 
     figure(
       "SIGKILL: all #{@shards} shards held by the survivor #{failover_ms} ms after the kill " <>
-        "(failover #{@failover} ms); #{doubled} records handled twice over #{moved} moved shards; " <>
-        "#{total} records, none lost"
+        "(failover #{@failover} ms); #{length(again)} records handled twice over #{moved} " <>
+        "moved shards; #{total + length(burst)} records, none lost"
     )
 
     :ok = LeaseNode.stop(a)
@@ -171,6 +195,7 @@ defmodule Convoy.Leases.ClusterTest do
     c = start_node("fan-c", stream, table, Moto.connection(moto), fan_out)
     eventually(fn -> balanced?([a, c], 3..5) end, 240_000)
     await_all([a, b, c], written(writer))
+    before_kill = handled_counts([a, b, c])
     :ok = LeaseNode.kill(c)
     killed = now()
     eventually(fn -> length(LeaseNode.held(a)) == @shards end, 180_000)
@@ -180,6 +205,7 @@ defmodule Convoy.Leases.ClusterTest do
     refute_extra([a, b, c], total)
     doubled = duplicates([a, b, c])
     assert_moved_only(doubled, [a, b, c])
+    assert_replayed_after_checkpoint(handled_again(before_kill, [a, b, c]), c, a)
 
     figure(
       "fan-out with leases: graceful stop, all shards held by the other node after " <>
@@ -197,15 +223,30 @@ defmodule Convoy.Leases.ClusterTest do
   # number of leases in `balanced`, consume while shard 0 splits: the
   # parent's records come before its children's, nothing is lost, the
   # children's leases name the parent, which is deleted later.
+  #
+  # Just before the split, a burst of @backlog records goes to the parent,
+  # whose handler takes @backlog_ms per record: the parent's last record is
+  # handled some 20 s after the split, while the writer's records reach the
+  # children from the split on. A node that read a child before its parent
+  # ended would handle a child's record before the parent's last.
   defp split_while_consuming(moto, names, balanced, extra, what) do
+    parent = "shardId-000000000000"
     stream = create_stream!(unique_stream("split"), @shards)
     table = "split-#{System.unique_integer([:positive])}"
     writer = start_writer(stream)
-    nodes = for name <- names, do: start_node(name, stream, table, Moto.connection(moto), extra)
+    slow = [slow_shards: %{parent => @backlog_ms}]
+
+    nodes =
+      for name <- names, do: start_node(name, stream, table, Moto.connection(moto), extra, slow)
+
     eventually(fn -> balanced?(nodes, balanced) end, 240_000)
     await_all(nodes, written(writer))
 
-    parent = "shardId-000000000000"
+    backlog = for {key, i} <- Enum.with_index(parent_keys(@backlog)), do: {key, "p-#{i}"}
+    for {key, data} <- backlog, do: :ok = put_until_accepted(writer.id, key, data)
+    :ok = Convoy.Queue.flush(writer.id, await: 60_000)
+    backlog = Enum.map(backlog, &elem(&1, 1))
+
     # The middle of shard 0's hash range (the first eighth of 2^128).
     middle = div(Integer.pow(2, 128), 16) |> Integer.to_string()
     assert :ok = Convoy.Local.split_shard(endpoint(), stream, parent, middle)
@@ -221,8 +262,8 @@ defmodule Convoy.Leases.ClusterTest do
     )
 
     total = stop_writer(writer)
-    await_all(nodes, total)
-    refute_extra(nodes, total)
+    await_all(nodes, total, backlog)
+    refute_extra(nodes, total, backlog)
 
     records = all_records(nodes)
 
@@ -234,6 +275,8 @@ defmodule Convoy.Leases.ClusterTest do
 
     # All nodes run on this machine: their OS clocks are one clock.
     assert last_parent < first_child
+    # The premise: the backlog was on the parent.
+    assert Enum.all?(records, &(&1.data not in backlog or &1.shard_id == parent))
 
     # The child leases name their parent as the KCL does (parentShardId, SS).
     out =
@@ -264,13 +307,15 @@ defmodule Convoy.Leases.ClusterTest do
     )
 
     figure(
-      "split#{what}: parent #{parent} finished before its children started; #{total} records, none lost"
+      "split#{what}: parent #{parent} (a backlog of #{@backlog} records at #{@backlog_ms} ms " <>
+        "each) finished #{div(first_child - last_parent, 1000)} ms before its children " <>
+        "started; #{total + @backlog} records, none lost"
     )
 
     Enum.each(nodes, &LeaseNode.stop/1)
   end
 
-  defp start_node(name, stream, table, connection, extra \\ []) do
+  defp start_node(name, stream, table, connection, extra \\ [], node_options \\ []) do
     options =
       Keyword.merge(
         [
@@ -285,7 +330,7 @@ defmodule Convoy.Leases.ClusterTest do
       )
 
     # 5 ms per record: batches are in hand when a stop or a lease move comes.
-    {:ok, node} = LeaseNode.start(name, options, handler_ms: 5)
+    {:ok, node} = LeaseNode.start(name, options, Keyword.merge([handler_ms: 5], node_options))
 
     on_exit(fn -> if Process.alive?(node) and LeaseNode.alive?(node), do: LeaseNode.kill(node) end)
 
@@ -337,8 +382,56 @@ defmodule Convoy.Leases.ClusterTest do
     end
   end
 
-  defp await_all(nodes, count) do
-    expected = MapSet.new(0..(count - 1)//1, &"c-#{&1}")
+  # data => times handled
+  defp handled_counts(nodes), do: nodes |> all_records() |> Enum.frequencies_by(& &1.data)
+
+  # The data of the records handled once more (and so more than once) since
+  # `before` (handled_counts/1).
+  defp handled_again(before, nodes) do
+    for {data, n} <- handled_counts(nodes), n > 1 and n > Map.get(before, data, 0), do: data
+  end
+
+  # The records in `again` (data) were handled by `from`, whose leases moved
+  # to `to`, and again by `to`. On each shard they all follow the last
+  # checkpoint `from` reported there (at most the one `to` started from), and
+  # they are all that `from` handled after the first of them: only records
+  # after the last checkpoint came again.
+  defp assert_replayed_after_checkpoint(again, from, to) do
+    again = MapSet.new(again)
+    seen_by_to = MapSet.new(LeaseNode.records(to), & &1.data)
+    from_records = LeaseNode.records(from)
+    from_data = MapSet.new(from_records, & &1.data)
+    checkpoints = LeaseNode.checkpoints(from)
+
+    for data <- again do
+      assert MapSet.member?(from_data, data), "#{data} handled again, not after a lease moved"
+      assert MapSet.member?(seen_by_to, data), "#{data} handled again, but not by the new holder"
+    end
+
+    for {shard, records} <- Enum.group_by(from_records, & &1.shard_id) do
+      records = Enum.sort_by(records, &String.to_integer(&1.sequence_number))
+      replayed = Enum.drop_while(records, &(not MapSet.member?(again, &1.data)))
+
+      assert Enum.all?(replayed, &MapSet.member?(again, &1.data)),
+             "#{shard}: records handled again are not all that followed a checkpoint"
+
+      case {replayed, Integer.parse(Map.get(checkpoints, shard, ""))} do
+        {[first | _], {checkpoint, ""}} ->
+          assert String.to_integer(first.sequence_number) > checkpoint,
+                 "#{shard}: #{first.data} handled again, though at or before the checkpoint " <>
+                   "#{LeaseNode.name(from)} stored"
+
+        _ ->
+          :ok
+      end
+    end
+
+    :ok
+  end
+
+  # The writer's `count` records and `also` (data) were all handled.
+  defp await_all(nodes, count, also \\ []) do
+    expected = expected(count, also)
 
     eventually(
       fn ->
@@ -350,11 +443,23 @@ defmodule Convoy.Leases.ClusterTest do
   end
 
   # Nothing but the records written, after a quiet moment.
-  defp refute_extra(nodes, count) do
+  defp refute_extra(nodes, count, also \\ []) do
     Process.sleep(2_000)
-    expected = MapSet.new(0..(count - 1)//1, &"c-#{&1}")
+    expected = expected(count, also)
     extra = all_records(nodes) |> MapSet.new(& &1.data) |> MapSet.difference(expected)
     assert MapSet.size(extra) == 0, "unexpected records: #{inspect(Enum.take(extra, 5))}"
+  end
+
+  defp expected(count, also),
+    do: MapSet.new(0..(count - 1)//1, &"c-#{&1}") |> MapSet.union(MapSet.new(also))
+
+  # `n` partition keys whose MD5 falls in shard 0's hash range, the first
+  # eighth of 2^128 (its top three bits are 0).
+  defp parent_keys(n) do
+    Stream.iterate(0, &(&1 + 1))
+    |> Stream.map(&"p-#{&1}")
+    |> Stream.filter(&match?(<<0::3, _::bits>>, :crypto.hash(:md5, &1)))
+    |> Enum.take(n)
   end
 
   # ---------------------------------------------------------------------------

@@ -188,12 +188,21 @@ defmodule Convoy.Leases.QueueTest do
 
     # DynamoDB unreachable: within failover / 2 the shards are fenced (still
     # held, not yet expired), and records read meanwhile wait.
+    Convoy.TestTelemetry.subscribe()
     :ok = Convoy.TestSupport.TcpProxy.block(proxy)
     eventually(fn -> not Enum.any?(shards, &Convoy.Leases.may_dispatch?(stream, &1)) end)
     # ...while still held: fenced before the lease could expire.
     assert Convoy.Leases.held(stream) == shards
     :ok = raw_put!(stream, 10, start: 10)
     refute_receive {:record, _}, 2_000
+
+    # The failed DynamoDB calls were logged and emitted as telemetry.
+    assert_receive {:telemetry_event, [:convoy, :lease, :error], %{count: 1},
+                    %{stream_id: ^stream} = error},
+                   10_000
+
+    assert error.operation in [:renew, :take]
+    assert error.shard_id in [:all | shards]
 
     # Back: the leases are renewed or taken again, and the records flow.
     :ok = Convoy.TestSupport.TcpProxy.unblock(proxy)

@@ -1,0 +1,154 @@
+defmodule Convoy.TestSupport.ThrottleProxy do
+  @moduledoc false
+  # An HTTP/1.1 proxy on 127.0.0.1 in front of a Kinesis endpoint that
+  # throttles one operation: every `every`-th request whose X-Amz-Target
+  # names `operation` (GetRecords by default) is answered here with HTTP 400
+  # and ProvisionedThroughputExceededException, as Kinesis answers a shard
+  # read past its limits; every other request goes through unchanged.
+  #
+  # Each client connection gets its own upstream connection. Requests are
+  # parsed (headers and a Content-Length body); responses are relayed as
+  # they come, unparsed. That suffices because the SDK's HTTP/1.1 client
+  # sends a connection's next request only after the last response ended,
+  # so a throttling answer never overtakes a response in flight.
+
+  use GenServer
+
+  @throttled ~s({"__type":"ProvisionedThroughputExceededException","message":"Rate exceeded"})
+
+  def start_link(upstream_port, options \\ []),
+    do: GenServer.start_link(__MODULE__, {upstream_port, options})
+
+  def port(proxy), do: GenServer.call(proxy, :port)
+  def endpoint(proxy), do: "http://127.0.0.1:#{port(proxy)}"
+
+  @doc "%{seen: requests of the operation, throttled: those answered with 400}"
+  def counts(proxy) do
+    counters = GenServer.call(proxy, :counters)
+    %{seen: :atomics.get(counters, 1), throttled: :atomics.get(counters, 2)}
+  end
+
+  @doc "Throttles every `every`-th request of the operation from now on (1: all of them)."
+  def set_every(proxy, every) when is_integer(every) and every >= 1 do
+    :atomics.put(GenServer.call(proxy, :counters), 3, every)
+  end
+
+  @impl true
+  def init({upstream, options}) do
+    {:ok, listen} =
+      :gen_tcp.listen(0, [:binary, ip: {127, 0, 0, 1}, active: false, reuseaddr: true])
+
+    {:ok, port} = :inet.port(listen)
+    # 1: requests of the operation seen, 2: throttled, 3: every.
+    counters = :atomics.new(3, signed: false)
+    :atomics.put(counters, 3, Keyword.get(options, :every, 3))
+
+    rule = %{
+      target: "Kinesis_20131202." <> Keyword.get(options, :operation, "GetRecords"),
+      counters: counters
+    }
+
+    spawn_link(fn -> accept_loop(listen, upstream, rule) end)
+    {:ok, %{listen: listen, port: port, counters: counters}}
+  end
+
+  @impl true
+  def handle_call(:port, _from, state), do: {:reply, state.port, state}
+  def handle_call(:counters, _from, state), do: {:reply, state.counters, state}
+
+  defp accept_loop(listen, upstream, rule) do
+    case :gen_tcp.accept(listen) do
+      {:ok, client} ->
+        pipe = spawn(fn -> pipe(client, upstream, rule) end)
+        :ok = :gen_tcp.controlling_process(client, pipe)
+        send(pipe, :go)
+        accept_loop(listen, upstream, rule)
+
+      {:error, _} ->
+        :ok
+    end
+  end
+
+  defp pipe(client, upstream, rule) do
+    receive do
+      :go -> :ok
+    end
+
+    case :gen_tcp.connect(~c"127.0.0.1", upstream, [:binary, active: true]) do
+      {:ok, server} ->
+        :ok = :inet.setopts(client, active: true)
+        relay(client, server, rule, "")
+
+      {:error, _} ->
+        :gen_tcp.close(client)
+    end
+  end
+
+  defp relay(client, server, rule, buffer) do
+    receive do
+      {:tcp, ^client, data} ->
+        buffer = requests(client, server, rule, buffer <> data)
+        relay(client, server, rule, buffer)
+
+      {:tcp, ^server, data} ->
+        :gen_tcp.send(client, data)
+        relay(client, server, rule, buffer)
+
+      {:tcp_closed, _} ->
+        :gen_tcp.close(client)
+        :gen_tcp.close(server)
+
+      {:tcp_error, _, _} ->
+        :gen_tcp.close(client)
+        :gen_tcp.close(server)
+    end
+  end
+
+  # Handles every complete request in `buffer`; returns what is left.
+  defp requests(client, server, rule, buffer) do
+    with [head, rest] <- :binary.split(buffer, "\r\n\r\n"),
+         headers = headers(head),
+         length = String.to_integer(Map.get(headers, "content-length", "0")),
+         <<body::binary-size(length), rest::binary>> <- rest do
+      if Map.has_key?(headers, "transfer-encoding"),
+        do: raise("ThrottleProxy: chunked request bodies are not supported")
+
+      request = head <> "\r\n\r\n" <> body
+
+      if Map.get(headers, "x-amz-target") == rule.target and throttle?(rule) do
+        :gen_tcp.send(client, throttled_response())
+      else
+        :gen_tcp.send(server, request)
+      end
+
+      requests(client, server, rule, rest)
+    else
+      _incomplete -> buffer
+    end
+  end
+
+  defp throttle?(%{counters: counters}) do
+    if rem(:atomics.add_get(counters, 1, 1), :atomics.get(counters, 3)) == 0 do
+      :atomics.add(counters, 2, 1)
+      true
+    else
+      false
+    end
+  end
+
+  defp headers(head) do
+    [_request_line | lines] = String.split(head, "\r\n")
+
+    Map.new(lines, fn line ->
+      [name, value] = String.split(line, ":", parts: 2)
+      {String.downcase(name), String.trim(value)}
+    end)
+  end
+
+  defp throttled_response do
+    "HTTP/1.1 400 Bad Request\r\n" <>
+      "content-type: application/x-amz-json-1.1\r\n" <>
+      "x-amzn-requestid: throttle-proxy\r\n" <>
+      "content-length: #{byte_size(@throttled)}\r\n\r\n" <> @throttled
+  end
+end
