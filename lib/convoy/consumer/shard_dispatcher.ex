@@ -345,15 +345,17 @@ defmodule Convoy.Consumer.ShardDispatcher do
     :ok = module.store(checkpoint, state.stream_id, state.shard_id, position)
     state.reader_module.ack(state.reader)
 
-    Telemetry.execute(
-      [:convoy, :batch, :stop],
-      %{
-        count: length(batch.records),
-        duration: System.monotonic_time() - batch.started,
-        millis_behind_latest: batch.millis_behind
-      },
-      %{stream_id: state.stream_id, shard_id: state.shard_id}
-    )
+    if Telemetry.enabled?() do
+      Telemetry.execute(
+        [:convoy, :batch, :stop],
+        %{
+          count: length(batch.records),
+          duration: System.monotonic_time() - batch.started,
+          millis_behind_latest: batch.millis_behind
+        },
+        %{stream_id: state.stream_id, shard_id: state.shard_id}
+      )
+    end
 
     %{state | batch: nil}
   end
@@ -445,7 +447,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
     case call_each(handler, records, attempt) do
       :ok ->
-        Telemetry.stop(@handler_span, span, %{count: length(records)})
+        # `length/1` walks the batch: only when the span is emitted.
+        if span, do: Telemetry.stop(@handler_span, span, %{count: length(records)})
         # Back to the mailbox before the next handler.
         send(self(), :advance)
         handler_done(state, handler, :finished)
