@@ -445,7 +445,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
   defp run_function(handler, records, attempt, state) do
     span = Telemetry.start(@handler_span, handler_metadata(state, handler))
 
-    case call_each(handler, records, attempt) do
+    case call_each(handler.handler, handler.config, records, attempt) do
       :ok ->
         # `length/1` walks the batch: only when the span is emitted.
         if span, do: Telemetry.stop(@handler_span, span, %{count: length(records)})
@@ -476,17 +476,19 @@ defmodule Convoy.Consumer.ShardDispatcher do
     end
   end
 
-  defp call_each(_handler, [], _attempt), do: :ok
+  # The function and its config are taken out of the handler once per
+  # batch, not per record.
+  defp call_each(_fun, _config, [], _attempt), do: :ok
 
-  defp call_each(handler, [record | rest] = records, attempt) do
-    case call(handler, record) do
-      :ok -> call_each(handler, rest, 1)
+  defp call_each(fun, config, [record | rest] = records, attempt) do
+    case call(fun, config, record) do
+      :ok -> call_each(fun, config, rest, 1)
       {kind, reason, stack} -> {:failed, records, attempt, kind, reason, stack}
     end
   end
 
-  defp call(handler, record) do
-    handler.handler.(record, handler.config)
+  defp call(fun, config, record) do
+    fun.(record, config)
     :ok
   catch
     kind, reason -> {kind, reason, __STACKTRACE__}
