@@ -13,8 +13,26 @@ defmodule Convoy.Record do
     * `explicit_hash_key` - the explicit hash key an aggregated user record
       was put with, if any; `nil` otherwise
 
-  Records are built in Rust (a rustler `NifStruct`) as they are read, so
-  handlers receive them without a conversion in Elixir.
+  Records are built in Rust as they are read, so handlers receive them
+  without a conversion in Elixir.
+
+  ## Keeping records: `data` may share its batch's memory
+
+  `data` of 65 bytes to 4 KiB is a sub-binary of a binary of at most 64 KiB
+  shared with the records read with it: one off-heap binary for hundreds of
+  small records instead of one each, which is most of what the consumer
+  spends per record on the BEAM side. A record stays valid for as long as
+  it is kept, but while any part of such a binary is referenced, all of it
+  stays in memory: a record kept beyond the handler's call (in a process's
+  state, ETS, a cache) keeps up to 64 KiB of data alive, not only its own.
+  When a handler keeps a few records of many for long, keep a copy of the
+  data instead:
+
+      %{record | data: :binary.copy(record.data)}
+
+  `:binary.referenced_byte_size/1` tells how much a `data` keeps alive.
+  Data of at most 64 bytes is copied with its record (nothing shared), and
+  data of more than 4 KiB has a binary of its own.
 
   ## Example
 

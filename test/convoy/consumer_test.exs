@@ -113,6 +113,61 @@ defmodule Convoy.ConsumerTest do
     assert Enum.max(lengths) <= 1
   end
 
+  # Records are built in Rust: small data as heap binaries, data up to
+  # 4 KiB as sub-binaries of binaries the records of a batch share (several
+  # here), larger data as a binary of its own.
+  test "records of every size are whole %Convoy.Record{} structs, and stay valid after the handler returns" do
+    stream = create_stream!(unique_stream("sizes"), 1)
+    id = start_queue!(stream, [])
+    sizes = [0, 1, 64, 65, 100, 4096, 4097, 70_000] ++ List.duplicate(1000, 150) ++ [65, 100]
+    datas = for {size, i} <- Enum.with_index(sizes), do: :binary.copy(<<rem(i, 251)>>, size)
+    kept = :ets.new(:kept, [:public, :ordered_set])
+
+    :ok =
+      Convoy.Queue.attach_handler(
+        id,
+        :keep,
+        fn record, table -> :ets.insert(table, {:ets.info(table, :size), record}) end,
+        kept
+      )
+
+    for data <- datas, do: :ok = put_until_accepted(id, "k", data)
+
+    eventually(fn -> :ets.info(kept, :size) == length(datas) end)
+    # The dispatcher and every other process collect their garbage: the
+    # kept records must not depend on anything the batch held.
+    for pid <- Process.list(), do: :erlang.garbage_collect(pid)
+    records = for {_, record} <- :ets.tab2list(kept), do: record
+
+    assert Enum.map(records, & &1.data) == datas
+
+    # What a kept record keeps alive: at most 64 KiB of its batch's data.
+    assert Enum.all?(records, fn %{data: data} ->
+             :binary.referenced_byte_size(data) <= max(64 * 1024, byte_size(data))
+           end)
+
+    assert Enum.any?(records, &(:binary.referenced_byte_size(&1.data) > byte_size(&1.data)))
+
+    for record <- records do
+      assert %Convoy.Record{stream_id: ^id, partition_key: "k", sub_sequence_number: nil} = record
+      assert %DateTime{} = record.approximate_arrival_timestamp
+      assert is_nil(record.explicit_hash_key)
+      assert record.shard_id == "shardId-000000000000"
+
+      assert Map.keys(record) |> Enum.sort() ==
+               Map.keys(%Convoy.Record{
+                 data: "",
+                 partition_key: "",
+                 sequence_number: "",
+                 shard_id: ""
+               })
+               |> Enum.sort()
+
+      assert record == struct!(Convoy.Record, Map.from_struct(record))
+      assert record == record |> :erlang.term_to_binary() |> :erlang.binary_to_term()
+    end
+  end
+
   test "partition-key filters: one key, a list of keys, a predicate" do
     stream = create_stream!(unique_stream("filter"), 2)
     id = start_queue!(stream, [])

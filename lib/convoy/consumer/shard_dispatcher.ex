@@ -345,15 +345,17 @@ defmodule Convoy.Consumer.ShardDispatcher do
     :ok = module.store(checkpoint, state.stream_id, state.shard_id, position)
     state.reader_module.ack(state.reader)
 
-    Telemetry.execute(
-      [:convoy, :batch, :stop],
-      %{
-        count: length(batch.records),
-        duration: System.monotonic_time() - batch.started,
-        millis_behind_latest: batch.millis_behind
-      },
-      %{stream: state.stream, stream_id: state.stream_id, shard_id: state.shard_id}
-    )
+    if Telemetry.enabled?() do
+      Telemetry.execute(
+        [:convoy, :batch, :stop],
+        %{
+          count: length(batch.records),
+          duration: System.monotonic_time() - batch.started,
+          millis_behind_latest: batch.millis_behind
+        },
+        %{stream: state.stream, stream_id: state.stream_id, shard_id: state.shard_id}
+      )
+    end
 
     %{state | batch: nil}
   end
@@ -443,9 +445,10 @@ defmodule Convoy.Consumer.ShardDispatcher do
   defp run_function(handler, records, attempt, state) do
     span = Telemetry.start(@handler_span, handler_metadata(state, handler))
 
-    case call_each(handler, records, attempt) do
+    case call_each(handler.handler, handler.config, records, attempt) do
       :ok ->
-        Telemetry.stop(@handler_span, span, %{count: length(records)})
+        # `length/1` walks the batch: only when the span is emitted.
+        if span, do: Telemetry.stop(@handler_span, span, %{count: length(records)})
         # Back to the mailbox before the next handler.
         send(self(), :advance)
         handler_done(state, handler, :finished)
@@ -473,17 +476,19 @@ defmodule Convoy.Consumer.ShardDispatcher do
     end
   end
 
-  defp call_each(_handler, [], _attempt), do: :ok
+  # The function and its config are taken out of the handler once per
+  # batch, not per record.
+  defp call_each(_fun, _config, [], _attempt), do: :ok
 
-  defp call_each(handler, [record | rest] = records, attempt) do
-    case call(handler, record) do
-      :ok -> call_each(handler, rest, 1)
+  defp call_each(fun, config, [record | rest] = records, attempt) do
+    case call(fun, config, record) do
+      :ok -> call_each(fun, config, rest, 1)
       {kind, reason, stack} -> {:failed, records, attempt, kind, reason, stack}
     end
   end
 
-  defp call(handler, record) do
-    handler.handler.(record, handler.config)
+  defp call(fun, config, record) do
+    fun.(record, config)
     :ok
   catch
     kind, reason -> {kind, reason, __STACKTRACE__}

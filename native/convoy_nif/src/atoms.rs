@@ -42,6 +42,12 @@ rustler::atoms! {
     next_iterator,
     convoy_unparseable,
     // record and shard fields
+    elixir_convoy_record = "Elixir.Convoy.Record",
+    approximate_arrival_timestamp,
+    data,
+    explicit_hash_key,
+    partition_key,
+    stream_id,
     shard_id,
     sequence_number,
     sub_sequence_number,

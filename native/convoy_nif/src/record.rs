@@ -2,10 +2,12 @@
 //! use. Aggregated Kinesis records are expanded into their user records here.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use aws_sdk_kinesis::types::Record;
 use rustler::{Binary, Encoder, Env, NewBinary, Term};
 
+use crate::atoms;
 use crate::timestamp::DateTimes;
 use convoy_core::aggregation;
 
@@ -30,7 +32,11 @@ pub struct Unparseable {
     pub reason: &'static str,
 }
 
-fn expand<'r>(record: &'r Record, unparseable: &mut Vec<Unparseable>) -> Vec<Delivered<'r>> {
+fn expand<'r>(
+    record: &'r Record,
+    delivered: &mut Vec<Delivered<'r>>,
+    unparseable: &mut Vec<Unparseable>,
+) {
     let arrival_ms = record
         .approximate_arrival_timestamp()
         .and_then(|t| t.to_millis().ok())
@@ -46,48 +52,32 @@ fn expand<'r>(record: &'r Record, unparseable: &mut Vec<Unparseable>) -> Vec<Del
     match aggregation::unpack(data) {
         Ok(users) if users.is_empty() => {
             noted("empty_aggregate");
-            return vec![];
+            return;
         }
         Ok(users) => {
-            return users
-                .into_iter()
-                .enumerate()
-                .map(|(index, user)| Delivered {
-                    data: Cow::Owned(user.data),
-                    partition_key: Cow::Owned(user.partition_key),
-                    sequence_number,
-                    arrival_ms,
-                    sub_sequence_number: Some(index as u64),
-                    explicit_hash_key: user.explicit_hash_key,
-                })
-                .collect();
+            let users = users.into_iter().enumerate();
+            delivered.extend(users.map(|(index, user)| Delivered {
+                data: Cow::Owned(user.data),
+                partition_key: Cow::Owned(user.partition_key),
+                sequence_number,
+                arrival_ms,
+                sub_sequence_number: Some(index as u64),
+                explicit_hash_key: user.explicit_hash_key,
+            }));
+            return;
         }
         Err(aggregation::Unpack::Plain) => {}
         Err(aggregation::Unpack::BadChecksum) => noted("bad_checksum"),
         Err(aggregation::Unpack::Malformed) => noted("malformed_aggregate"),
     }
-    vec![Delivered {
+    delivered.push(Delivered {
         data: Cow::Borrowed(data),
         partition_key: Cow::Borrowed(record.partition_key().unwrap_or_default()),
         sequence_number,
         arrival_ms,
         sub_sequence_number: None,
         explicit_hash_key: None,
-    }]
-}
-
-/// `%Convoy.Record{}`, built here so Elixir receives records ready to use.
-#[derive(rustler::NifStruct)]
-#[module = "Convoy.Record"]
-struct RecordStruct<'a> {
-    data: Binary<'a>,
-    partition_key: Term<'a>,
-    sequence_number: Term<'a>,
-    shard_id: Term<'a>,
-    approximate_arrival_timestamp: Term<'a>,
-    stream_id: Term<'a>,
-    sub_sequence_number: Option<u64>,
-    explicit_hash_key: Term<'a>,
+    });
 }
 
 /// What every record of a batch shares: its shard and the queue's `stream_id`.
@@ -96,25 +86,289 @@ pub struct Origin<'a> {
     pub stream_id: Term<'a>,
 }
 
-impl Delivered<'_> {
-    fn to_struct<'a>(
-        &self,
-        env: Env<'a>,
-        origin: &Origin<'a>,
-        times: &mut DateTimes<'a>,
-    ) -> RecordStruct<'a> {
-        let mut data = NewBinary::new(env, self.data.len());
-        data.as_mut_slice().copy_from_slice(&self.data);
-        RecordStruct {
-            data: data.into(),
-            partition_key: self.partition_key.as_ref().encode(env),
-            sequence_number: self.sequence_number.encode(env),
-            shard_id: origin.shard_id,
-            approximate_arrival_timestamp: times.utc(self.arrival_ms),
-            stream_id: origin.stream_id,
-            sub_sequence_number: self.sub_sequence_number,
-            explicit_hash_key: self.explicit_hash_key.as_deref().encode(env),
+/// Data of at most this many bytes is a heap binary, copied with its record.
+const HEAP_BINARY_MAX: usize = 64;
+
+/// Data of more than `HEAP_BINARY_MAX` and at most `PACKED_MAX` bytes is a
+/// sub-binary of a binary of at most `CHUNK_BYTES` that the records read
+/// with it share: one off-heap binary for hundreds of small records instead
+/// of one each (each is an allocation, a reference count, an entry in the
+/// receiving process's off-heap list, and a free when it is collected). A
+/// record a handler keeps therefore keeps up to `CHUNK_BYTES` of data alive
+/// (documented in `Convoy.Record`). Larger data gets a binary of its own.
+const CHUNK_BYTES: usize = 64 * 1024;
+const PACKED_MAX: usize = 4 * 1024;
+
+fn packed(len: usize) -> bool {
+    len > HEAP_BINARY_MAX && len <= PACKED_MAX
+}
+
+fn own_binary<'a>(env: Env<'a>, data: &[u8]) -> Term<'a> {
+    let mut binary = NewBinary::new(env, data.len());
+    binary.as_mut_slice().copy_from_slice(data);
+    binary.into()
+}
+
+/// The `data` terms of `delivered`, in order: runs of records whose data
+/// is packed (see `CHUNK_BYTES`) share a binary.
+fn encode_data<'a>(env: Env<'a>, delivered: &[Delivered]) -> Vec<Term<'a>> {
+    let mut terms = Vec::with_capacity(delivered.len());
+    let mut i = 0;
+    while i < delivered.len() {
+        let mut end = i;
+        let mut total = 0;
+        while let Some(d) = delivered.get(end) {
+            let len = d.data.len();
+            if !packed(len) || total + len > CHUNK_BYTES {
+                break;
+            }
+            total += len;
+            end += 1;
         }
+        if end <= i + 1 {
+            terms.push(own_binary(env, &delivered[i].data));
+            i += 1;
+            continue;
+        }
+        let mut chunk = NewBinary::new(env, total);
+        let mut offset = 0;
+        for d in &delivered[i..end] {
+            chunk.as_mut_slice()[offset..offset + d.data.len()].copy_from_slice(&d.data);
+            offset += d.data.len();
+        }
+        let chunk: Binary<'a> = chunk.into();
+        let mut offset = 0;
+        for d in &delivered[i..end] {
+            let len = d.data.len();
+            // SAFETY: offset + len <= total, the chunk's size.
+            terms.push(unsafe { chunk.make_subbinary_unchecked(offset, len) }.to_term(env));
+            offset += len;
+        }
+        i = end;
+    }
+    terms
+}
+
+/// The keys of `%Convoy.Record{}` in the VM's term order (atoms compare by
+/// name), the order of a small map's keys: `enif_make_map_from_arrays`
+/// then finds them sorted.
+const STRUCT: usize = 0;
+const ARRIVAL: usize = 1;
+const DATA: usize = 2;
+const EXPLICIT_HASH_KEY: usize = 3;
+const PARTITION_KEY: usize = 4;
+const SEQUENCE_NUMBER: usize = 5;
+const SHARD_ID: usize = 6;
+const STREAM_ID: usize = 7;
+const SUB_SEQUENCE_NUMBER: usize = 8;
+const FIELDS: usize = 9;
+
+/// Builds the `%Convoy.Record{}` maps of one message.
+struct RecordMaps<'a> {
+    env: Env<'a>,
+    keys: [Term<'a>; FIELDS],
+    /// The values every record of the batch shares (`__struct__`,
+    /// `shard_id`, `stream_id`); the others are placeholders.
+    template: [Term<'a>; FIELDS],
+    /// A map of `keys` and `template` whose layout was checked: records
+    /// are made from it and share its keys tuple (see `make`).
+    shared: Option<Shared>,
+}
+
+/// The template map and its keys tuple, as raw terms.
+#[derive(Clone, Copy)]
+struct Shared {
+    map: usize,
+    keys: usize,
+}
+
+/// A term's raw word.
+fn raw(term: Term) -> usize {
+    // SAFETY: `ErlNifTerm` is a transparent wrapper of a machine word.
+    unsafe { std::mem::transmute::<rustler::sys::ErlNifTerm, usize>(term.as_c_arg()) }
+}
+
+/// The primary tag of a boxed term (a pointer to a header word).
+const TAG_BOXED: usize = 2;
+/// A tuple's header word: its arity above six tag bits.
+const fn arity_header(arity: usize) -> usize {
+    arity << 6
+}
+
+/// The words of a boxed term.
+///
+/// # Safety
+/// `term` must be a boxed term of at least `len` words.
+unsafe fn boxed_words<'w>(term: usize, len: usize) -> &'w [usize] {
+    std::slice::from_raw_parts((term - TAG_BOXED) as *const usize, len)
+}
+
+impl<'a> RecordMaps<'a> {
+    fn new(env: Env<'a>, origin: &Origin<'a>) -> Self {
+        let keys = [
+            atoms::struct_(),
+            atoms::approximate_arrival_timestamp(),
+            atoms::data(),
+            atoms::explicit_hash_key(),
+            atoms::partition_key(),
+            atoms::sequence_number(),
+            atoms::shard_id(),
+            atoms::stream_id(),
+            atoms::sub_sequence_number(),
+        ]
+        .map(|a| a.encode(env));
+        let nil = atoms::nil().encode(env);
+        let mut template = [nil; FIELDS];
+        template[STRUCT] = atoms::elixir_convoy_record().encode(env);
+        template[SHARD_ID] = origin.shard_id;
+        template[STREAM_ID] = origin.stream_id;
+        let mut maps = RecordMaps {
+            env,
+            keys,
+            template,
+            shared: None,
+        };
+        let map = raw(maps.made_from_arrays(&template));
+        if maps.flatmap_layout(map) {
+            // SAFETY: a flatmap, checked: its keys tuple is its third word.
+            let keys = unsafe { boxed_words(map, 3)[2] };
+            maps.shared = Some(Shared { map, keys });
+        }
+        maps
+    }
+
+    /// Whether `map` is laid out as the VM lays out a small map (a
+    /// "flatmap": header word, size, keys tuple, then the values in key
+    /// order) with `keys` and `template`'s values: the layout `make`
+    /// writes to. Checked on each message's template, so that a VM that
+    /// lays maps out otherwise gets maps built the documented way.
+    fn flatmap_layout(&self, map: usize) -> bool {
+        if map & 3 != TAG_BOXED {
+            return false;
+        }
+        // SAFETY: a boxed map of FIELDS keys, in any layout the VM has
+        // used, spans at least 3 + FIELDS words.
+        let words = unsafe { boxed_words(map, 3 + FIELDS) };
+        let keys = words[2];
+        if words[1] != FIELDS || keys & 3 != TAG_BOXED {
+            return false;
+        }
+        // SAFETY: a boxed term; its header word is read first, and its
+        // elements only if it is a tuple of FIELDS elements.
+        if unsafe { boxed_words(keys, 1)[0] } != arity_header(FIELDS) {
+            return false;
+        }
+        let tuple = unsafe { boxed_words(keys, 1 + FIELDS) };
+        (0..FIELDS)
+            .all(|i| tuple[1 + i] == raw(self.keys[i]) && words[3 + i] == raw(self.template[i]))
+    }
+
+    fn made_from_arrays(&self, values: &[Term<'a>; FIELDS]) -> Term<'a> {
+        let keys = self.keys.map(|k| k.as_c_arg());
+        let values = values.map(|v| v.as_c_arg());
+        let mut map = MaybeUninit::uninit();
+        // SAFETY: FIELDS keys and values, all terms of this env.
+        let made = unsafe {
+            rustler::sys::enif_make_map_from_arrays(
+                self.env.as_c_arg(),
+                keys.as_ptr(),
+                values.as_ptr(),
+                FIELDS,
+                map.as_mut_ptr(),
+            )
+        };
+        assert!(made != 0, "distinct keys");
+        // SAFETY: the call succeeded, so it wrote the map.
+        unsafe { Term::new(self.env, map.assume_init()) }
+    }
+
+    /// A record's map from its own values (those of `template` for the
+    /// shared keys).
+    ///
+    /// The NIF API builds a keys tuple for every map it makes
+    /// (`enif_make_map_from_arrays`), 10 of a record's words, which the
+    /// receiving process then copies in its garbage collections. All but
+    /// `enif_make_map_update`: updating a key of a small map makes a map
+    /// that shares the old one's keys tuple. So a record is the template
+    /// updated with its data (a new map of 12 words, keys shared), whose
+    /// other values are then written in place: the map is fresh, in this
+    /// env, and seen by nothing else yet, and the values are terms of the
+    /// same env. The layout written to was checked on the template
+    /// (`flatmap_layout`); the update's result is checked to share it.
+    fn make(&self, values: &[Term<'a>; FIELDS]) -> Term<'a> {
+        if let Some(shared) = self.shared {
+            if let Some(map) = self.updated(shared, values) {
+                return map;
+            }
+        }
+        self.made_from_arrays(values)
+    }
+
+    /// The template with `values` (see `make`), or None if the VM did not
+    /// make the map `make` expects.
+    fn updated(&self, shared: Shared, values: &[Term<'a>; FIELDS]) -> Option<Term<'a>> {
+        let mut map = MaybeUninit::uninit();
+        // SAFETY: the template is a map of this env with the key `data`,
+        // and the value is a term of this env.
+        let updated = unsafe {
+            rustler::sys::enif_make_map_update(
+                self.env.as_c_arg(),
+                std::mem::transmute::<usize, rustler::sys::ErlNifTerm>(shared.map),
+                self.keys[DATA].as_c_arg(),
+                values[DATA].as_c_arg(),
+                map.as_mut_ptr(),
+            )
+        };
+        if updated == 0 {
+            return None;
+        }
+        // SAFETY: the call succeeded, so it wrote the map.
+        let map = unsafe { Term::new(self.env, map.assume_init()) };
+        let word = raw(map);
+        // A record's data (a binary) is never the template's nil, so the
+        // update made a new map (it returns its input when the value is
+        // the same).
+        if word == shared.map || word & 3 != TAG_BOXED {
+            return None;
+        }
+        let slots = (word - TAG_BOXED) as *mut usize;
+        // SAFETY: a new flatmap of FIELDS values, referenced by nothing
+        // else yet: header, size, keys tuple, values. Its values are
+        // written only once its size and keys tuple are the template's.
+        unsafe {
+            if *slots.add(1) != FIELDS || *slots.add(2) != shared.keys {
+                return None;
+            }
+            for i in [
+                ARRIVAL,
+                EXPLICIT_HASH_KEY,
+                PARTITION_KEY,
+                SEQUENCE_NUMBER,
+                SUB_SEQUENCE_NUMBER,
+            ] {
+                *slots.add(3 + i) = raw(values[i]);
+            }
+        }
+        Some(map)
+    }
+}
+
+impl Delivered<'_> {
+    fn to_map<'a>(
+        &self,
+        maps: &RecordMaps<'a>,
+        data: Term<'a>,
+        times: &mut DateTimes<'a>,
+    ) -> Term<'a> {
+        let env = maps.env;
+        let mut values = maps.template;
+        values[DATA] = data;
+        values[PARTITION_KEY] = self.partition_key.as_ref().encode(env);
+        values[SEQUENCE_NUMBER] = self.sequence_number.encode(env);
+        values[ARRIVAL] = times.utc(self.arrival_ms);
+        values[SUB_SEQUENCE_NUMBER] = self.sub_sequence_number.encode(env);
+        values[EXPLICIT_HASH_KEY] = self.explicit_hash_key.as_deref().encode(env);
+        maps.make(&values)
     }
 }
 
@@ -126,13 +380,18 @@ pub fn encode_records<'a>(
     origin: &Origin<'a>,
     unparseable: &mut Vec<Unparseable>,
 ) -> Term<'a> {
-    let mut terms: Vec<Term<'a>> = Vec::with_capacity(records.len());
-    let mut times = DateTimes::new(env);
+    let mut delivered = Vec::with_capacity(records.len());
     for record in records {
-        for delivered in expand(record, unparseable) {
-            terms.push(delivered.to_struct(env, origin, &mut times).encode(env));
-        }
+        expand(record, &mut delivered, unparseable);
     }
+    let data = encode_data(env, &delivered);
+    let maps = RecordMaps::new(env, origin);
+    let mut times = DateTimes::new(env);
+    let terms: Vec<Term<'a>> = delivered
+        .iter()
+        .zip(data)
+        .map(|(d, data)| d.to_map(&maps, data, &mut times))
+        .collect();
     terms.encode(env)
 }
 
