@@ -170,37 +170,6 @@ struct RecordMaps<'a> {
     /// The values every record of the batch shares (`__struct__`,
     /// `shard_id`, `stream_id`); the others are placeholders.
     template: [Term<'a>; FIELDS],
-    /// A map of `keys` and `template` whose layout was checked: records
-    /// are made from it and share its keys tuple (see `make`).
-    shared: Option<Shared>,
-}
-
-/// The template map and its keys tuple, as raw terms.
-#[derive(Clone, Copy)]
-struct Shared {
-    map: usize,
-    keys: usize,
-}
-
-/// A term's raw word.
-fn raw(term: Term) -> usize {
-    // SAFETY: `ErlNifTerm` is a transparent wrapper of a machine word.
-    unsafe { std::mem::transmute::<rustler::sys::ErlNifTerm, usize>(term.as_c_arg()) }
-}
-
-/// The primary tag of a boxed term (a pointer to a header word).
-const TAG_BOXED: usize = 2;
-/// A tuple's header word: its arity above six tag bits.
-const fn arity_header(arity: usize) -> usize {
-    arity << 6
-}
-
-/// The words of a boxed term.
-///
-/// # Safety
-/// `term` must be a boxed term of at least `len` words.
-unsafe fn boxed_words<'w>(term: usize, len: usize) -> &'w [usize] {
-    std::slice::from_raw_parts((term - TAG_BOXED) as *const usize, len)
 }
 
 impl<'a> RecordMaps<'a> {
@@ -222,45 +191,11 @@ impl<'a> RecordMaps<'a> {
         template[STRUCT] = atoms::elixir_convoy_record().encode(env);
         template[SHARD_ID] = origin.shard_id;
         template[STREAM_ID] = origin.stream_id;
-        let mut maps = RecordMaps {
+        RecordMaps {
             env,
             keys,
             template,
-            shared: None,
-        };
-        let map = raw(maps.made_from_arrays(&template));
-        if maps.flatmap_layout(map) {
-            // SAFETY: a flatmap, checked: its keys tuple is its third word.
-            let keys = unsafe { boxed_words(map, 3)[2] };
-            maps.shared = Some(Shared { map, keys });
         }
-        maps
-    }
-
-    /// Whether `map` is laid out as the VM lays out a small map (a
-    /// "flatmap": header word, size, keys tuple, then the values in key
-    /// order) with `keys` and `template`'s values: the layout `make`
-    /// writes to. Checked on each message's template, so that a VM that
-    /// lays maps out otherwise gets maps built the documented way.
-    fn flatmap_layout(&self, map: usize) -> bool {
-        if map & 3 != TAG_BOXED {
-            return false;
-        }
-        // SAFETY: a boxed map of FIELDS keys, in any layout the VM has
-        // used, spans at least 3 + FIELDS words.
-        let words = unsafe { boxed_words(map, 3 + FIELDS) };
-        let keys = words[2];
-        if words[1] != FIELDS || keys & 3 != TAG_BOXED {
-            return false;
-        }
-        // SAFETY: a boxed term; its header word is read first, and its
-        // elements only if it is a tuple of FIELDS elements.
-        if unsafe { boxed_words(keys, 1)[0] } != arity_header(FIELDS) {
-            return false;
-        }
-        let tuple = unsafe { boxed_words(keys, 1 + FIELDS) };
-        (0..FIELDS)
-            .all(|i| tuple[1 + i] == raw(self.keys[i]) && words[3 + i] == raw(self.template[i]))
     }
 
     fn made_from_arrays(&self, values: &[Term<'a>; FIELDS]) -> Term<'a> {
@@ -284,72 +219,8 @@ impl<'a> RecordMaps<'a> {
 
     /// A record's map from its own values (those of `template` for the
     /// shared keys).
-    ///
-    /// The NIF API builds a keys tuple for every map it makes
-    /// (`enif_make_map_from_arrays`), 10 of a record's words, which the
-    /// receiving process then copies in its garbage collections. All but
-    /// `enif_make_map_update`: updating a key of a small map makes a map
-    /// that shares the old one's keys tuple. So a record is the template
-    /// updated with its data (a new map of 12 words, keys shared), whose
-    /// other values are then written in place: the map is fresh, in this
-    /// env, and seen by nothing else yet, and the values are terms of the
-    /// same env. The layout written to was checked on the template
-    /// (`flatmap_layout`); the update's result is checked to share it.
     fn make(&self, values: &[Term<'a>; FIELDS]) -> Term<'a> {
-        if let Some(shared) = self.shared {
-            if let Some(map) = self.updated(shared, values) {
-                return map;
-            }
-        }
         self.made_from_arrays(values)
-    }
-
-    /// The template with `values` (see `make`), or None if the VM did not
-    /// make the map `make` expects.
-    fn updated(&self, shared: Shared, values: &[Term<'a>; FIELDS]) -> Option<Term<'a>> {
-        let mut map = MaybeUninit::uninit();
-        // SAFETY: the template is a map of this env with the key `data`,
-        // and the value is a term of this env.
-        let updated = unsafe {
-            rustler::sys::enif_make_map_update(
-                self.env.as_c_arg(),
-                std::mem::transmute::<usize, rustler::sys::ErlNifTerm>(shared.map),
-                self.keys[DATA].as_c_arg(),
-                values[DATA].as_c_arg(),
-                map.as_mut_ptr(),
-            )
-        };
-        if updated == 0 {
-            return None;
-        }
-        // SAFETY: the call succeeded, so it wrote the map.
-        let map = unsafe { Term::new(self.env, map.assume_init()) };
-        let word = raw(map);
-        // A record's data (a binary) is never the template's nil, so the
-        // update made a new map (it returns its input when the value is
-        // the same).
-        if word == shared.map || word & 3 != TAG_BOXED {
-            return None;
-        }
-        let slots = (word - TAG_BOXED) as *mut usize;
-        // SAFETY: a new flatmap of FIELDS values, referenced by nothing
-        // else yet: header, size, keys tuple, values. Its values are
-        // written only once its size and keys tuple are the template's.
-        unsafe {
-            if *slots.add(1) != FIELDS || *slots.add(2) != shared.keys {
-                return None;
-            }
-            for i in [
-                ARRIVAL,
-                EXPLICIT_HASH_KEY,
-                PARTITION_KEY,
-                SEQUENCE_NUMBER,
-                SUB_SEQUENCE_NUMBER,
-            ] {
-                *slots.add(3 + i) = raw(values[i]);
-            }
-        }
-        Some(map)
     }
 }
 
