@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 
+use foldhash::fast::RandomState;
 use md5::{Digest, Md5};
 use prost::encoding::{encode_varint, encoded_len_varint};
 use prost::Message;
@@ -78,8 +79,10 @@ fn record_len(key_index: u64, hash_key_index: Option<u64>, data_len: usize) -> u
 pub struct Aggregator {
     partition_keys: Vec<String>,
     explicit_hash_keys: Vec<String>,
-    key_index: HashMap<String, u64>,
-    hash_key_index: HashMap<String, u64>,
+    /// Looked up once or twice per record added: foldhash, not SipHash
+    /// (5% of the runtime's samples in a profile of the aggregated producer).
+    key_index: HashMap<String, u64, RandomState>,
+    hash_key_index: HashMap<String, u64, RandomState>,
     /// The `records` fields (tag 3), encoded.
     records: Vec<u8>,
     count: usize,

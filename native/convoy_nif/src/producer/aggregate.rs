@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use convoy_core::aggregation::{hash_key, Aggregator, ShardMap};
+use foldhash::fast::RandomState;
 use tokio::sync::{watch, Notify};
 
 use super::entry::{Entry, Packed};
@@ -67,7 +68,7 @@ enum Group {
 /// keys are hashed without being kept, so unique keys allocate nothing.
 #[derive(Default)]
 pub(super) struct KeyHashes {
-    known: HashMap<Box<str>, u128>,
+    known: HashMap<Box<str>, u128, RandomState>,
 }
 
 impl KeyHashes {
