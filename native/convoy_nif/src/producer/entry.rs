@@ -61,6 +61,21 @@ impl Packed {
         &self.bytes[usize::from(self.key_len)..]
     }
 
+    /// Asks the CPU to load the start of the key and data into its cache.
+    /// A cut walks records whose bytes are scattered over the heap and
+    /// reads each record's key: a cache miss per record, which prefetching
+    /// a few records ahead hides (see `order::Scan::next`).
+    #[inline]
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            // SAFETY: SSE is part of every x86_64 CPU; a prefetch is a hint
+            // that never faults, and the address is the record's own.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.bytes.as_ptr().cast()) };
+        }
+    }
+
     /// Key plus data: what Kinesis counts against its limits.
     pub fn len(&self) -> usize {
         self.bytes.len()
