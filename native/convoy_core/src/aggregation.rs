@@ -99,11 +99,29 @@ const TAG_RECORD_DATA: u8 = 3 << 3 | 2;
 
 /// Where a user record's keys stand in the tables, and whether adding it
 /// adds them.
+#[derive(Debug, Clone, Copy)]
 struct Indexes {
     key: u64,
     new_key: bool,
     hash_key: Option<u64>,
     new_hash_key: bool,
+}
+
+/// A user record measured against an [`Aggregator`] ([`Aggregator::measure`]):
+/// where its keys would go and by how many bytes it would grow the record,
+/// so that [`Aggregator::add_measured`] adds it without looking its keys up
+/// in the tables again.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    indexes: Indexes,
+    growth: usize,
+}
+
+impl Measured {
+    /// By how many bytes adding the record grows the finished record.
+    pub fn growth(&self) -> usize {
+        self.growth
+    }
 }
 
 impl Aggregator {
@@ -181,13 +199,49 @@ impl Aggregator {
         explicit_hash_key: Option<&str>,
         data_len: usize,
     ) -> usize {
+        self.encoded_len()
+            + self
+                .measure(partition_key, explicit_hash_key, data_len)
+                .growth
+    }
+
+    /// Measures a user record against this aggregator as it is now, for
+    /// [`Aggregator::add_measured`].
+    pub fn measure(
+        &self,
+        partition_key: &str,
+        explicit_hash_key: Option<&str>,
+        data_len: usize,
+    ) -> Measured {
         let indexes = self.indexes(partition_key, explicit_hash_key);
-        self.encoded_len() + Self::growth(&indexes, partition_key, explicit_hash_key, data_len)
+        Measured {
+            indexes,
+            growth: Self::growth(&indexes, partition_key, explicit_hash_key, data_len),
+        }
     }
 
     pub fn add(&mut self, partition_key: &str, explicit_hash_key: Option<&str>, data: &[u8]) {
-        let indexes = self.indexes(partition_key, explicit_hash_key);
-        self.proto_len += Self::growth(&indexes, partition_key, explicit_hash_key, data.len());
+        let measured = self.measure(partition_key, explicit_hash_key, data.len());
+        self.add_measured(measured, partition_key, explicit_hash_key, data);
+    }
+
+    /// Adds a user record measured by [`Aggregator::measure`] with the same
+    /// keys and data length, with no record added since: what `add` does,
+    /// without looking its keys up again.
+    pub fn add_measured(
+        &mut self,
+        measured: Measured,
+        partition_key: &str,
+        explicit_hash_key: Option<&str>,
+        data: &[u8],
+    ) {
+        let Measured { indexes, growth } = measured;
+        debug_assert_eq!(
+            growth,
+            self.measure(partition_key, explicit_hash_key, data.len())
+                .growth
+        );
+        self.proto_len += growth;
         if indexes.new_key {
             self.partition_keys.push(partition_key.to_owned());
             self.key_index.insert(partition_key.to_owned(), indexes.key);
@@ -378,6 +432,19 @@ mod tests {
         (agg.finish(), predicted)
     }
 
+    /// The same through `measure` and `add_measured`.
+    fn aggregate_measured(records: &[UserRecord]) -> Vec<u8> {
+        let mut agg = Aggregator::new();
+        for r in records {
+            let (key, ehk) = (r.partition_key.as_str(), r.explicit_hash_key.as_deref());
+            let measured = agg.measure(key, ehk, r.data.len());
+            let before = agg.encoded_len();
+            agg.add_measured(measured, key, ehk, &r.data);
+            assert_eq!(agg.encoded_len(), before + measured.growth());
+        }
+        agg.finish()
+    }
+
     fn user(key: &str, ehk: Option<&str>, data: &[u8]) -> UserRecord {
         UserRecord {
             partition_key: key.into(),
@@ -520,6 +587,7 @@ mod tests {
                 .collect();
             let (bytes, predicted) = aggregate(&records);
             prop_assert_eq!(bytes.len(), predicted);
+            prop_assert_eq!(&bytes, &aggregate_measured(&records));
             prop_assert_eq!(deaggregate(&bytes).unwrap(), records);
         }
 

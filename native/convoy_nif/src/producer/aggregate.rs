@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use convoy_core::aggregation::{hash_key, Aggregator, ShardMap};
+use convoy_core::aggregation::{hash_key, Aggregator, Measured, ShardMap};
 use foldhash::fast::RandomState;
 use tokio::sync::{watch, Notify};
 
@@ -123,10 +123,15 @@ impl Open {
         self.aggregator.encoded_len() + self.aggregator.first_partition_key().map_or(0, str::len)
     }
 
-    fn add(&mut self, entry: Entry) {
+    /// Adds the entry, measured against this aggregate if it was (a record
+    /// joining it), else measured here (the first record of a new one).
+    fn add(&mut self, entry: Entry, measured: Option<Measured>) {
         let record = &entry.record;
-        self.aggregator
-            .add(record.key(), entry.explicit_hash_key(), record.data());
+        let (key, ehk, data) = (record.key(), entry.explicit_hash_key(), record.data());
+        match measured {
+            Some(measured) => self.aggregator.add_measured(measured, key, ehk, data),
+            None => self.aggregator.add(key, ehk, data),
+        }
         self.members.push(Member {
             extras: entry.extras,
             size: record.len(),
@@ -158,8 +163,8 @@ impl Open {
 /// Where the next user record goes, and by how many bytes it grows the
 /// request there (each size computed once).
 enum Place {
-    /// Into the open aggregate at this index.
-    Join(usize, usize),
+    /// Into the open aggregate at this index, measured against it.
+    Join(usize, Measured),
     /// Into a new aggregate (closing the full one at this index first).
     Start(Option<usize>, usize),
     /// Too large to share a record: sent as it is, as the KPL does.
@@ -198,9 +203,9 @@ impl<'a> Cut<'a> {
         let slot = self.open.iter().position(|o| o.group == group);
         if let Some(i) = slot {
             let current = &self.open[i].aggregator;
-            let grown = current.encoded_len_with(key, ehk, data_len);
-            if grown <= max {
-                return Place::Join(i, grown - current.encoded_len());
+            let measured = current.measure(key, ehk, data_len);
+            if current.encoded_len() + measured.growth() <= max {
+                return Place::Join(i, measured);
             }
         }
         let alone = Aggregator::single_len(key, ehk, data_len);
@@ -218,7 +223,7 @@ impl<'a> Cut<'a> {
             return true;
         }
         let (extra_records, extra_bytes) = match *place {
-            Place::Join(_, grown) => (0, grown),
+            Place::Join(_, measured) => (0, measured.growth()),
             Place::Start(_, bytes) | Place::Alone(bytes) => (1, bytes),
         };
         let open_bytes: usize = self.open.iter().map(Open::request_bytes).sum();
@@ -236,7 +241,7 @@ impl<'a> Cut<'a> {
     }
 
     fn take(&mut self, place: Place, group: Group, entry: Entry) {
-        let index = match place {
+        let (index, measured) = match place {
             Place::Alone(_) => {
                 // The group's open aggregate may hold earlier records of
                 // this key: it goes first, so the request keeps put order.
@@ -250,7 +255,7 @@ impl<'a> Cut<'a> {
                 self.done.push(Outgoing::single(entry));
                 return;
             }
-            Place::Join(i, _) => i,
+            Place::Join(i, measured) => (i, Some(measured)),
             Place::Start(full, _) => {
                 if let Some(i) = full {
                     // Full: close it, keeping its place before newer records
@@ -261,10 +266,10 @@ impl<'a> Cut<'a> {
                 }
                 self.open.push(Open::new(self.next_slot, group, &entry));
                 self.next_slot += 1;
-                self.open.len() - 1
+                (self.open.len() - 1, None)
             }
         };
-        self.open[index].add(entry);
+        self.open[index].add(entry, measured);
     }
 
     fn finish(self) -> Vec<Outgoing> {
