@@ -12,7 +12,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use convoy_core::aggregation::{hash_key, Aggregator, ShardMap};
+use convoy_core::aggregation::{self, hash_key, Aggregator, Measured, ShardMap, Unsealed};
+use foldhash::fast::RandomState;
 use tokio::sync::{watch, Notify};
 
 use super::entry::{Entry, Packed};
@@ -67,7 +68,7 @@ enum Group {
 /// keys are hashed without being kept, so unique keys allocate nothing.
 #[derive(Default)]
 pub(super) struct KeyHashes {
-    known: HashMap<Box<str>, u128>,
+    known: HashMap<Box<str>, u128, RandomState>,
 }
 
 impl KeyHashes {
@@ -122,43 +123,80 @@ impl Open {
         self.aggregator.encoded_len() + self.aggregator.first_partition_key().map_or(0, str::len)
     }
 
-    fn add(&mut self, entry: Entry) {
+    /// Adds the entry, measured against this aggregate if it was (a record
+    /// joining it), else measured here (the first record of a new one).
+    fn add(&mut self, entry: Entry, measured: Option<Measured>) {
         let record = &entry.record;
-        self.aggregator
-            .add(record.key(), entry.explicit_hash_key(), record.data());
+        let (key, ehk, data) = (record.key(), entry.explicit_hash_key(), record.data());
+        match measured {
+            Some(measured) => self.aggregator.add_measured(measured, key, ehk, data),
+            None => self.aggregator.add(key, ehk, data),
+        }
         self.members.push(Member {
             extras: entry.extras,
             size: record.len(),
         });
     }
 
-    fn finish(self, map: &ShardMap) -> Outgoing {
+    /// Its Kinesis record, but for the digest: the cut seals its records
+    /// together (see [`Finished`]).
+    fn finish(self, map: &ShardMap) -> Finished {
         let key = self
             .aggregator
             .first_partition_key()
-            .expect("an open aggregate has a record")
-            .to_owned();
-        let mut bytes = Vec::with_capacity(key.len() + self.aggregator.encoded_len());
+            .expect("an open aggregate has a record");
+        let key_len = key.len();
+        let mut bytes = Vec::with_capacity(key_len + self.aggregator.encoded_len());
         bytes.extend_from_slice(key.as_bytes());
-        self.aggregator.finish_into(&mut bytes);
-        Outgoing {
-            record: Packed::from_vec(bytes, key.len()),
+        Finished {
+            bytes: self.aggregator.finish_unsealed(bytes),
+            key_len,
             explicit_hash_key: self.explicit_hash_key,
-            members: Members::Many(self.members),
+            members: self.members,
             expected_shard: match self.group {
                 Group::Shard(index) => Some(map.id(index).into()),
                 Group::Hash(_) => None,
             },
+        }
+    }
+}
+
+/// An aggregated record of the request being cut, all but its digest. The
+/// cut computes the digests of its aggregates two at a time once it is
+/// done ([`aggregation::seal_all`]): MD5 was the largest cost of
+/// aggregation, and two digests side by side take little more than one.
+struct Finished {
+    /// The partition key (`key_len` bytes), then the unsealed aggregate.
+    bytes: Unsealed,
+    key_len: usize,
+    explicit_hash_key: Option<Box<str>>,
+    members: Vec<Member>,
+    expected_shard: Option<Box<str>>,
+}
+
+impl Finished {
+    fn into_outgoing(self) -> Outgoing {
+        Outgoing {
+            record: Packed::from_vec(self.bytes.into_bytes(), self.key_len),
+            explicit_hash_key: self.explicit_hash_key,
+            members: Members::Many(self.members),
+            expected_shard: self.expected_shard,
             aggregated: true,
         }
     }
 }
 
+/// A Kinesis record of the request being cut, in request order.
+enum Done {
+    Single(Outgoing),
+    Aggregated(Finished),
+}
+
 /// Where the next user record goes, and by how many bytes it grows the
 /// request there (each size computed once).
 enum Place {
-    /// Into the open aggregate at this index.
-    Join(usize, usize),
+    /// Into the open aggregate at this index, measured against it.
+    Join(usize, Measured),
     /// Into a new aggregate (closing the full one at this index first).
     Start(Option<usize>, usize),
     /// Too large to share a record: sent as it is, as the KPL does.
@@ -170,7 +208,7 @@ enum Place {
 struct Cut<'a> {
     aggregation: &'a Aggregation,
     map: Arc<ShardMap>,
-    done: Vec<Outgoing>,
+    done: Vec<Done>,
     done_bytes: usize,
     open: Vec<Open>,
     /// The number the next Kinesis record of the request gets.
@@ -197,9 +235,9 @@ impl<'a> Cut<'a> {
         let slot = self.open.iter().position(|o| o.group == group);
         if let Some(i) = slot {
             let current = &self.open[i].aggregator;
-            let grown = current.encoded_len_with(key, ehk, data_len);
-            if grown <= max {
-                return Place::Join(i, grown - current.encoded_len());
+            let measured = current.measure(key, ehk, data_len);
+            if current.encoded_len() + measured.growth() <= max {
+                return Place::Join(i, measured);
             }
         }
         let alone = Aggregator::single_len(key, ehk, data_len);
@@ -217,7 +255,7 @@ impl<'a> Cut<'a> {
             return true;
         }
         let (extra_records, extra_bytes) = match *place {
-            Place::Join(_, grown) => (0, grown),
+            Place::Join(_, measured) => (0, measured.growth()),
             Place::Start(_, bytes) | Place::Alone(bytes) => (1, bytes),
         };
         let open_bytes: usize = self.open.iter().map(Open::request_bytes).sum();
@@ -235,35 +273,35 @@ impl<'a> Cut<'a> {
     }
 
     fn take(&mut self, place: Place, group: Group, entry: Entry) {
-        let index = match place {
+        let (index, measured) = match place {
             Place::Alone(_) => {
                 // The group's open aggregate may hold earlier records of
                 // this key: it goes first, so the request keeps put order.
                 if let Some(i) = self.open.iter().position(|o| o.group == group) {
                     let open = self.open.remove(i);
                     self.done_bytes += open.request_bytes();
-                    self.done.push(open.finish(&self.map));
+                    self.done.push(Done::Aggregated(open.finish(&self.map)));
                 }
                 self.next_slot += 1;
                 self.done_bytes += entry.size();
-                self.done.push(Outgoing::single(entry));
+                self.done.push(Done::Single(Outgoing::single(entry)));
                 return;
             }
-            Place::Join(i, _) => i,
+            Place::Join(i, measured) => (i, Some(measured)),
             Place::Start(full, _) => {
                 if let Some(i) = full {
                     // Full: close it, keeping its place before newer records
                     // of the group, and start another.
                     let full = self.open.remove(i);
                     self.done_bytes += full.request_bytes();
-                    self.done.push(full.finish(&self.map));
+                    self.done.push(Done::Aggregated(full.finish(&self.map)));
                 }
                 self.open.push(Open::new(self.next_slot, group, &entry));
                 self.next_slot += 1;
-                self.open.len() - 1
+                (self.open.len() - 1, None)
             }
         };
-        self.open[index].add(entry);
+        self.open[index].add(entry, measured);
     }
 
     fn finish(self) -> Vec<Outgoing> {
@@ -273,8 +311,21 @@ impl<'a> Cut<'a> {
             open,
             ..
         } = self;
-        done.extend(open.into_iter().map(|o| o.finish(&map)));
-        done
+        done.extend(open.into_iter().map(|o| Done::Aggregated(o.finish(&map))));
+        let mut unsealed: Vec<&mut Unsealed> = done
+            .iter_mut()
+            .filter_map(|d| match d {
+                Done::Aggregated(finished) => Some(&mut finished.bytes),
+                Done::Single(_) => None,
+            })
+            .collect();
+        aggregation::seal_all(&mut unsealed);
+        done.into_iter()
+            .map(|d| match d {
+                Done::Single(outgoing) => outgoing,
+                Done::Aggregated(finished) => finished.into_outgoing(),
+            })
+            .collect()
     }
 }
 

@@ -28,9 +28,17 @@ impl Packed {
         Packed::from_vec(bytes, key.len())
     }
 
-    /// `bytes` starts with a key of `key_len` bytes.
+    /// `bytes` starts with a key of `key_len` bytes, checked here as UTF-8
+    /// (once per aggregated record, the only caller besides `new`).
+    ///
+    /// # Panics
+    ///
+    /// If the key is not valid UTF-8.
     pub fn from_vec(bytes: Vec<u8>, key_len: usize) -> Self {
-        debug_assert!(std::str::from_utf8(&bytes[..key_len]).is_ok());
+        assert!(
+            std::str::from_utf8(&bytes[..key_len]).is_ok(),
+            "a partition key is UTF-8"
+        );
         Packed {
             bytes: bytes.into_boxed_slice(),
             key_len: u16::try_from(key_len).expect("a partition key is at most 1 KiB"),
@@ -39,13 +47,33 @@ impl Packed {
     }
 
     pub fn key(&self) -> &str {
-        // Checked as UTF-8 when the record was put; checking again costs
-        // little for a key of at most 256 characters.
-        std::str::from_utf8(&self.bytes[..usize::from(self.key_len)]).unwrap_or_default()
+        // Not checked again: a cut asks for a record's key four or five
+        // times, and in per-key order records set aside are scanned again
+        // by the next cut; the checks were 5 to 9% of the runtime's samples
+        // in profiles of the aggregated producer.
+        // SAFETY: `bytes[..key_len]` was checked as UTF-8 when the `Packed`
+        // was built (`new` takes a `&str`, `from_vec` checks) and is never
+        // changed afterwards.
+        unsafe { std::str::from_utf8_unchecked(&self.bytes[..usize::from(self.key_len)]) }
     }
 
     pub fn data(&self) -> &[u8] {
         &self.bytes[usize::from(self.key_len)..]
+    }
+
+    /// Asks the CPU to load the start of the key and data into its cache.
+    /// A cut walks records whose bytes are scattered over the heap and
+    /// reads each record's key: a cache miss per record, which prefetching
+    /// a few records ahead hides (see `order::Scan::next`).
+    #[inline]
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            // SAFETY: SSE is part of every x86_64 CPU; a prefetch is a hint
+            // that never faults, and the address is the record's own.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.bytes.as_ptr().cast()) };
+        }
     }
 
     /// Key plus data: what Kinesis counts against its limits.
@@ -183,6 +211,14 @@ mod tests {
         assert_eq!(packed.len(), "kéy".len() + 4);
         let empty = Packed::new("k", b"");
         assert_eq!((empty.key(), empty.data()), ("k", &b""[..]));
+        let joined = Packed::from_vec(b"k\xc3\xa9ydata".to_vec(), 4);
+        assert_eq!((joined.key(), joined.data()), ("kéy", &b"data"[..]));
+    }
+
+    #[test]
+    #[should_panic(expected = "UTF-8")]
+    fn packed_refuses_a_key_that_is_not_utf8() {
+        let _ = Packed::from_vec(b"\xffdata".to_vec(), 1);
     }
 
     #[test]

@@ -51,6 +51,10 @@ const WAITING: u32 = u32::MAX;
 /// further back wait until the keys before them thin out.
 const MAX_SET_ASIDE: usize = 4 * MAX_REQUEST_RECORDS;
 
+/// How many records ahead of the one it returns `next` prefetches: enough
+/// to cover a memory access while the records in between are handled.
+const PREFETCH_AHEAD: usize = 8;
+
 pub(super) struct Scan<'a> {
     buffer: &'a mut VecDeque<Entry>,
     order: KeyOrder,
@@ -88,17 +92,31 @@ impl<'a> Scan<'a> {
     /// or enough records were set aside.
     pub fn next(&mut self) -> Option<&Entry> {
         if self.order == KeyOrder::Relaxed {
+            self.prefetch();
             return self.buffer.front();
         }
         loop {
             if self.set_aside.len() >= MAX_SET_ASIDE {
                 return None;
             }
+            self.prefetch();
             self.current = FixedState::default().hash_one(self.buffer.front()?.record.key());
             if self.slots.0.get(&self.current) != Some(&WAITING) {
                 return self.buffer.front();
             }
             self.set_aside();
+        }
+    }
+
+    /// Starts loading the bytes of a record a few places ahead: the cut
+    /// reads every record's key (to hash it, to group it) and then its data,
+    /// each in an allocation of its own, so without this nearly every record
+    /// costs a cache miss (80% of `next`'s samples in a profile of per-key
+    /// order with aggregation, where records set aside are scanned again by
+    /// the next cut).
+    fn prefetch(&self) {
+        if let Some(ahead) = self.buffer.get(PREFETCH_AHEAD) {
+            ahead.record.prefetch();
         }
     }
 

@@ -1,0 +1,71 @@
+# Section 2b of bench/run.exs alone: producer throughput and CPU per record
+# on the null endpoint, for before/after comparisons of the NIF.
+#
+#   MIX_ENV=prod mix run bench/null.exs [records] [which...]
+#
+# `which` is any of relaxed, aggregation, raw (default: all three). Runs
+# BENCH_RUNS times (default 3) in this VM and prints each run: records/s
+# and CPU per record by thread kind (callers, NIF runtime); for the raw
+# client, its whole process's CPU per record (a separate run).
+Code.require_file("support.exs", __DIR__)
+require Logger
+Logger.configure(level: :warning)
+
+{count, which} =
+  case System.argv() do
+    [] -> {Bench.null_count(), ~w(relaxed aggregation raw)}
+    [n] -> {String.to_integer(n), ~w(relaxed aggregation raw)}
+    [n | which] -> {String.to_integer(n), which}
+  end
+
+null = Bench.Null.start!()
+{_, endpoint} = null
+procs = System.schedulers_online()
+
+convoy = fn label, opts ->
+  for run <- 1..Bench.runs() do
+    {id, pid} = Bench.queue!(Bench.stream!(endpoint, "produce"), endpoint, opts)
+    threads = Bench.thread_ns()
+
+    seconds =
+      Bench.seconds(fn ->
+        Bench.produce_all(id, count, procs)
+        :ok = Convoy.Queue.flush(id, await: 300_000)
+      end)
+
+    threads = Map.merge(Bench.thread_ns(), threads, fn _, a, b -> round((a - b) / count) end)
+    %{sent: ^count} = Convoy.Queue.stats(id)
+    Bench.stop_queue(pid)
+
+    IO.puts(
+      "  #{label} run #{run}: #{round(count / seconds)} records/s, ns per record: " <>
+        "callers #{threads.schedulers}, runtime #{threads.runtime}, other #{threads.other}, " <>
+        "total #{threads.schedulers + threads.runtime + threads.other}"
+    )
+  end
+end
+
+raw_args = ["put", endpoint, "null", "#{count}", "#{Bench.size()}", "8"]
+
+for w <- which do
+  case w do
+    "relaxed" ->
+      convoy.("convoy, relaxed order", batch_timeout: 100, ordering: :relaxed)
+
+    "aggregation" ->
+      convoy.("convoy aggregated", batch_timeout: 100, aggregation: true)
+
+    "raw" ->
+      for run <- 1..Bench.runs() do
+        path = Path.join(File.cwd!(), "target/release/kinesis_raw")
+        cpu = Bench.child_cpu!(path, raw_args) / count * 1.0e9
+        rate = count / Bench.raw(raw_args)
+
+        IO.puts(
+          "  raw Rust SDK put run #{run}: #{round(rate)} records/s, #{round(cpu)} ns per record"
+        )
+      end
+  end
+end
+
+Bench.Null.stop(null)
