@@ -284,22 +284,6 @@ impl Aggregator {
 
     /// Appends the finished record to `out`.
     pub fn finish_into(self, out: &mut Vec<u8>) {
-        *out = self.finish_unsealed(std::mem::take(out)).into_bytes();
-    }
-
-    /// Appends the finished record to `out`, all but its digest, which
-    /// [`seal_all`] then computes for several records together.
-    pub fn finish_unsealed(self, mut out: Vec<u8>) -> Unsealed {
-        let proto_start = self.write_unsealed(&mut out);
-        Unsealed {
-            bytes: out,
-            proto_start,
-            sealed: false,
-        }
-    }
-
-    /// Writes the magic and the protobuf; returns where the protobuf starts.
-    fn write_unsealed(self, out: &mut Vec<u8>) -> usize {
         out.reserve(self.encoded_len());
         out.extend_from_slice(&MAGIC);
         let proto_start = out.len();
@@ -315,56 +299,8 @@ impl Aggregator {
         }
         out.extend_from_slice(&self.records);
         debug_assert_eq!(out.len() - proto_start, self.proto_len);
-        proto_start
-    }
-}
-
-/// An aggregated record written but for its 16-byte MD5 trailer: see
-/// [`Aggregator::finish_unsealed`] and [`seal_all`].
-#[derive(Debug)]
-pub struct Unsealed {
-    bytes: Vec<u8>,
-    proto_start: usize,
-    sealed: bool,
-}
-
-impl Unsealed {
-    fn seal_with(&mut self, digest: &[u8]) {
-        debug_assert!(!self.sealed);
-        self.bytes.extend_from_slice(digest);
-        self.sealed = true;
-    }
-
-    fn proto(&self) -> &[u8] {
-        &self.bytes[self.proto_start..]
-    }
-
-    /// The finished record (sealed here if [`seal_all`] did not).
-    pub fn into_bytes(mut self) -> Vec<u8> {
-        if !self.sealed {
-            let digest = Md5::digest(self.proto());
-            self.seal_with(&digest);
-        }
-        self.bytes
-    }
-}
-
-/// Appends each record's digest, computing them two at a time (see
-/// `md5x2`): an aggregate's digest was the largest cost of aggregation.
-pub fn seal_all(records: &mut [&mut Unsealed]) {
-    for pair in records.chunks_mut(2) {
-        match pair {
-            [x, y] => {
-                let (dx, dy) = crate::md5x2::digest_pair(x.proto(), y.proto());
-                x.seal_with(&dx);
-                y.seal_with(&dy);
-            }
-            [one] => {
-                let digest = Md5::digest(one.proto());
-                one.seal_with(&digest);
-            }
-            _ => unreachable!("chunks of two"),
-        }
+        let digest = Md5::digest(&out[proto_start..]);
+        out.extend_from_slice(&digest);
     }
 }
 
@@ -652,20 +588,6 @@ mod tests {
             let (bytes, predicted) = aggregate(&records);
             prop_assert_eq!(bytes.len(), predicted);
             prop_assert_eq!(&bytes, &aggregate_measured(&records));
-            // Sealed with others, two at a time, it is the same record.
-            let mut unsealed: Vec<Unsealed> = (0..records.len())
-                .map(|n| {
-                    let mut agg = Aggregator::new();
-                    for r in &records[..=n] {
-                        agg.add(&r.partition_key, r.explicit_hash_key.as_deref(), &r.data);
-                    }
-                    agg.finish_unsealed(b"key".to_vec())
-                })
-                .collect();
-            seal_all(&mut unsealed.iter_mut().collect::<Vec<_>>());
-            let last = unsealed.pop().expect("one per prefix").into_bytes();
-            prop_assert_eq!(&last[..3], b"key");
-            prop_assert_eq!(&last[3..], &bytes[..]);
             prop_assert_eq!(deaggregate(&bytes).unwrap(), records);
         }
 

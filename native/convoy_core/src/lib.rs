@@ -6,7 +6,6 @@ pub mod aggregation;
 pub mod civil;
 pub mod error;
 pub mod lanes;
-mod md5x2;
 pub mod retry;
 pub mod sequence;
 pub mod validate;

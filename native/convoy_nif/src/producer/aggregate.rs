@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use convoy_core::aggregation::{self, hash_key, Aggregator, Measured, ShardMap, Unsealed};
+use convoy_core::aggregation::{hash_key, Aggregator, Measured, ShardMap};
 use foldhash::fast::RandomState;
 use tokio::sync::{watch, Notify};
 
@@ -138,58 +138,26 @@ impl Open {
         });
     }
 
-    /// Its Kinesis record, but for the digest: the cut seals its records
-    /// together (see [`Finished`]).
-    fn finish(self, map: &ShardMap) -> Finished {
+    fn finish(self, map: &ShardMap) -> Outgoing {
         let key = self
             .aggregator
             .first_partition_key()
-            .expect("an open aggregate has a record");
-        let key_len = key.len();
-        let mut bytes = Vec::with_capacity(key_len + self.aggregator.encoded_len());
+            .expect("an open aggregate has a record")
+            .to_owned();
+        let mut bytes = Vec::with_capacity(key.len() + self.aggregator.encoded_len());
         bytes.extend_from_slice(key.as_bytes());
-        Finished {
-            bytes: self.aggregator.finish_unsealed(bytes),
-            key_len,
+        self.aggregator.finish_into(&mut bytes);
+        Outgoing {
+            record: Packed::from_vec(bytes, key.len()),
             explicit_hash_key: self.explicit_hash_key,
-            members: self.members,
+            members: Members::Many(self.members),
             expected_shard: match self.group {
                 Group::Shard(index) => Some(map.id(index).into()),
                 Group::Hash(_) => None,
             },
-        }
-    }
-}
-
-/// An aggregated record of the request being cut, all but its digest. The
-/// cut computes the digests of its aggregates two at a time once it is
-/// done ([`aggregation::seal_all`]): MD5 was the largest cost of
-/// aggregation, and two digests side by side take little more than one.
-struct Finished {
-    /// The partition key (`key_len` bytes), then the unsealed aggregate.
-    bytes: Unsealed,
-    key_len: usize,
-    explicit_hash_key: Option<Box<str>>,
-    members: Vec<Member>,
-    expected_shard: Option<Box<str>>,
-}
-
-impl Finished {
-    fn into_outgoing(self) -> Outgoing {
-        Outgoing {
-            record: Packed::from_vec(self.bytes.into_bytes(), self.key_len),
-            explicit_hash_key: self.explicit_hash_key,
-            members: Members::Many(self.members),
-            expected_shard: self.expected_shard,
             aggregated: true,
         }
     }
-}
-
-/// A Kinesis record of the request being cut, in request order.
-enum Done {
-    Single(Outgoing),
-    Aggregated(Finished),
 }
 
 /// Where the next user record goes, and by how many bytes it grows the
@@ -208,7 +176,7 @@ enum Place {
 struct Cut<'a> {
     aggregation: &'a Aggregation,
     map: Arc<ShardMap>,
-    done: Vec<Done>,
+    done: Vec<Outgoing>,
     done_bytes: usize,
     open: Vec<Open>,
     /// The number the next Kinesis record of the request gets.
@@ -280,11 +248,11 @@ impl<'a> Cut<'a> {
                 if let Some(i) = self.open.iter().position(|o| o.group == group) {
                     let open = self.open.remove(i);
                     self.done_bytes += open.request_bytes();
-                    self.done.push(Done::Aggregated(open.finish(&self.map)));
+                    self.done.push(open.finish(&self.map));
                 }
                 self.next_slot += 1;
                 self.done_bytes += entry.size();
-                self.done.push(Done::Single(Outgoing::single(entry)));
+                self.done.push(Outgoing::single(entry));
                 return;
             }
             Place::Join(i, measured) => (i, Some(measured)),
@@ -294,7 +262,7 @@ impl<'a> Cut<'a> {
                     // of the group, and start another.
                     let full = self.open.remove(i);
                     self.done_bytes += full.request_bytes();
-                    self.done.push(Done::Aggregated(full.finish(&self.map)));
+                    self.done.push(full.finish(&self.map));
                 }
                 self.open.push(Open::new(self.next_slot, group, &entry));
                 self.next_slot += 1;
@@ -311,21 +279,8 @@ impl<'a> Cut<'a> {
             open,
             ..
         } = self;
-        done.extend(open.into_iter().map(|o| Done::Aggregated(o.finish(&map))));
-        let mut unsealed: Vec<&mut Unsealed> = done
-            .iter_mut()
-            .filter_map(|d| match d {
-                Done::Aggregated(finished) => Some(&mut finished.bytes),
-                Done::Single(_) => None,
-            })
-            .collect();
-        aggregation::seal_all(&mut unsealed);
-        done.into_iter()
-            .map(|d| match d {
-                Done::Single(outgoing) => outgoing,
-                Done::Aggregated(finished) => finished.into_outgoing(),
-            })
-            .collect()
+        done.extend(open.into_iter().map(|o| o.finish(&map)));
+        done
     }
 }
 
