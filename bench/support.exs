@@ -27,6 +27,16 @@ defmodule Bench do
     median(values)
   end
 
+  # As `repeat/2`, answering the largest value instead of the median.
+  def repeat_max(label, fun) do
+    for run <- 1..runs() do
+      value = fun.()
+      IO.puts("  #{label} run #{run}: #{inspect(value)}")
+      value
+    end
+    |> Enum.max()
+  end
+
   def fmt_int(n), do: n |> Integer.to_string() |> String.replace(~r/\B(?=(\d{3})+$)/, ",")
 
   def seconds(fun) do
