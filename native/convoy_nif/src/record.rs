@@ -198,7 +198,9 @@ impl<'a> RecordMaps<'a> {
         }
     }
 
-    fn made_from_arrays(&self, values: &[Term<'a>; FIELDS]) -> Term<'a> {
+    /// A record's map from its own values (those of `template` for the
+    /// shared keys).
+    fn make(&self, values: &[Term<'a>; FIELDS]) -> Term<'a> {
         let keys = self.keys.map(|k| k.as_c_arg());
         let values = values.map(|v| v.as_c_arg());
         let mut map = MaybeUninit::uninit();
@@ -215,12 +217,6 @@ impl<'a> RecordMaps<'a> {
         assert!(made != 0, "distinct keys");
         // SAFETY: the call succeeded, so it wrote the map.
         unsafe { Term::new(self.env, map.assume_init()) }
-    }
-
-    /// A record's map from its own values (those of `template` for the
-    /// shared keys).
-    fn make(&self, values: &[Term<'a>; FIELDS]) -> Term<'a> {
-        self.made_from_arrays(values)
     }
 }
 
