@@ -147,6 +147,28 @@ defmodule Convoy.TestSupport do
     end
   end
 
+  @doc """
+  For a pid handler (the test process): acknowledges its batches until
+  `count` records came, except the last batch, which it returns unacknowledged
+  with every record received, as `{batch, records}`. Holding it keeps its
+  shard from being read to its end.
+  """
+  def hold_last(count, timeout, acc \\ []) do
+    receive do
+      {:convoy_batch, batch} ->
+        acc = acc ++ batch.records
+
+        if length(acc) >= count do
+          {batch, acc}
+        else
+          :ok = Convoy.Queue.ack(batch)
+          hold_last(count, timeout, acc)
+        end
+    after
+      timeout -> ExUnit.Assertions.flunk("got #{length(acc)} records of #{count}")
+    end
+  end
+
   @doc "Waits until `fun` returns a truthy value, checking every 50 ms."
   def eventually(fun, timeout \\ 60_000) do
     deadline = System.monotonic_time(:millisecond) + timeout
