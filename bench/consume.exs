@@ -22,7 +22,21 @@ endpoint = Convoy.Local.endpoint(local)
 filled = Bench.stream!(endpoint, "filled")
 Bench.raw(["put", endpoint, filled, "#{count}", "#{Bench.size()}", "8"])
 
-runs = for _ <- 1..Bench.runs(), do: Bench.consume(filled, endpoint, count)
+runs =
+  for _ <- 1..Bench.runs() do
+    threads = Bench.thread_ns()
+    run = Bench.consume(filled, endpoint, count)
+    threads = Map.merge(Bench.thread_ns(), threads, fn _, a, b -> round((a - b) / count) end)
+
+    IO.puts(
+      "  convoy ns per record by thread: schedulers #{threads.schedulers}, " <>
+        "runtime #{threads.runtime}, other #{threads.other}, " <>
+        "total #{threads.schedulers + threads.runtime + threads.other}"
+    )
+
+    run
+  end
+
 IO.puts("  convoy {seconds, peak RSS KiB, CPU seconds}: #{inspect(runs)}")
 convoy = Bench.median(Enum.map(runs, &elem(&1, 2))) / count * 1.0e6
 

@@ -1,6 +1,9 @@
 # The producer alone on the null endpoint, for a profiler:
 #
-#   MIX_ENV=prod mix run bench/profile.exs [records] [processes] [aggregation]
+#   MIX_ENV=prod mix run bench/profile.exs [records] [processes] [aggregation | relaxed]
+#
+# The queue keeps per-key order (the default) unless `relaxed` is given;
+# `aggregation` aggregates in per-key order.
 #
 # Under perf (software clock; the JIT writes a perf map with +JPperf true):
 #
@@ -14,17 +17,27 @@ Code.require_file("support.exs", __DIR__)
 require Logger
 Logger.configure(level: :warning)
 
-[count, procs, aggregation] =
+[count, procs, mode] =
   case System.argv() do
-    [c, p, a] -> [String.to_integer(c), String.to_integer(p), a == "aggregation"]
-    [c, p] -> [String.to_integer(c), String.to_integer(p), false]
-    [c] -> [String.to_integer(c), 2, false]
-    [] -> [400_000, 2, false]
+    [c, p, m] -> [String.to_integer(c), String.to_integer(p), m]
+    [c, p] -> [String.to_integer(c), String.to_integer(p), "per_key"]
+    [c] -> [String.to_integer(c), 2, "per_key"]
+    [] -> [400_000, 2, "per_key"]
   end
+
+aggregation = mode == "aggregation"
+ordering = if mode == "relaxed", do: :relaxed, else: :per_key
 
 null = Bench.Null.start!()
 {_, endpoint} = null
-{id, pid} = Bench.queue!("profile", endpoint, batch_timeout: 100, aggregation: aggregation)
+
+{id, pid} =
+  Bench.queue!("profile", endpoint,
+    batch_timeout: 100,
+    aggregation: aggregation,
+    ordering: ordering
+  )
+
 # A warm-up: connections open, shard map loaded, allocators grown.
 Bench.put_all(id, 50_000, procs)
 :ok = Convoy.Queue.flush(id, await: 60_000)
@@ -44,7 +57,7 @@ Bench.stop_queue(pid)
 Bench.Null.stop(null)
 
 IO.puts(
-  "#{count} records, #{procs} processes, aggregation #{aggregation}: #{Float.round(seconds, 3)} s, " <>
+  "#{count} records, #{procs} processes, #{mode}: #{Float.round(seconds, 3)} s, " <>
     "#{round(count / seconds)} records/s, VM CPU #{Float.round(cpu, 2)} s " <>
     "(#{Float.round(cpu / count * 1.0e6, 2)} µs per record; " <>
     Enum.map_join(threads, ", ", fn {k, ns} -> "#{k} #{round(ns / count)} ns" end) <> ")"

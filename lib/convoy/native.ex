@@ -51,6 +51,8 @@ defmodule Convoy.Native do
   # the same acknowledgement and stop
   def poller_start(_client, _stream_id, _options, _position, _dispatcher), do: not_loaded()
   def reader_ack(_reader), do: not_loaded()
+  def reader_take(_reader), do: not_loaded()
+  def reader_take_dirty(_reader), do: not_loaded()
   def reader_stop(_reader), do: not_loaded()
 
   def fetch_records(

@@ -96,7 +96,7 @@ defmodule Convoy.UnparseableTest do
     # Neither a crash nor a restart of the shard (the log holds other
     # tests' lines too: only this stream's count).
     refute log =~ ~r/#{Regex.escape(inspect(stream))}: dispatcher .* exited/
-    refute log =~ "panicked"
+    refute log =~ ~r/#{Regex.escape(inspect(stream))}: .*panicked/
     assert_unparseable_counted(stream)
   end
 

@@ -79,7 +79,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
   #
   # Self-fencing: with leases, a batch waits while the shard's lease is not
   # known to be renewed (the consumer stops this dispatcher if it is lost).
-  def handle_info({:convoy_records, _, _, _} = message, %{leased: true} = state) do
+  def handle_info({tag, _, _, _} = message, %{leased: true} = state)
+      when tag in [:convoy_records, :convoy_records_ready] do
     if Convoy.Leases.may_dispatch?(state.stream_id, state.shard_id) do
       handle_records(message, state)
     else
@@ -88,7 +89,9 @@ defmodule Convoy.Consumer.ShardDispatcher do
     end
   end
 
-  def handle_info({:convoy_records, _, _, _} = message, state), do: handle_records(message, state)
+  def handle_info({tag, _, _, _} = message, state)
+      when tag in [:convoy_records, :convoy_records_ready],
+      do: handle_records(message, state)
 
   def handle_info(:advance, state), do: {:noreply, advance(state)}
 
@@ -248,6 +251,14 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
   # Stale acks, timeouts and retries of waits that already ended.
   def handle_info(_other, state), do: {:noreply, state}
+
+  # A reader that hands batches over: taken here, so that the records are
+  # built on this process's heap.
+  defp handle_records({:convoy_records_ready, shard_id, count, millis_behind}, state) do
+    {records, unparseable} = state.reader_module.take(state.reader, count)
+    Convoy.Consumer.Source.report_unparseable(state.stream_id, shard_id, unparseable)
+    handle_records({:convoy_records, shard_id, records, millis_behind}, state)
+  end
 
   defp handle_records({:convoy_records, _shard_id, records, millis_behind}, state) do
     started = System.monotonic_time()

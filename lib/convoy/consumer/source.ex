@@ -13,6 +13,10 @@ defmodule Convoy.Consumer.Source do
       of `%Convoy.Record{}` structs, complete (with `shard_id` and the
       queue's `stream_id`). The reader sends nothing more until `c:ack/1`
       is called for it.
+    * `{:convoy_records_ready, shard_id, count, millis_behind_latest}` - the
+      same, for a reader that implements `c:take/2`: a batch of `count`
+      records waits in the reader, and the dispatcher takes it from its own
+      process (the records are then built on its heap rather than sent).
     * `{:convoy_shard_end, shard_id}` - a closed shard was read to its end;
       the consumer lists the shards to find its children.
     * `{:convoy_shard_end, shard_id, children}` - the same, with the shards
@@ -78,6 +82,15 @@ defmodule Convoy.Consumer.Source do
             ) ::
               reader :: term
 
+  @doc """
+  The batch a `:convoy_records_ready` message announced, taken by the
+  dispatcher process, and the records of it that could not be unpacked (as
+  in the `:convoy_unparseable` message). Only readers that send
+  `:convoy_records_ready` implement it.
+  """
+  @callback take(reader :: term, count :: non_neg_integer) ::
+              {[Convoy.Record.t()], [{String.t(), atom}]}
+
   @doc "The dispatcher finished the reader's last batch."
   @callback ack(reader :: term) :: :ok
 
@@ -99,6 +112,8 @@ defmodule Convoy.Consumer.Source do
   @callback read(source :: term, shard_id :: String.t(), cursor :: term, limit :: pos_integer) ::
               {:ok, [Convoy.Record.t()], next :: term | nil, millis_behind :: integer}
               | {:error, term}
+
+  @optional_callbacks take: 2
 
   require Logger
 

@@ -5,9 +5,10 @@ defmodule Convoy.Services.Kinesis do
 
   Producing runs in the Rust NIF: `put/4` validates the record and hands it to
   the queue's batcher without a process hop. Consuming runs there too: one
-  poller task per shard reads GetRecords and sends each batch to that shard's
-  dispatcher process (`Convoy.Consumer.ShardDispatcher`), which calls the
-  handlers and acknowledges the batch before the next one is read.
+  poller task per shard reads GetRecords and hands each batch to that shard's
+  dispatcher process (`Convoy.Consumer.ShardDispatcher`), which takes it
+  (the records are built on its heap), calls the handlers and acknowledges
+  the batch before the next one is read.
 
   This supervisor builds the queue's Kinesis client and holds its two halves:
   `Convoy.Services.Kinesis.Producer`, which owns the native producer and

@@ -25,6 +25,7 @@ rustler::atoms! {
     // messages
     convoy_put_failed,
     convoy_records,
+    convoy_records_ready,
     convoy_shard_end,
     convoy_poller_error,
     convoy_poller_stopped,

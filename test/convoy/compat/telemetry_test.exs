@@ -293,7 +293,7 @@ defmodule Convoy.Compat.TelemetryTest do
     for i <- 1..5, do: assert_receive({:got, "r" <> _}, 10_000) && i
 
     # The dispatcher got its batches, and polls went on meanwhile.
-    assert_received {:trace, ^dispatcher, :receive, {:convoy_records, _, _, _}}
+    assert_received {:trace, ^dispatcher, :receive, {:convoy_records_ready, _, _, _}}
     refute_received {:trace, _, :receive, {:convoy_put_records, _}}
     refute_received {:trace, _, :receive, {:convoy_get_records, _, _}}
     refute_received {:telemetry_event, _, _, %{stream: ^stream}}

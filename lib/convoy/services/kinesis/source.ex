@@ -33,6 +33,14 @@ defmodule Convoy.Services.Kinesis.Source do
     Native.poller_start(client, stream_id, options, position, dispatcher)
   end
 
+  # A batch of at most this many records is built as terms on a normal
+  # scheduler (well within a time slice); a larger one on a dirty one.
+  @take_on_scheduler 500
+
+  @impl true
+  def take(reader, count) when count <= @take_on_scheduler, do: Native.reader_take(reader)
+  def take(reader, _count), do: Native.reader_take_dirty(reader)
+
   @impl true
   def ack(reader), do: Native.reader_ack(reader)
 

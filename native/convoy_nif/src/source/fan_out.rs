@@ -240,13 +240,14 @@ impl Floor {
         }
     }
 
-    /// The records of an event at or past the floor (they come in order).
-    fn cut<'r>(&self, records: &'r [Record]) -> &'r [Record] {
+    /// Takes the records of an event at or past the floor (they come in
+    /// order) out of it.
+    fn cut(&self, records: &mut Vec<Record>) -> Vec<Record> {
         let first = records
             .iter()
             .position(|r| self.admits(r))
             .unwrap_or(records.len());
-        &records[first..]
+        records.split_off(first)
     }
 }
 
@@ -349,14 +350,15 @@ impl Subscriber {
                 Ok(Err(error)) => return Ended::Failed(classify_stream_error(&error)),
             };
             *failures = 0;
-            if let Some(ended) = self.handle(&event, waited).await {
+            if let Some(ended) = self.handle(event, waited).await {
                 return ended;
             }
         }
     }
 
-    async fn handle(&mut self, event: &SubscribeToShardEvent, waited: Instant) -> Option<Ended> {
-        let records = self.floor.cut(event.records());
+    async fn handle(&mut self, mut event: SubscribeToShardEvent, waited: Instant) -> Option<Ended> {
+        let had_records = !event.records.is_empty();
+        let records = self.floor.cut(&mut event.records);
         let millis_behind = event.millis_behind_latest();
         let continuation = Some(event.continuation_sequence_number()).filter(|c| !c.is_empty());
         if self.telemetry {
@@ -376,10 +378,10 @@ impl Subscriber {
             );
         }
         if let Some(last) = records.last() {
+            let last = last.sequence_number().to_owned();
             if let Flow::Stop = self.link.deliver(records, Some(millis_behind)).await {
                 return Some(Ended::Stop);
             }
-            let last = last.sequence_number().to_owned();
             self.resume = Position::AfterSequenceNumber(last.clone());
             self.floor = Floor::After(last);
         } else if let Some(continuation) = continuation {
@@ -397,8 +399,7 @@ impl Subscriber {
         }
         // The end of a closed shard: no continuation, or its children named
         // in an event with nothing more to read.
-        let at_end = continuation.is_none()
-            || (event.records().is_empty() && !event.child_shards().is_empty());
+        let at_end = continuation.is_none() || (!had_records && !event.child_shards().is_empty());
         at_end.then(|| Ended::ShardEnd(event.child_shards().to_vec()))
     }
 }

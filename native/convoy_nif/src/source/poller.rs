@@ -156,7 +156,7 @@ impl ShardTask {
             let next = match response {
                 Ok(output) => {
                     failures = 0;
-                    self.read(&output).await
+                    self.read(output).await
                 }
                 Err(sdk_error) => {
                     self.recover(retry::classify(&sdk_error), &mut failures)
@@ -172,9 +172,10 @@ impl ShardTask {
     }
 
     /// Delivers a GetRecords response and says where to read next.
-    async fn read(&mut self, output: &GetRecordsOutput) -> Next {
-        let records = output.records();
-        if !records.is_empty() {
+    async fn read(&mut self, mut output: GetRecordsOutput) -> Next {
+        let records = std::mem::take(&mut output.records);
+        let read_any = !records.is_empty();
+        if read_any {
             if let Flow::Stop = self.deliver(records, output.millis_behind_latest()).await {
                 return Next::Stop;
             }
@@ -184,7 +185,7 @@ impl ShardTask {
             self.link.shard_end(&[]);
             return Next::Stop;
         };
-        if records.is_empty() {
+        if !read_any {
             let interval = Duration::from_millis(self.options.poll_interval);
             if !self.pause(interval).await {
                 return Next::Stop;
@@ -229,10 +230,14 @@ impl ShardTask {
 
     /// Sends one batch, waits for its acknowledgement, and moves the
     /// resume position past it.
-    async fn deliver(&mut self, records: &[Record], millis_behind: Option<i64>) -> Flow {
+    async fn deliver(&mut self, records: Vec<Record>, millis_behind: Option<i64>) -> Flow {
+        let last = records
+            .last()
+            .expect("not empty")
+            .sequence_number()
+            .to_owned();
         let flow = self.link.deliver(records, millis_behind).await;
-        let last = records.last().expect("not empty").sequence_number();
-        self.resume = Position::AfterSequenceNumber(last.to_owned());
+        self.resume = Position::AfterSequenceNumber(last);
         flow
     }
 }
