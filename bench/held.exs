@@ -23,6 +23,6 @@ per_record =
 
 IO.puts(
   "#{held} records of #{Float.round(payload, 1)} bytes of payload and key: " <>
-    "#{round(per_record)} bytes per record (the largest run), " <>
+    "#{Float.round(per_record * 1.0, 1)} bytes per record (the largest run), " <>
     "#{:erlang.float_to_binary(per_record / payload, decimals: 2)}x"
 )

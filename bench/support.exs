@@ -78,24 +78,34 @@ defmodule Bench do
     end)
   end
 
-  def scheduler_ns do
+  def scheduler_ns, do: scheduler_ns(scheduler_stats())
+
+  # The schedstat files of the VM's scheduler threads (they live as long as
+  # the VM), read once so that a measure taken often reads two files.
+  def scheduler_stats do
     "/proc/self/task"
     |> File.ls!()
-    |> Enum.map(fn tid ->
-      dir = "/proc/self/task/#{tid}"
+    |> Enum.map(&"/proc/self/task/#{&1}")
+    |> Enum.filter(fn dir ->
+      case File.read(dir <> "/comm") do
+        {:ok, comm} -> Regex.match?(~r/^\d+_scheduler$/, String.trim(comm))
+        _ -> false
+      end
+    end)
+    |> Enum.map(&(&1 <> "/schedstat"))
+  end
 
-      with {:ok, comm} <- File.read(dir <> "/comm"),
-           true <- Regex.match?(~r/^\d+_scheduler$/, String.trim(comm)),
-           {:ok, stat} <- File.read(dir <> "/schedstat") do
-        stat |> String.split() |> hd() |> String.to_integer()
-      else
+  def scheduler_ns(stats) do
+    stats
+    |> Enum.map(fn path ->
+      case File.read(path) do
+        {:ok, stat} -> stat |> String.split() |> hd() |> String.to_integer()
         _ -> 0
       end
     end)
     |> Enum.sum()
   end
 
-  # CPU seconds (user + system) this OS process has used so far.
   def cpu_seconds do
     fields =
       "/proc/self/stat" |> File.read!() |> String.split(") ") |> List.last() |> String.split()
@@ -113,10 +123,12 @@ defmodule Bench do
       System.cmd("bash", ["-c", script, "bench", command | args], stderr_to_stdout: true)
 
     if status != 0, do: raise("#{command} failed:\n#{out}")
-    # The second line of `times` is the children's: "0m1.234s 0m0.120s".
-    [_shell, children] = out |> String.split("\n", trim: true) |> Enum.take(-2)
+    out |> String.split("\n", trim: true) |> List.last() |> times_seconds()
+  end
 
-    children
+  # The children's line of bash `times` ("0m1.234s 0m0.120s"): user + system.
+  defp times_seconds(line) do
+    line
     |> String.split()
     |> Enum.map(fn t ->
       [_, m, sec] = Regex.run(~r/(\d+)m([0-9.]+)s/, t)
@@ -131,35 +143,27 @@ defmodule Bench do
     name
   end
 
-  # Peak resident memory of this VM while `fun` runs, sampled every 20 ms.
+  # Runs `fun` and answers `{result, peak RSS in KiB while it ran}`: the
+  # kernel's high-water mark (VmHWM), reset first through
+  # /proc/self/clear_refs, so nothing samples the VM meanwhile (a sampler
+  # reading /proc/self/status every 20 ms cost about 3% of the consumer's
+  # measured CPU). Where the reset is refused, the mark since the VM started.
   def peak_rss(fun) do
-    me = self()
-    sampler = spawn_link(fn -> sample(me, 0) end)
+    _ = File.write("/proc/self/clear_refs", "5")
     result = fun.()
-    send(sampler, :stop)
-
-    receive do
-      {:peak, kb} -> {result, kb}
-    end
+    {result, status_kb("VmHWM:")}
   end
 
-  defp sample(parent, peak) do
-    peak = max(peak, rss_kb())
+  def rss_kb, do: status_kb("VmRSS:")
 
-    receive do
-      :stop -> send(parent, {:peak, peak})
-    after
-      20 -> sample(parent, peak)
-    end
-  end
-
-  def rss_kb do
+  defp status_kb(field) do
     "/proc/self/status"
     |> File.read!()
     |> String.split("\n")
-    |> Enum.find_value(fn
-      "VmRSS:" <> rest -> rest |> String.trim() |> String.split() |> hd() |> String.to_integer()
-      _ -> nil
+    |> Enum.find_value(fn line ->
+      if String.starts_with?(line, field) do
+        line |> String.trim_leading(field) |> String.split() |> hd() |> String.to_integer()
+      end
     end)
   end
 
@@ -172,6 +176,20 @@ defmodule Bench do
   end
 
   def raw(args), do: external!(@raw, args)
+
+  # One run of the raw client: `{seconds it reports, CPU seconds of its
+  # process}` (user + system, bash `times`).
+  def raw_measured(args) do
+    script = ~s("$@"; status=$?; times; exit $status)
+
+    {out, status} =
+      System.cmd("bash", ["-c", script, "bench", @raw | args], stderr_to_stdout: true)
+
+    if status != 0, do: raise("#{@raw} failed:\n#{out}")
+    lines = String.split(out, "\n", trim: true)
+    [_, seconds] = Regex.run(~r/"seconds":\s*([0-9.]+)/, Enum.find(lines, &(&1 =~ "seconds")))
+    {String.to_float(seconds), times_seconds(List.last(lines))}
+  end
 
   def python(script, args),
     do: external!(@python, [Path.join(@root, "bench/peers/#{script}") | args])
@@ -268,8 +286,64 @@ defmodule Bench do
     seconds
   end
 
+  # `put/3` in a steady state: `procs` processes put `count` records in
+  # bursts of `burst` records each, all processes together; between bursts,
+  # outside the clock, the queue is flushed, so its buffer is sent and
+  # reused rather than growing for the whole measure, and a caller never
+  # waits for the sending to catch up (which would time the pipeline, not
+  # the call). The lanes send each burst's full requests while the burst
+  # goes on, on the same cores. Answers the seconds of the bursts; the
+  # scheduler CPU they used is `last_scheduler_ns/0`.
+  def put_bursts(id, count, procs, burst) do
+    per = div(count, procs)
+    me = self()
+
+    workers =
+      for p <- 1..procs do
+        spawn_link(fn ->
+          records = payloads((p - 1) * per, per)
+          :erlang.garbage_collect()
+          send(me, {:ready, self()})
+          put_burst_loop(id, me, Enum.chunk_every(records, burst))
+        end)
+      end
+
+    for w <- workers, do: receive(do: ({:ready, ^w} -> :ok))
+    stats = scheduler_stats()
+
+    {seconds, cpu} =
+      Enum.reduce(1..ceil(per / burst), {0.0, 0}, fn _, {seconds, cpu} ->
+        cpu_before = scheduler_ns(stats)
+
+        burst_seconds =
+          seconds(fn ->
+            Enum.each(workers, &send(&1, :go))
+            for w <- workers, do: receive(do: ({:done, ^w} -> :ok))
+          end)
+
+        cpu = cpu + scheduler_ns(stats) - cpu_before
+        :ok = Convoy.Queue.flush(id, await: 60_000)
+        {seconds + burst_seconds, cpu}
+      end)
+
+    Process.put(:bench_scheduler_ns, cpu)
+    seconds
+  end
+
+  defp put_burst_loop(_id, _parent, []), do: :ok
+
+  defp put_burst_loop(id, parent, [burst | rest]) do
+    receive do
+      :go -> :ok
+    end
+
+    Enum.each(burst, fn {key, data} -> put!(id, key, data) end)
+    send(parent, {:done, self()})
+    put_burst_loop(id, parent, rest)
+  end
+
   # The CPU time (ns) the VM's scheduler threads used during the last
-  # `run_parallel/3` (its calls only).
+  # `run_parallel/3` or `put_bursts/4` (its calls only).
   def last_scheduler_ns, do: Process.get(:bench_scheduler_ns)
 
   # Section 0 of bench/run.exs, one run: the bytes of resident memory the VM
