@@ -254,26 +254,18 @@ defmodule Bench do
   # its garbage before the clock starts, so only the calls are measured
   # (not the building, nor a copy of the payloads between processes).
   def run_parallel(count, procs, put) do
-    per = div(count, procs)
     me = self()
 
     workers =
-      for p <- 1..procs do
-        spawn_link(fn ->
-          records = payloads((p - 1) * per, per)
-          :erlang.garbage_collect()
-          send(me, {:ready, self()})
+      spawn_putters(count, procs, fn records ->
+        receive do
+          :go -> :ok
+        end
 
-          receive do
-            :go -> :ok
-          end
+        Enum.each(records, fn {key, data} -> put.(key, data) end)
+        send(me, {:done, self()})
+      end)
 
-          Enum.each(records, fn {key, data} -> put.(key, data) end)
-          send(me, {:done, self()})
-        end)
-      end
-
-    for w <- workers, do: receive(do: ({:ready, ^w} -> :ok))
     cpu_before = scheduler_ns()
 
     seconds =
@@ -286,15 +278,10 @@ defmodule Bench do
     seconds
   end
 
-  # `put/3` in a steady state: `procs` processes put `count` records in
-  # bursts of `burst` records each, all processes together; between bursts,
-  # outside the clock, the queue is flushed, so its buffer is sent and
-  # reused rather than growing for the whole measure, and a caller never
-  # waits for the sending to catch up (which would time the pipeline, not
-  # the call). The lanes send each burst's full requests while the burst
-  # goes on, on the same cores. Answers the seconds of the bursts; the
-  # scheduler CPU they used is `last_scheduler_ns/0`.
-  def put_bursts(id, count, procs, burst) do
+  # Spawns `procs` processes, each building its share of `count` records
+  # and collecting its garbage, then running `work.(records)`; answers them
+  # once all are ready, so that a clock started then times the work alone.
+  defp spawn_putters(count, procs, work) do
     per = div(count, procs)
     me = self()
 
@@ -304,11 +291,31 @@ defmodule Bench do
           records = payloads((p - 1) * per, per)
           :erlang.garbage_collect()
           send(me, {:ready, self()})
-          put_burst_loop(id, me, Enum.chunk_every(records, burst))
+          work.(records)
         end)
       end
 
     for w <- workers, do: receive(do: ({:ready, ^w} -> :ok))
+    workers
+  end
+
+  # `put/3` in a steady state: `procs` processes put `count` records in
+  # bursts of `burst` records each, all processes together; between bursts,
+  # outside the clock, the queue is flushed, so its buffer is sent and
+  # reused rather than growing for the whole measure, and a caller never
+  # waits for the sending to catch up (which would time the pipeline, not
+  # the call). The lanes send each burst's full requests while the burst
+  # goes on, on the same cores. Answers the seconds of the bursts; the
+  # scheduler CPU they used is `last_scheduler_ns/0`.
+  def put_bursts(id, count, procs, burst) do
+    me = self()
+
+    workers =
+      spawn_putters(count, procs, fn records ->
+        put_burst_loop(id, me, Enum.chunk_every(records, burst))
+      end)
+
+    per = div(count, procs)
     stats = scheduler_stats()
 
     {seconds, cpu} =
