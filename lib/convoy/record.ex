@@ -13,8 +13,9 @@ defmodule Convoy.Record do
     * `explicit_hash_key` - the explicit hash key an aggregated user record
       was put with, if any; `nil` otherwise
 
-  Records are built in Rust as they are read, so handlers receive them
-  without a conversion in Elixir.
+  Records are built in Rust, in the shard's dispatcher process when it takes
+  a batch the reader read, so handlers receive them without a conversion in
+  Elixir.
 
   ## Keeping records: `data` may share its batch's memory
 

@@ -168,6 +168,44 @@ defmodule Convoy.ConsumerTest do
     end
   end
 
+  test "a light batch is built on the dispatcher's scheduler, a heavy one (aggregated) on a dirty one" do
+    stream = create_stream!(unique_stream("take"), 1)
+    id = start_queue!(stream, aggregation: true, batch_timeout: 0)
+    me = self()
+    forward = fn record, _ -> send(me, {:got, record.data, record.sub_sequence_number}) end
+    :ok = Convoy.Queue.attach_handler(id, :h, forward, nil)
+
+    [dispatcher] =
+      eventually(fn ->
+        children = DynamicSupervisor.which_children(Convoy.Consumer.Supervisor.dispatchers(id))
+        match?([_], children) && for {_, pid, _, _} <- children, do: pid
+      end)
+
+    # Calls of the two NIFs by the dispatcher, with what they returned.
+    for name <- [:reader_take, :reader_take_dirty] do
+      1 = :erlang.trace_pattern({Convoy.Native, name, 1}, [{:_, [], [{:return_trace}]}], [:local])
+    end
+
+    on_exit(fn -> :erlang.trace_pattern({Convoy.Native, :_, :_}, false, [:local]) end)
+    1 = :erlang.trace(dispatcher, true, [:call, {:tracer, me}])
+
+    # Plain records, written by the raw SDK: a light batch.
+    raw_put!(stream, 3, keys: 1)
+    for i <- 0..2, do: assert_receive({:got, "record-" <> _, nil}, 10_000) && i
+    assert_receive {:trace, ^dispatcher, :return_from, {Convoy.Native, :reader_take, 1}, {_, []}}
+    refute_received {:trace, ^dispatcher, :call, {Convoy.Native, :reader_take_dirty, _}}
+
+    # An aggregated record: heavy whatever its size, it may unpack into many.
+    assert {:ok, %{sub_sequence_number: 0}} = Convoy.Queue.put(id, "k", "agg", await: 10_000)
+    assert_receive {:got, "agg", 0}, 10_000
+    assert_receive {:trace, ^dispatcher, :return_from, {Convoy.Native, :reader_take, 1}, :dirty}
+
+    assert_receive {:trace, ^dispatcher, :return_from, {Convoy.Native, :reader_take_dirty, 1},
+                    {[%Convoy.Record{data: "agg"}], []}}
+
+    refute_receive {:got, _, _}, 500
+  end
+
   test "partition-key filters: one key, a list of keys, a predicate" do
     stream = create_stream!(unique_stream("filter"), 2)
     id = start_queue!(stream, [])

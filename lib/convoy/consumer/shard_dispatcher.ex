@@ -2,7 +2,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
   @moduledoc false
   # One process per shard being read. It owns the shard's reader (for
   # Kinesis a native poller, which stops when this process goes), receives
-  # each batch the reader sends, runs it through the handlers, stores the
+  # each batch the reader sends or hands over (taken with the source's
+  # `take/2`), runs it through the handlers, stores the
   # checkpoint, and only then acknowledges the batch so the reader reads on.
   #
   # It never waits inside a callback for a handler: it is a state machine

@@ -14,9 +14,12 @@ defmodule Convoy.Consumer.Source do
       queue's `stream_id`). The reader sends nothing more until `c:ack/1`
       is called for it.
     * `{:convoy_records_ready, shard_id, count, millis_behind_latest}` - the
-      same, for a reader that implements `c:take/2`: a batch of `count`
-      records waits in the reader, and the dispatcher takes it from its own
-      process (the records are then built on its heap rather than sent).
+      same, for a reader that implements `c:take/2`: a batch read as `count`
+      records (of the service's own, before any unpacking: aggregated Kinesis
+      records expand into more) waits in the reader, and the dispatcher takes
+      it from its own process, so the records are built on its heap rather
+      than sent. Such a reader reports unparseable records through `c:take/2`
+      instead of the `:convoy_unparseable` message.
     * `{:convoy_shard_end, shard_id}` - a closed shard was read to its end;
       the consumer lists the shards to find its children.
     * `{:convoy_shard_end, shard_id, children}` - the same, with the shards
@@ -84,9 +87,12 @@ defmodule Convoy.Consumer.Source do
 
   @doc """
   The batch a `:convoy_records_ready` message announced, taken by the
-  dispatcher process, and the records of it that could not be unpacked (as
-  in the `:convoy_unparseable` message). Only readers that send
-  `:convoy_records_ready` implement it.
+  dispatcher process: its `%Convoy.Record{}` structs (aggregated records
+  expanded, so there may be more or fewer than the message's `count`) and
+  the records of it that could not be unpacked, as in the
+  `:convoy_unparseable` message. Only readers that send
+  `:convoy_records_ready` implement it; the reader decides where the work
+  runs (the Kinesis reader builds a heavy batch on a dirty scheduler).
   """
   @callback take(reader :: term, count :: non_neg_integer) ::
               {[Convoy.Record.t()], [{String.t(), atom}]}

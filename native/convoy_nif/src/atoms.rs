@@ -26,6 +26,7 @@ rustler::atoms! {
     convoy_put_failed,
     convoy_records,
     convoy_records_ready,
+    dirty,
     convoy_shard_end,
     convoy_poller_error,
     convoy_poller_stopped,

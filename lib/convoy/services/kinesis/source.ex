@@ -1,7 +1,7 @@
 defmodule Convoy.Services.Kinesis.Source do
   @moduledoc false
   # Reading Kinesis for Convoy.Consumer: ListShards, and one native reader
-  # per shard, a tokio task that sends batches and waits for each ack: a
+  # per shard, a tokio task that hands batches over and waits for each ack: a
   # GetRecords poller, or a SubscribeToShard subscriber when the queue reads
   # by enhanced fan-out (`fan_out` holds the registered stream consumer).
   @behaviour Convoy.Consumer.Source
@@ -33,13 +33,16 @@ defmodule Convoy.Services.Kinesis.Source do
     Native.poller_start(client, stream_id, options, position, dispatcher)
   end
 
-  # A batch of at most this many records is built as terms on a normal
-  # scheduler (well within a time slice); a larger one on a dirty one.
-  @take_on_scheduler 500
-
+  # The reader weighs its batch: a light one is built here on this
+  # scheduler, a heavy one (many or large records, or aggregated ones) on a
+  # dirty CPU scheduler.
   @impl true
-  def take(reader, count) when count <= @take_on_scheduler, do: Native.reader_take(reader)
-  def take(reader, _count), do: Native.reader_take_dirty(reader)
+  def take(reader, _count) do
+    case Native.reader_take(reader) do
+      :dirty -> Native.reader_take_dirty(reader)
+      taken -> taken
+    end
+  end
 
   @impl true
   def ack(reader), do: Native.reader_ack(reader)

@@ -6,13 +6,13 @@
 //! or `reader_stop` ends the reader.
 //!
 //! A batch is not sent as terms: the reader leaves the records it read in
-//! the handover and tells the dispatcher how many there are, and the
-//! dispatcher takes them (`reader_take`), built as terms on its own heap.
-//! Terms built by a runtime thread travel in heap fragments that the VM's
-//! allocators hand out under locks to threads it does not run, and that the
-//! receiver walks when it takes the message in; building them in the
-//! receiving process saves that (about 5% of the consumer's CPU per record,
-//! bench/PROFILE.md).
+//! the handover and tells the dispatcher, which takes them (`reader_take`),
+//! built as terms on its own heap. Terms built by a runtime thread travel in
+//! heap fragments that the VM's allocators hand out under locks to threads
+//! it does not run, and that the receiver walks when it takes the message
+//! in; building them in the receiving process saves that (about 9% of the
+//! consumer's CPU per record, bench/PROFILE.md). A batch too heavy to build
+//! within a scheduler's time slice is built on a dirty CPU scheduler.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +26,7 @@ use crate::atoms;
 use crate::delivery::{self, KeptTerm};
 use crate::error::{Error, Reason};
 use crate::record::{encode_records, encode_unparseable, Origin};
+use convoy_core::aggregation;
 
 /// The dispatcher's handle on its reader.
 pub struct Reader {
@@ -39,7 +40,31 @@ pub struct Reader {
 struct Handover {
     shard_id: String,
     stream_id: KeptTerm,
-    batch: Mutex<Vec<Record>>,
+    batch: Mutex<Batch>,
+}
+
+#[derive(Default)]
+struct Batch {
+    records: Vec<Record>,
+    /// Too much work for a normal scheduler (see `heavy`).
+    heavy: bool,
+}
+
+/// A batch whose records a normal scheduler builds within its time slice:
+/// at most this many Kinesis records and bytes of data, none aggregated (an
+/// aggregated record is checked by its digest and may unpack into thousands
+/// of records). Measured at about 0.3 µs a record of 100 bytes.
+const LIGHT_RECORDS: usize = 500;
+const LIGHT_BYTES: usize = 1024 * 1024;
+
+fn heavy(records: &[Record]) -> bool {
+    let mut bytes = 0;
+    records.len() > LIGHT_RECORDS
+        || records.iter().any(|r| {
+            let data = r.data().as_ref();
+            bytes += data.len();
+            bytes > LIGHT_BYTES || aggregation::looks_aggregated(data)
+        })
 }
 
 #[rustler::resource_impl]
@@ -70,7 +95,7 @@ impl Link {
         let handover = Arc::new(Handover {
             shard_id,
             stream_id: KeptTerm::new(stream_id),
-            batch: Mutex::new(Vec::new()),
+            batch: Mutex::new(Batch::default()),
         });
         let link = Link {
             dispatcher,
@@ -152,7 +177,8 @@ impl Link {
     /// Hands one batch over and waits for its acknowledgement.
     pub async fn deliver(&mut self, records: Vec<Record>, millis_behind: Option<i64>) -> Flow {
         let count = records.len();
-        *self.handover.batch.lock().expect("no panic holds it") = records;
+        let heavy = heavy(&records);
+        *self.handover.batch.lock().expect("no panic holds it") = Batch { records, heavy };
         let shard_id = self.shard_id();
         let sent = delivery::send(&self.dispatcher, |env| {
             let millis_behind = millis_behind.unwrap_or(-1);
@@ -196,9 +222,7 @@ fn encode_children<'a>(env: Env<'a>, children: &[ChildShard]) -> Term<'a> {
 /// `%Convoy.Record{}` built on the calling process's heap, aggregated
 /// records expanded, and `[{sequence_number, reason}]` for the Kinesis
 /// records that could not be unpacked. Empty lists when nothing waits.
-fn take<'a>(env: Env<'a>, reader: &Reader) -> Term<'a> {
-    let handover = &reader.handover;
-    let records = std::mem::take(&mut *handover.batch.lock().expect("no panic holds it"));
+fn take<'a>(env: Env<'a>, records: Vec<Record>, handover: &Handover) -> Term<'a> {
     let origin = Origin {
         shard_id: handover.shard_id.encode(env),
         stream_id: handover.stream_id.load(env),
@@ -208,17 +232,24 @@ fn take<'a>(env: Env<'a>, reader: &Reader) -> Term<'a> {
     (records, encode_unparseable(env, &unparseable)).encode(env)
 }
 
-/// `take` for a batch small enough to build within a scheduler's time
-/// slice (the Elixir side chooses by the count it was told).
+/// `take` on a normal scheduler; `:dirty`, leaving the batch in place, when
+/// it is too heavy for one (the caller then uses `reader_take_dirty`).
 #[rustler::nif]
 fn reader_take<'a>(env: Env<'a>, reader: ResourceArc<Reader>) -> Term<'a> {
-    take(env, &reader)
+    let mut batch = reader.handover.batch.lock().expect("no panic holds it");
+    if batch.heavy {
+        return atoms::dirty().encode(env);
+    }
+    let records = std::mem::take(&mut batch.records);
+    drop(batch);
+    take(env, records, &reader.handover)
 }
 
-/// `take` for a larger batch, on a dirty CPU scheduler.
+/// `take` on a dirty CPU scheduler, for a batch of any weight.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn reader_take_dirty<'a>(env: Env<'a>, reader: ResourceArc<Reader>) -> Term<'a> {
-    take(env, &reader)
+    let records = std::mem::take(&mut *reader.handover.batch.lock().expect("no panic holds it"));
+    take(env, records.records, &reader.handover)
 }
 
 /// The dispatcher finished the batch it was sent: the reader may go on.

@@ -1,4 +1,4 @@
-//! The poller: one task per shard reads GetRecords and sends each batch to
+//! The poller: one task per shard reads GetRecords and hands each batch to
 //! the shard's dispatcher process (through `link.rs`, as the fan-out reader
 //! does), then waits for that batch to be
 //! acknowledged before it reads again. A slow handler therefore holds back
