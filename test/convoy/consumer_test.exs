@@ -206,6 +206,60 @@ defmodule Convoy.ConsumerTest do
     refute_receive {:got, _, _}, 500
   end
 
+  test "a reader let run ahead by an extra acknowledgement loses no batch" do
+    stream = create_stream!(unique_stream("ahead"), 1)
+    id = start_queue!(stream, poll_interval: 50)
+    me = self()
+
+    handler = fn record, _ ->
+      if record.data == "record-0" do
+        send(me, {:holding, self()})
+
+        receive do
+          :go -> :ok
+        end
+      end
+
+      send(me, {:got, record.data})
+    end
+
+    :ok = Convoy.Queue.attach_handler(id, :h, handler, nil)
+
+    [dispatcher] =
+      eventually(fn ->
+        children = DynamicSupervisor.which_children(Convoy.Consumer.Supervisor.dispatchers(id))
+        match?([_], children) && for {_, pid, _, _} <- children, do: pid
+      end)
+
+    reader = :sys.get_state(dispatcher).reader
+    reads_with = fn count -> fn -> dispatcher |> reads() |> Enum.member?(count) end end
+
+    # The first batch holds the dispatcher in its handler.
+    raw_put!(stream, 1, keys: 1)
+    assert_receive {:holding, ^dispatcher}, 10_000
+
+    # Two extra acknowledgements: the reader reads two more batches while
+    # the dispatcher has not taken the first of them.
+    raw_put!(stream, 2, keys: 1, start: 1)
+    :ok = Convoy.Native.reader_ack(reader)
+    eventually(reads_with.(2), 10_000)
+    raw_put!(stream, 3, keys: 1, start: 3)
+    :ok = Convoy.Native.reader_ack(reader)
+    eventually(reads_with.(3), 10_000)
+
+    send(dispatcher, :go)
+    got = for _ <- 1..6, do: assert_receive({:got, data}, 10_000) && data
+    assert got == for(i <- 0..5, do: "record-#{i}")
+    refute_receive {:got, _}, 1_000
+  end
+
+  # The record counts of the GetRecords calls reported to a blocked
+  # dispatcher (telemetry is on in the tests), from its mailbox.
+  defp reads(dispatcher) do
+    {:messages, messages} = Process.info(dispatcher, :messages)
+    for {:convoy_get_records, _, %{count: count}} <- messages, do: count
+  end
+
   test "partition-key filters: one key, a list of keys, a predicate" do
     stream = create_stream!(unique_stream("filter"), 2)
     id = start_queue!(stream, [])

@@ -177,19 +177,34 @@ impl Link {
     /// Hands one batch over and waits for its acknowledgement.
     pub async fn deliver(&mut self, records: Vec<Record>, millis_behind: Option<i64>) -> Flow {
         let count = records.len();
-        let heavy = heavy(&records);
-        *self.handover.batch.lock().expect("no panic holds it") = Batch { records, heavy };
+        // The dispatcher takes a batch before it acknowledges it, so the
+        // handover is empty here. Should an extra acknowledgement ever let
+        // the reader run ahead, the batch still waiting is extended, not
+        // overwritten, and the message already sent for it announces both.
+        let waiting = {
+            let mut batch = self.handover.batch.lock().expect("no panic holds it");
+            let waiting = !batch.records.is_empty();
+            if waiting {
+                batch.records.extend(records);
+                batch.heavy = heavy(&batch.records);
+            } else {
+                let heavy = heavy(&records);
+                *batch = Batch { records, heavy };
+            }
+            waiting
+        };
         let shard_id = self.shard_id();
-        let sent = delivery::send(&self.dispatcher, |env| {
-            let millis_behind = millis_behind.unwrap_or(-1);
-            (
-                atoms::convoy_records_ready(),
-                shard_id,
-                count,
-                millis_behind,
-            )
-                .encode(env)
-        });
+        let sent = waiting
+            || delivery::send(&self.dispatcher, |env| {
+                let millis_behind = millis_behind.unwrap_or(-1);
+                (
+                    atoms::convoy_records_ready(),
+                    shard_id,
+                    count,
+                    millis_behind,
+                )
+                    .encode(env)
+            });
         if !sent {
             return Flow::Stop;
         }
