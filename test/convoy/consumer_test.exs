@@ -175,11 +175,7 @@ defmodule Convoy.ConsumerTest do
     forward = fn record, _ -> send(me, {:got, record.data, record.sub_sequence_number}) end
     :ok = Convoy.Queue.attach_handler(id, :h, forward, nil)
 
-    [dispatcher] =
-      eventually(fn ->
-        children = DynamicSupervisor.which_children(Convoy.Consumer.Supervisor.dispatchers(id))
-        match?([_], children) && for {_, pid, _, _} <- children, do: pid
-      end)
+    dispatcher = only_dispatcher(id)
 
     # Calls of the two NIFs by the dispatcher, with what they returned.
     for name <- [:reader_take, :reader_take_dirty] do
@@ -225,11 +221,7 @@ defmodule Convoy.ConsumerTest do
 
     :ok = Convoy.Queue.attach_handler(id, :h, handler, nil)
 
-    [dispatcher] =
-      eventually(fn ->
-        children = DynamicSupervisor.which_children(Convoy.Consumer.Supervisor.dispatchers(id))
-        match?([_], children) && for {_, pid, _, _} <- children, do: pid
-      end)
+    dispatcher = only_dispatcher(id)
 
     reader = :sys.get_state(dispatcher).reader
     reads_with = fn count -> fn -> dispatcher |> reads() |> Enum.member?(count) end end

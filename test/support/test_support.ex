@@ -169,6 +169,18 @@ defmodule Convoy.TestSupport do
     end
   end
 
+  @doc "The shard dispatcher of a one-shard queue, once it has started."
+  def only_dispatcher(stream_id) do
+    [dispatcher] =
+      eventually(fn ->
+        sup = Convoy.Consumer.Supervisor.dispatchers(stream_id)
+        children = DynamicSupervisor.which_children(sup)
+        match?([_], children) && for {_, pid, _, _} <- children, do: pid
+      end)
+
+    dispatcher
+  end
+
   @doc "Waits until `fun` returns a truthy value, checking every 50 ms."
   def eventually(fun, timeout \\ 60_000) do
     deadline = System.monotonic_time(:millisecond) + timeout

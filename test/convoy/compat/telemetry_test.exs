@@ -280,13 +280,7 @@ defmodule Convoy.Compat.TelemetryTest do
     :erlang.trace(reporter, true, [:receive, {:tracer, me}])
     :ok = Convoy.Queue.attach(stream, :h, fn record, _ -> send(me, {:got, record.data}) end, nil)
 
-    [dispatcher] =
-      eventually(fn ->
-        sup = Convoy.Consumer.Supervisor.dispatchers(stream)
-
-        match?([_], DynamicSupervisor.which_children(sup)) &&
-          for {_, pid, _, _} <- DynamicSupervisor.which_children(sup), do: pid
-      end)
+    dispatcher = only_dispatcher(stream)
 
     :erlang.trace(dispatcher, true, [:receive, {:tracer, me}])
     for i <- 1..5, do: assert({:ok, _} = Convoy.Queue.put(stream, "k", "r#{i}", await: 10_000))
