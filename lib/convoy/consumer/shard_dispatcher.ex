@@ -3,7 +3,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
   # One process per shard being read. It owns the shard's reader (for
   # Kinesis a native poller, which stops when this process goes), receives
   # each batch the reader sends or hands over (taken with the source's
-  # `take/2`), runs it through the handlers, stores the
+  # `take/1`), runs it through the handlers, stores the
   # checkpoint, and only then acknowledges the batch so the reader reads on.
   #
   # It never waits inside a callback for a handler: it is a state machine
@@ -255,8 +255,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
   # A reader that hands batches over: taken here, so that the records are
   # built on this process's heap.
-  defp handle_records({:convoy_records_ready, shard_id, count, millis_behind}, state) do
-    {records, unparseable} = state.reader_module.take(state.reader, count)
+  defp handle_records({:convoy_records_ready, shard_id, _count, millis_behind}, state) do
+    {records, unparseable} = state.reader_module.take(state.reader)
     Convoy.Consumer.Source.report_unparseable(state.stream_id, shard_id, unparseable)
     handle_records({:convoy_records, shard_id, records, millis_behind}, state)
   end

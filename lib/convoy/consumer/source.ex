@@ -14,11 +14,11 @@ defmodule Convoy.Consumer.Source do
       queue's `stream_id`). The reader sends nothing more until `c:ack/1`
       is called for it.
     * `{:convoy_records_ready, shard_id, count, millis_behind_latest}` - the
-      same, for a reader that implements `c:take/2`: a batch read as `count`
+      same, for a reader that implements `c:take/1`: a batch read as `count`
       records (of the service's own, before any unpacking: aggregated Kinesis
       records expand into more) waits in the reader, and the dispatcher takes
       it from its own process, so the records are built on its heap rather
-      than sent. Such a reader reports unparseable records through `c:take/2`
+      than sent. Such a reader reports unparseable records through `c:take/1`
       instead of the `:convoy_unparseable` message.
     * `{:convoy_shard_end, shard_id}` - a closed shard was read to its end;
       the consumer lists the shards to find its children.
@@ -94,7 +94,7 @@ defmodule Convoy.Consumer.Source do
   `:convoy_records_ready` implement it; the reader decides where the work
   runs (the Kinesis reader builds a heavy batch on a dirty scheduler).
   """
-  @callback take(reader :: term, count :: non_neg_integer) ::
+  @callback take(reader :: term) ::
               {[Convoy.Record.t()], [{String.t(), atom}]}
 
   @doc "The dispatcher finished the reader's last batch."
@@ -119,7 +119,7 @@ defmodule Convoy.Consumer.Source do
               {:ok, [Convoy.Record.t()], next :: term | nil, millis_behind :: integer}
               | {:error, term}
 
-  @optional_callbacks take: 2
+  @optional_callbacks take: 1
 
   require Logger
 

@@ -37,7 +37,7 @@ defmodule Convoy.Services.Kinesis.Source do
   # scheduler, a heavy one (many or large records, or aggregated ones) on a
   # dirty CPU scheduler.
   @impl true
-  def take(reader, _count) do
+  def take(reader) do
     case Native.reader_take(reader) do
       :dirty -> Native.reader_take_dirty(reader)
       taken -> taken
