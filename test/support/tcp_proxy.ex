@@ -3,21 +3,43 @@ defmodule Convoy.TestSupport.TcpProxy do
   # A TCP proxy on 127.0.0.1 in front of a server, to make it unreachable
   # for a while without losing its state: `block/1` closes the listener and
   # every connection (new ones are refused), `unblock/1` listens again on the
-  # same port.
+  # same port. Each client connection gets its own upstream connection.
+  #
+  # Options: `:from_client`, a function `(client, server, bytes) -> rest`
+  # that handles what a client sent (by default sent on as it is) and
+  # returns the bytes it leaves for later, prepended to the next ones;
+  # `:data`, a term kept for the caller (`data/1`).
 
   use GenServer
 
-  def start_link(upstream_port), do: GenServer.start_link(__MODULE__, upstream_port)
+  def start_link(upstream_port, options \\ []),
+    do: GenServer.start_link(__MODULE__, {upstream_port, options})
+
   def port(proxy), do: GenServer.call(proxy, :port)
+  def data(proxy), do: GenServer.call(proxy, :data)
   def block(proxy), do: GenServer.call(proxy, :block)
   def unblock(proxy), do: GenServer.call(proxy, :unblock)
 
   @impl true
-  def init(upstream) do
+  def init({upstream, options}) do
     {:ok, listen} = listen(0)
     {:ok, port} = :inet.port(listen)
-    state = %{upstream: upstream, port: port, listen: listen, pipes: MapSet.new()}
+    from_client = Keyword.get(options, :from_client, &send_on/3)
+
+    state = %{
+      upstream: {upstream, from_client},
+      data: Keyword.get(options, :data),
+      port: port,
+      listen: listen,
+      pipes: MapSet.new()
+    }
+
     {:ok, accept(state)}
+  end
+
+  defp send_on(_client, server, bytes) do
+    :gen_tcp.send(server, bytes)
+    ""
   end
 
   defp listen(port),
@@ -44,7 +66,7 @@ defmodule Convoy.TestSupport.TcpProxy do
     end
   end
 
-  defp pipe(client, upstream) do
+  defp pipe(client, {upstream, from_client}) do
     receive do
       :go -> :ok
     end
@@ -52,35 +74,42 @@ defmodule Convoy.TestSupport.TcpProxy do
     case :gen_tcp.connect(~c"127.0.0.1", upstream, [:binary, active: true]) do
       {:ok, server} ->
         :ok = :inet.setopts(client, active: true)
-        relay(client, server)
+        relay(client, server, from_client, "")
 
       {:error, _} ->
         :gen_tcp.close(client)
     end
   end
 
-  defp relay(client, server) do
+  defp relay(client, server, from_client, rest) do
     receive do
       {:tcp, ^client, data} ->
-        :gen_tcp.send(server, data)
-        relay(client, server)
+        rest = from_client.(client, server, rest <> data)
+        relay(client, server, from_client, rest)
 
       {:tcp, ^server, data} ->
         :gen_tcp.send(client, data)
-        relay(client, server)
+        relay(client, server, from_client, rest)
 
       {:tcp_closed, _} ->
-        :gen_tcp.close(client)
-        :gen_tcp.close(server)
+        close(client, server)
+
+      {:tcp_error, _, _} ->
+        close(client, server)
 
       :close ->
-        :gen_tcp.close(client)
-        :gen_tcp.close(server)
+        close(client, server)
     end
+  end
+
+  defp close(client, server) do
+    :gen_tcp.close(client)
+    :gen_tcp.close(server)
   end
 
   @impl true
   def handle_call(:port, _from, state), do: {:reply, state.port, state}
+  def handle_call(:data, _from, state), do: {:reply, state.data, state}
 
   def handle_call(:block, _from, %{listen: nil} = state), do: {:reply, :ok, state}
 

@@ -169,6 +169,22 @@ defmodule Convoy.TestSupport do
     end
   end
 
+  @doc """
+  Receives `count` `{:record, record}` messages, in arrival order; flunks
+  when one does not come within `timeout` ms.
+  """
+  def receive_records(count, timeout, acc \\ []) do
+    if count == 0 do
+      Enum.reverse(acc)
+    else
+      receive do
+        {:record, record} -> receive_records(count - 1, timeout, [record | acc])
+      after
+        timeout -> ExUnit.Assertions.flunk("got #{length(acc)} records, #{count} missing")
+      end
+    end
+  end
+
   @doc "The shard dispatcher of a one-shard queue, once it has started."
   def only_dispatcher(stream_id) do
     [dispatcher] =

@@ -6,39 +6,18 @@ defmodule Convoy.TestSupport.ThrottleProxy do
   # and ProvisionedThroughputExceededException, as Kinesis answers a shard
   # read past its limits; every other request goes through unchanged.
   #
-  # Each client connection gets its own upstream connection. Requests are
-  # parsed (headers and a Content-Length body); responses are relayed as
-  # they come, unparsed. That suffices because the SDK's HTTP/1.1 client
-  # sends a connection's next request only after the last response ended,
-  # so a throttling answer never overtakes a response in flight.
+  # A `Convoy.TestSupport.TcpProxy` whose clients' bytes go through
+  # `requests/4`: requests are parsed (headers and a Content-Length body);
+  # responses are relayed as they come, unparsed. That suffices because the
+  # SDK's HTTP/1.1 client sends a connection's next request only after the
+  # last response ended, so a throttling answer never overtakes a response
+  # in flight.
 
-  use GenServer
+  alias Convoy.TestSupport.TcpProxy
 
   @throttled ~s({"__type":"ProvisionedThroughputExceededException","message":"Rate exceeded"})
 
-  def start_link(upstream_port, options \\ []),
-    do: GenServer.start_link(__MODULE__, {upstream_port, options})
-
-  def port(proxy), do: GenServer.call(proxy, :port)
-  def endpoint(proxy), do: "http://127.0.0.1:#{port(proxy)}"
-
-  @doc "%{seen: requests of the operation, throttled: those answered with 400}"
-  def counts(proxy) do
-    counters = GenServer.call(proxy, :counters)
-    %{seen: :atomics.get(counters, 1), throttled: :atomics.get(counters, 2)}
-  end
-
-  @doc "Throttles every `every`-th request of the operation from now on (1: all of them)."
-  def set_every(proxy, every) when is_integer(every) and every >= 1 do
-    :atomics.put(GenServer.call(proxy, :counters), 3, every)
-  end
-
-  @impl true
-  def init({upstream, options}) do
-    {:ok, listen} =
-      :gen_tcp.listen(0, [:binary, ip: {127, 0, 0, 1}, active: false, reuseaddr: true])
-
-    {:ok, port} = :inet.port(listen)
+  def start_link(upstream_port, options \\ []) do
     # 1: requests of the operation seen, 2: throttled, 3: every.
     counters = :atomics.new(3, signed: false)
     :atomics.put(counters, 3, Keyword.get(options, :every, 3))
@@ -48,60 +27,23 @@ defmodule Convoy.TestSupport.ThrottleProxy do
       counters: counters
     }
 
-    spawn_link(fn -> accept_loop(listen, upstream, rule) end)
-    {:ok, %{listen: listen, port: port, counters: counters}}
+    TcpProxy.start_link(upstream_port,
+      from_client: &requests(&1, &2, rule, &3),
+      data: counters
+    )
   end
 
-  @impl true
-  def handle_call(:port, _from, state), do: {:reply, state.port, state}
-  def handle_call(:counters, _from, state), do: {:reply, state.counters, state}
+  def endpoint(proxy), do: "http://127.0.0.1:#{TcpProxy.port(proxy)}"
 
-  defp accept_loop(listen, upstream, rule) do
-    case :gen_tcp.accept(listen) do
-      {:ok, client} ->
-        pipe = spawn(fn -> pipe(client, upstream, rule) end)
-        :ok = :gen_tcp.controlling_process(client, pipe)
-        send(pipe, :go)
-        accept_loop(listen, upstream, rule)
-
-      {:error, _} ->
-        :ok
-    end
+  @doc "%{seen: requests of the operation, throttled: those answered with 400}"
+  def counts(proxy) do
+    counters = TcpProxy.data(proxy)
+    %{seen: :atomics.get(counters, 1), throttled: :atomics.get(counters, 2)}
   end
 
-  defp pipe(client, upstream, rule) do
-    receive do
-      :go -> :ok
-    end
-
-    case :gen_tcp.connect(~c"127.0.0.1", upstream, [:binary, active: true]) do
-      {:ok, server} ->
-        :ok = :inet.setopts(client, active: true)
-        relay(client, server, rule, "")
-
-      {:error, _} ->
-        :gen_tcp.close(client)
-    end
-  end
-
-  defp relay(client, server, rule, buffer) do
-    receive do
-      {:tcp, ^client, data} ->
-        buffer = requests(client, server, rule, buffer <> data)
-        relay(client, server, rule, buffer)
-
-      {:tcp, ^server, data} ->
-        :gen_tcp.send(client, data)
-        relay(client, server, rule, buffer)
-
-      {:tcp_closed, _} ->
-        :gen_tcp.close(client)
-        :gen_tcp.close(server)
-
-      {:tcp_error, _, _} ->
-        :gen_tcp.close(client)
-        :gen_tcp.close(server)
-    end
+  @doc "Throttles every `every`-th request of the operation from now on (1: all of them)."
+  def set_every(proxy, every) when is_integer(every) and every >= 1 do
+    :atomics.put(TcpProxy.data(proxy), 3, every)
   end
 
   # Handles every complete request in `buffer`; returns what is left.

@@ -80,6 +80,18 @@ defmodule Convoy.Compat.LegacyServiceTest do
     fn record, config -> send(me, {tag, config, record}) end
   end
 
+  # A queue on the old service that reads from the stream's start.
+  defp start_reading!(stream, options) do
+    defaults = [
+      stream: stream,
+      service: OldService,
+      poll_interval: 20,
+      iterator_type: :trim_horizon
+    ]
+
+    start_supervised!({Convoy.Queue, defaults ++ options})
+  end
+
   setup do
     stream = String.to_atom("legacy-#{System.unique_integer([:positive])}")
     {:ok, agent} = OldService.start(stream)
@@ -88,14 +100,7 @@ defmodule Convoy.Compat.LegacyServiceTest do
   end
 
   test "it carries records from put to handlers, in order", %{stream: stream} do
-    start_supervised!(
-      {Convoy.Queue,
-       stream: stream,
-       service: OldService,
-       poll_interval: 20,
-       iterator_type: :trim_horizon,
-       batch_timeout: 50}
-    )
+    start_reading!(stream, batch_timeout: 50)
 
     :ok = Convoy.Queue.attach_handler(stream, :h, forward(:got), :cfg)
     for i <- 1..20, do: :ok = Convoy.Queue.put(stream, "k#{rem(i, 3)}", "r#{i}")
@@ -183,14 +188,7 @@ defmodule Convoy.Compat.LegacyServiceTest do
     Convoy.TestTelemetry.subscribe()
     name = Atom.to_string(stream)
 
-    start_supervised!(
-      {Convoy.Queue,
-       stream: stream,
-       service: OldService,
-       poll_interval: 20,
-       iterator_type: :trim_horizon,
-       batch_timeout: 0}
-    )
+    start_reading!(stream, batch_timeout: 0)
 
     :ok = Convoy.Queue.attach(stream, :h, forward(:got), nil)
     :ok = Convoy.Queue.put(stream, "k", "v")

@@ -34,17 +34,7 @@ defmodule Convoy.Leases.QueueTest do
     id
   end
 
-  defp receive_records(count, acc \\ []) do
-    if count == 0 do
-      Enum.reverse(acc)
-    else
-      receive do
-        {:record, record} -> receive_records(count - 1, [record | acc])
-      after
-        60_000 -> flunk("got #{length(acc)} records, #{count} missing")
-      end
-    end
-  end
+  defp receive_records(count), do: receive_records(count, 60_000)
 
   defp refute_more_records do
     refute_receive {:record, _}, 1_500
