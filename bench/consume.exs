@@ -24,15 +24,8 @@ Bench.raw(["put", endpoint, filled, "#{count}", "#{Bench.size()}", "8"])
 
 runs =
   for _ <- 1..Bench.runs() do
-    threads = Bench.thread_ns()
-    run = Bench.consume(filled, endpoint, count)
-    threads = Map.merge(Bench.thread_ns(), threads, fn _, a, b -> round((a - b) / count) end)
-
-    IO.puts(
-      "  convoy ns per record by thread: schedulers #{threads.schedulers}, " <>
-        "runtime #{threads.runtime}, other #{threads.other}, " <>
-        "total #{threads.schedulers + threads.runtime + threads.other}"
-    )
+    {run, threads} = Bench.threads_per(count, fn -> Bench.consume(filled, endpoint, count) end)
+    IO.puts("  convoy ns per record by thread: " <> Bench.threads_line(threads))
 
     run
   end

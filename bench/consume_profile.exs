@@ -23,8 +23,10 @@ Bench.raw(["put", endpoint, filled, "#{count}", "#{Bench.size()}", "8"])
 IO.puts("filled #{System.pid()}")
 Process.sleep(2_000)
 
-threads = Bench.thread_ns()
-for _ <- 1..runs, do: Bench.consume(filled, endpoint, count)
-threads = Map.merge(Bench.thread_ns(), threads, fn _, a, b -> round((a - b) / (count * runs)) end)
-IO.puts("ns per record by thread kind: #{inspect(threads)}")
+{_, threads} =
+  Bench.threads_per(count * runs, fn ->
+    for _ <- 1..runs, do: Bench.consume(filled, endpoint, count)
+  end)
+
+IO.puts("ns per record by thread kind: " <> Bench.threads_line(threads))
 Convoy.Local.stop(local)

@@ -25,22 +25,16 @@ procs = System.schedulers_online()
 convoy = fn label, opts ->
   for run <- 1..Bench.runs() do
     {id, pid} = Bench.queue!(Bench.stream!(endpoint, "produce"), endpoint, opts)
-    threads = Bench.thread_ns()
 
-    seconds =
-      Bench.seconds(fn ->
-        Bench.produce_all(id, count, procs)
-        :ok = Convoy.Queue.flush(id, await: 300_000)
-      end)
+    {seconds, threads} =
+      Bench.threads_per(count, fn -> Bench.produce_acknowledged(id, count, procs) end)
 
-    threads = Map.merge(Bench.thread_ns(), threads, fn _, a, b -> round((a - b) / count) end)
     %{sent: ^count} = Convoy.Queue.stats(id)
     Bench.stop_queue(pid)
 
     IO.puts(
       "  #{label} run #{run}: #{round(count / seconds)} records/s, ns per record: " <>
-        "callers #{threads.schedulers}, runtime #{threads.runtime}, other #{threads.other}, " <>
-        "total #{threads.schedulers + threads.runtime + threads.other}"
+        Bench.threads_line(threads)
     )
   end
 end

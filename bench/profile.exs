@@ -43,16 +43,11 @@ Bench.put_all(id, 50_000, procs)
 :ok = Convoy.Queue.flush(id, await: 60_000)
 
 cpu = Bench.cpu_seconds()
-threads = Bench.thread_ns()
 
-seconds =
-  Bench.seconds(fn ->
-    Bench.produce_all(id, count, procs)
-    :ok = Convoy.Queue.flush(id, await: 300_000)
-  end)
+{seconds, threads} =
+  Bench.threads_per(count, fn -> Bench.produce_acknowledged(id, count, procs) end)
 
 cpu = Bench.cpu_seconds() - cpu
-threads = Map.merge(Bench.thread_ns(), threads, fn _, a, b -> a - b end)
 Bench.stop_queue(pid)
 Bench.Null.stop(null)
 
@@ -60,5 +55,5 @@ IO.puts(
   "#{count} records, #{procs} processes, #{mode}: #{Float.round(seconds, 3)} s, " <>
     "#{round(count / seconds)} records/s, VM CPU #{Float.round(cpu, 2)} s " <>
     "(#{Float.round(cpu / count * 1.0e6, 2)} µs per record; " <>
-    Enum.map_join(threads, ", ", fn {k, ns} -> "#{k} #{round(ns / count)} ns" end) <> ")"
+    Bench.threads_line(threads) <> " ns)"
 )

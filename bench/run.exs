@@ -124,20 +124,14 @@ produce_on = fn endpoint, count, opts ->
   stream = Bench.stream!(endpoint, "produce")
   {id, pid} = Bench.queue!(stream, endpoint, opts)
 
-  threads = Bench.thread_ns()
-
-  {seconds, rss} =
-    Bench.peak_rss(fn ->
-      # Records are built inside the clock here, as every peer builds its own.
-      Bench.seconds(fn ->
-        Bench.produce_all(id, count, schedulers)
-        :ok = Convoy.Queue.flush(id, await: 300_000)
-      end)
-    end)
-
+  # Records are built inside the clock here, as every peer builds its own.
   # CPU per record by thread kind: the callers (building records, put/3)
   # and the NIF's runtime (lanes, SDK, HTTP).
-  threads = Map.merge(Bench.thread_ns(), threads, fn _, a, b -> (a - b) / count end)
+  {{seconds, rss}, threads} =
+    Bench.threads_per(count, fn ->
+      Bench.peak_rss(fn -> Bench.produce_acknowledged(id, count, schedulers) end)
+    end)
+
   Process.put(:last_threads, threads)
   %{sent: sent} = Convoy.Queue.stats(id)
   if sent != count, do: raise("only #{sent} of #{count} acknowledged")

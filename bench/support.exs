@@ -78,6 +78,22 @@ defmodule Bench do
     end)
   end
 
+  # Runs `fun` and answers `{its result, the CPU ns of each thread kind
+  # (thread_ns/0) meanwhile, divided by count}`.
+  def threads_per(count, fun) do
+    before = thread_ns()
+    result = fun.()
+    {result, Map.merge(thread_ns(), before, fn _, a, b -> (a - b) / count end)}
+  end
+
+  # The figures of `threads_per/2` on one line, in whole ns.
+  def threads_line(threads) do
+    total = threads.schedulers + threads.runtime + threads.other
+
+    "schedulers #{round(threads.schedulers)}, runtime #{round(threads.runtime)}, " <>
+      "other #{round(threads.other)}, total #{round(total)}"
+  end
+
   def scheduler_ns, do: scheduler_ns(scheduler_stats())
 
   # The schedstat files of the VM's scheduler threads (they live as long as
@@ -237,6 +253,15 @@ defmodule Bench do
         end)
       end)
       |> Task.await_many(:infinity)
+    end)
+  end
+
+  # `produce_all/4`, then a flush: answers the seconds until every record
+  # was acknowledged.
+  def produce_acknowledged(id, count, procs) do
+    seconds(fn ->
+      produce_all(id, count, procs)
+      :ok = Convoy.Queue.flush(id, await: 300_000)
     end)
   end
 
