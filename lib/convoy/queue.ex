@@ -306,7 +306,10 @@ defmodule Convoy.Queue do
       {:convoy_batch, %Convoy.Batch{stream_id: id, shard_id: shard, records: records}}
 
   and must answer `Convoy.Queue.ack(batch)` when done; the shard reads on only
-  after every handler has finished its batch.
+  after every handler has finished its batch. A Kinesis batch holds at most
+  500 Kinesis records (more user records when they are aggregated): what one
+  GetRecords call read comes in chunks of that size, and the shard's
+  checkpoint is stored once the last of them is finished.
 
   A shard's batch goes through the handlers one after another, in attach
   order: a handler gets it once the handler attached before it has finished

@@ -168,7 +168,7 @@ defmodule Convoy.ConsumerTest do
     end
   end
 
-  test "a light batch is built on the dispatcher's scheduler, a heavy one (aggregated) on a dirty one" do
+  test "plain records are built on the dispatcher's scheduler, aggregated ones on a dirty one" do
     stream = create_stream!(unique_stream("take"), 1)
     id = start_queue!(stream, aggregation: true, batch_timeout: 0)
     me = self()
@@ -189,6 +189,8 @@ defmodule Convoy.ConsumerTest do
     raw_put!(stream, 3, keys: 1)
     for i <- 0..2, do: assert_receive({:got, "record-" <> _, nil}, 10_000) && i
     assert_receive {:trace, ^dispatcher, :return_from, {Convoy.Native, :reader_take, 1}, {_, []}}
+    # Then the dispatcher asks for the next chunk and learns there is none.
+    assert_receive {:trace, ^dispatcher, :return_from, {Convoy.Native, :reader_take, 1}, :done}
     refute_received {:trace, ^dispatcher, :call, {Convoy.Native, :reader_take_dirty, _}}
 
     # An aggregated record: heavy whatever its size, it may unpack into many.
@@ -200,6 +202,104 @@ defmodule Convoy.ConsumerTest do
                     {[%Convoy.Record{data: "agg"}], []}}
 
     refute_receive {:got, _, _}, 500
+  end
+
+  # A checkpoint store that tells the test process of each store.
+  defmodule Stores do
+    @behaviour Convoy.Checkpoint
+
+    @impl true
+    def init(options), do: {:ok, Keyword.fetch!(options, :to)}
+
+    @impl true
+    def fetch(_to, _stream_id, _shard_id), do: :error
+
+    @impl true
+    def store(to, _stream_id, shard_id, position) do
+      send(to, {:stored, shard_id, position})
+      :ok
+    end
+  end
+
+  # The measurements of `event` for the queue `id` received so far.
+  defp events(event, id) do
+    receive do
+      {:telemetry_event, ^event, measurements, %{stream_id: ^id}} ->
+        [measurements | events(event, id)]
+    after
+      0 -> []
+    end
+  end
+
+  test "a large batch reaches the handlers in chunks of at most 500 records, checkpointed once" do
+    stream = create_stream!(unique_stream("chunks"), 1)
+    # Written before the queue starts, so that one GetRecords call reads them.
+    raw_put!(stream, 1_200, keys: 1)
+    Convoy.TestTelemetry.subscribe()
+    id = start_queue!(stream, checkpoint: {Stores, to: self()})
+    :ok = Convoy.Queue.attach_handler(id, :h, forward(:h), nil)
+
+    records = collect(:h, 1_200)
+    assert Enum.map(records, & &1.data) == for(i <- 0..1_199, do: "record-#{i}")
+    last = List.last(records).sequence_number
+    assert_receive {:stored, _, ^last}, 10_000
+    refute_receive {:h, _, _}, 500
+
+    reads =
+      for %{count: count} <- events([:convoy, :get_records, :stop], id), count > 0, do: count
+
+    chunks = for %{count: count} <- events([:convoy, :handler, :stop], id), do: count
+    batches = for %{count: count} <- events([:convoy, :batch, :stop], id), do: count
+    assert Enum.max(reads) > 500
+    assert Enum.all?(chunks, &(&1 <= 500))
+    assert Enum.sum(chunks) == 1_200
+
+    # One checkpoint per batch read (the last one received above), none per
+    # chunk.
+    assert batches == reads
+    assert 1 + length(flush_stored()) == length(reads)
+  end
+
+  test "a stop between two chunks stores the checkpoint of the chunks finished" do
+    stream = create_stream!(unique_stream("chunk-stop"), 1)
+    raw_put!(stream, 1_200, keys: 1)
+    me = self()
+
+    # Acks its first batch (a chunk of 500) and holds the second.
+    handler =
+      spawn_link(fn ->
+        receive do
+          {:convoy_batch, batch} ->
+            send(me, {:first, batch.records})
+            Convoy.Queue.ack(batch)
+        end
+
+        receive do
+          {:convoy_batch, batch} -> send(me, {:second, batch.records})
+        end
+
+        Process.sleep(:infinity)
+      end)
+
+    id = start_queue!(stream, checkpoint: {Stores, to: self()})
+    :ok = Convoy.Queue.attach_handler(id, :h, handler, nil)
+    assert_receive {:first, first}, 10_000
+    assert_receive {:second, [%{data: "record-500"} | _]}, 10_000
+    assert Enum.map(first, & &1.data) == for(i <- 0..499, do: "record-#{i}")
+    refute_received {:stored, _, _}
+
+    :ok = stop_supervised(id)
+    last = List.last(first).sequence_number
+    assert_receive {:stored, _, ^last}, 1_000
+    refute_receive {:stored, _, _}, 500
+  end
+
+  defp flush_stored do
+    receive do
+      {:stored, _, _} = stored -> [stored | flush_stored()]
+    after
+      0 -> []
+    end
   end
 
   test "a reader let run ahead by an extra acknowledgement loses no batch" do

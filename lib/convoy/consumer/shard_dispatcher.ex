@@ -2,8 +2,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
   @moduledoc false
   # One process per shard being read. It owns the shard's reader (for
   # Kinesis a native poller, which stops when this process goes), receives
-  # each batch the reader sends or hands over (taken with the source's
-  # `take/1`), runs it through the handlers, stores the
+  # each batch the reader sends or hands over (taken in chunks with the
+  # source's `take/1`), runs it through the handlers, stores the
   # checkpoint, and only then acknowledges the batch so the reader reads on.
   #
   # It never waits inside a callback for a handler: it is a state machine
@@ -71,7 +71,15 @@ defmodule Convoy.Consumer.ShardDispatcher do
     args = args |> Map.put_new(:stream, args.stream_id) |> Map.put_new(:done_through, nil)
 
     {:ok,
-     Map.merge(args, %{reader: reader, reader_module: module, failed: MapSet.new(), batch: nil})}
+     Map.merge(args, %{
+       reader: reader,
+       reader_module: module,
+       failed: MapSet.new(),
+       batch: nil,
+       # The batch read, as far as its chunks are finished, until its
+       # checkpoint is stored: `%{position, count, started, millis_behind}`.
+       unstored: nil
+     })}
   end
 
   @impl true
@@ -253,27 +261,41 @@ defmodule Convoy.Consumer.ShardDispatcher do
   # Stale acks, timeouts and retries of waits that already ended.
   def handle_info(_other, state), do: {:noreply, state}
 
-  # A reader that hands batches over: taken here, so that the records are
-  # built on this process's heap.
+  # A reader that hands batches over: taken here in chunks, so that the
+  # records are built on this process's heap and it holds one chunk at a
+  # time. Each chunk goes through the handlers as a batch of its own; when
+  # one is finished this process announces the rest to itself with the same
+  # message (so a stop, a detach or a lost lease is seen between chunks),
+  # and once none is left it stores the checkpoint and acks the reader.
   defp handle_records({:convoy_records_ready, shard_id, _count, millis_behind}, state) do
-    {records, unparseable} = state.reader_module.take(state.reader)
-    Convoy.Consumer.Source.report_unparseable(state.stream_id, shard_id, unparseable)
-    handle_records({:convoy_records, shard_id, records, millis_behind}, state)
+    case state.reader_module.take(state.reader) do
+      :done ->
+        {:noreply, store_checkpoint(state)}
+
+      {records, unparseable} ->
+        Convoy.Consumer.Source.report_unparseable(state.stream_id, shard_id, unparseable)
+        start_batch(records, {shard_id, millis_behind}, millis_behind, state)
+    end
   end
 
-  defp handle_records({:convoy_records, _shard_id, records, millis_behind}, state) do
+  defp handle_records({:convoy_records, _shard_id, records, millis_behind}, state),
+    do: start_batch(records, nil, millis_behind, state)
+
+  # `rest` is `{shard_id, millis_behind}` for a chunk of a batch the reader
+  # still holds the rest of, nil for a whole batch.
+  defp start_batch(records, rest, millis_behind, state) do
     started = System.monotonic_time()
     {records, state} = drop_done(records, state)
 
     case records do
       [] ->
         # Nothing to hand out and no sequence number to store.
-        state.reader_module.ack(state.reader)
-        {:noreply, state}
+        {:noreply, batch_done(rest, state)}
 
       records ->
         batch = %{
           records: records,
+          rest: rest,
           millis_behind: millis_behind,
           started: started,
           # Attachment refs through with this batch (finished it, failed on
@@ -285,6 +307,44 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
         {:noreply, advance(%{state | batch: batch})}
     end
+  end
+
+  # A batch (or chunk) is through: store its checkpoint and ack the reader,
+  # or, while the reader holds more of the batch, take the next chunk.
+  defp batch_done(nil, state), do: store_checkpoint(state)
+
+  defp batch_done({shard_id, millis_behind}, state) do
+    send(self(), {:convoy_records_ready, shard_id, 0, millis_behind})
+    state
+  end
+
+  # Stores the checkpoint of what was finished, if anything, and acks the
+  # reader.
+  defp store_checkpoint(state) do
+    state = store_finished(state)
+    state.reader_module.ack(state.reader)
+    state
+  end
+
+  defp store_finished(%{unstored: nil} = state), do: state
+
+  defp store_finished(%{unstored: unstored} = state) do
+    {module, checkpoint} = state.checkpoint
+    :ok = module.store(checkpoint, state.stream_id, state.shard_id, unstored.position)
+
+    if Telemetry.enabled?() do
+      Telemetry.execute(
+        [:convoy, :batch, :stop],
+        %{
+          count: unstored.count,
+          duration: System.monotonic_time() - unstored.started,
+          millis_behind_latest: unstored.millis_behind
+        },
+        %{stream: state.stream, stream_id: state.stream_id, shard_id: state.shard_id}
+      )
+    end
+
+    %{state | unstored: nil}
   end
 
   # A shard started at a checkpoint inside an aggregated record reads that
@@ -299,20 +359,21 @@ defmodule Convoy.Consumer.ShardDispatcher do
   @impl true
   def terminate(reason, state) do
     if reason == :normal or reason == :shutdown or match?({:shutdown, _}, reason) do
-      finish_in_flight(state, length(state.handlers) + 1)
+      state |> finish_in_flight(length(state.handlers) + 1) |> store_finished()
     end
 
     state.reader_module.stop_reader(state.reader)
   end
 
   # A stop that arrives while a batch is in hand (before the message that
-  # would finish it): finish it now and store its checkpoint, so the shard's
-  # next reader (another node, with leases) does not handle it again. Only
-  # function handlers run here; a batch waiting on a process's ack or a
-  # retry is left, and read again from the checkpoint.
-  defp finish_in_flight(%{batch: nil}, _), do: :ok
-  defp finish_in_flight(%{batch: %{step: step}}, _) when step != nil, do: :ok
-  defp finish_in_flight(_state, 0), do: :ok
+  # would finish it): finish it now and store its checkpoint (with the
+  # chunks of the batch finished before it), so the shard's next reader
+  # (another node, with leases) does not handle it again. Only function
+  # handlers run here; a batch waiting on a process's ack or a retry is
+  # left, and read again from the checkpoint.
+  defp finish_in_flight(%{batch: nil} = state, _), do: state
+  defp finish_in_flight(%{batch: %{step: step}} = state, _) when step != nil, do: state
+  defp finish_in_flight(state, 0), do: state
 
   defp finish_in_flight(state, budget) do
     finish_in_flight(advance(state), budget - 1)
@@ -339,14 +400,13 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
   defp finish(%{batch: batch} = state) do
     if Enum.any?(state.handlers, &MapSet.member?(batch.finished, &1.ref)),
-      do: checkpoint(state),
+      do: batch_finished(state),
       # No attached handler finished it: wait for handlers, or for :stop.
       else: state
   end
 
-  defp checkpoint(%{batch: batch} = state) do
-    {module, checkpoint} = state.checkpoint
-
+  # The batch in hand is finished: its position waits to be stored.
+  defp batch_finished(%{batch: batch} = state) do
     # A user record of an aggregated record: with its sub-sequence number.
     position =
       case List.last(batch.records) do
@@ -354,22 +414,19 @@ defmodule Convoy.Consumer.ShardDispatcher do
         %{sub_sequence_number: sub, sequence_number: sequence} -> {sequence, sub}
       end
 
-    :ok = module.store(checkpoint, state.stream_id, state.shard_id, position)
-    state.reader_module.ack(state.reader)
+    # Counted for telemetry only: not walked again when it is off.
+    count = if Telemetry.enabled?(), do: length(batch.records), else: 0
 
-    if Telemetry.enabled?() do
-      Telemetry.execute(
-        [:convoy, :batch, :stop],
-        %{
-          count: length(batch.records),
-          duration: System.monotonic_time() - batch.started,
-          millis_behind_latest: batch.millis_behind
-        },
-        %{stream: state.stream, stream_id: state.stream_id, shard_id: state.shard_id}
-      )
-    end
+    earlier = state.unstored || %{count: 0, started: batch.started}
 
-    %{state | batch: nil}
+    unstored =
+      Map.merge(earlier, %{
+        position: position,
+        count: earlier.count + count,
+        millis_behind: batch.millis_behind
+      })
+
+    batch_done(batch.rest, %{state | batch: nil, unstored: unstored})
   end
 
   defp run(handler, state) do

@@ -17,9 +17,10 @@ defmodule Convoy.Consumer.Source do
       same, for a reader that implements `c:take/1`: a batch read as `count`
       records (of the service's own, before any unpacking: aggregated Kinesis
       records expand into more) waits in the reader, and the dispatcher takes
-      it from its own process, so the records are built on its heap rather
-      than sent. Such a reader reports unparseable records through `c:take/1`
-      instead of the `:convoy_unparseable` message.
+      it in chunks from its own process (`c:take/1`), so the records are
+      built on its heap rather than sent. Such a reader reports unparseable
+      records through `c:take/1` instead of the `:convoy_unparseable`
+      message.
     * `{:convoy_shard_end, shard_id}` - a closed shard was read to its end;
       the consumer lists the shards to find its children.
     * `{:convoy_shard_end, shard_id, children}` - the same, with the shards
@@ -86,16 +87,20 @@ defmodule Convoy.Consumer.Source do
               reader :: term
 
   @doc """
-  The batch a `:convoy_records_ready` message announced, taken by the
-  dispatcher process: its `%Convoy.Record{}` structs (aggregated records
-  expanded, so there may be more or fewer than the message's `count`) and
-  the records of it that could not be unpacked, as in the
-  `:convoy_unparseable` message. Only readers that send
-  `:convoy_records_ready` implement it; the reader decides where the work
-  runs (the Kinesis reader builds a heavy batch on a dirty scheduler).
+  The next chunk of the batch a `:convoy_records_ready` message announced,
+  taken by the dispatcher process: its `%Convoy.Record{}` structs
+  (aggregated records expanded, so a batch may give more or fewer than the
+  message's `count`) and the records of it that could not be unpacked, as
+  in the `:convoy_unparseable` message; `:done` once all of it was taken.
+  The dispatcher hands each chunk to the handlers as a batch, and stores
+  the checkpoint and calls `c:ack/1` after `:done`. Only readers that send
+  `:convoy_records_ready` implement it; the reader decides how large a chunk
+  is and where the work runs (the Kinesis reader gives chunks of at most 500
+  Kinesis records, and builds one with aggregated records on a dirty
+  scheduler).
   """
   @callback take(reader :: term) ::
-              {[Convoy.Record.t()], [{String.t(), atom}]}
+              {[Convoy.Record.t()], [{String.t(), atom}]} | :done
 
   @doc "The dispatcher finished the reader's last batch."
   @callback ack(reader :: term) :: :ok

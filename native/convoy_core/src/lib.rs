@@ -3,6 +3,7 @@
 //! symbols the VM provides).
 
 pub mod aggregation;
+pub mod chunk;
 pub mod civil;
 pub mod error;
 pub mod lanes;

@@ -27,6 +27,7 @@ rustler::atoms! {
     convoy_records,
     convoy_records_ready,
     dirty,
+    done,
     convoy_shard_end,
     convoy_poller_error,
     convoy_poller_stopped,

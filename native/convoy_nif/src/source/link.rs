@@ -6,14 +6,15 @@
 //! or `reader_stop` ends the reader.
 //!
 //! A batch is not sent as terms: the reader leaves the records it read in
-//! the handover and tells the dispatcher, which takes them (`reader_take`),
-//! built as terms on its own heap. Terms built by a runtime thread travel in
-//! heap fragments that the VM's allocators hand out under locks to threads
-//! it does not run, and that the receiver walks when it takes the message
-//! in; building them in the receiving process saves that (about 9% of the
-//! consumer's CPU per record, bench/PROFILE.md). A batch too heavy to build
-//! within a scheduler's time slice is built on a dirty CPU scheduler.
+//! the handover and tells the dispatcher, which takes them in chunks
+//! (`reader_take`), built as terms on its own heap. Terms built by a runtime
+//! thread travel in heap fragments that the VM's allocators hand out under
+//! locks to threads it does not run, and that the receiver walks when it
+//! takes the message in; building them in the receiving process saves that
+//! (about 9% of the consumer's CPU per record, bench/PROFILE.md). Chunks
+//! keep the dispatcher's heap small (`convoy_core::chunk`).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ use crate::atoms;
 use crate::delivery::{self, KeptTerm};
 use crate::error::{Error, Reason};
 use crate::record::{encode_records, encode_unparseable, Origin};
-use convoy_core::aggregation;
+use convoy_core::chunk;
 
 /// The dispatcher's handle on its reader.
 pub struct Reader {
@@ -43,28 +44,11 @@ struct Handover {
     batch: Mutex<Batch>,
 }
 
+/// The Kinesis records of the batch announced that the dispatcher has not
+/// taken yet.
 #[derive(Default)]
 struct Batch {
-    records: Vec<Record>,
-    /// Too much work for a normal scheduler (see `heavy`).
-    heavy: bool,
-}
-
-/// A batch whose records a normal scheduler builds within its time slice:
-/// at most this many Kinesis records and bytes of data, none aggregated (an
-/// aggregated record is checked by its digest and may unpack into thousands
-/// of records). Measured at about 0.3 µs a record of 100 bytes.
-const LIGHT_RECORDS: usize = 500;
-const LIGHT_BYTES: usize = 1024 * 1024;
-
-fn heavy(records: &[Record]) -> bool {
-    let mut bytes = 0;
-    records.len() > LIGHT_RECORDS
-        || records.iter().any(|r| {
-            let data = r.data().as_ref();
-            bytes += data.len();
-            bytes > LIGHT_BYTES || aggregation::looks_aggregated(data)
-        })
+    records: VecDeque<Record>,
 }
 
 #[rustler::resource_impl]
@@ -177,19 +161,18 @@ impl Link {
     /// Hands one batch over and waits for its acknowledgement.
     pub async fn deliver(&mut self, records: Vec<Record>, millis_behind: Option<i64>) -> Flow {
         let count = records.len();
-        // The dispatcher takes a batch before it acknowledges it, so the
-        // handover is empty here. Should an extra acknowledgement ever let
-        // the reader run ahead, the batch still waiting is extended, not
-        // overwritten, and the message already sent for it announces both.
+        // The dispatcher takes all of a batch before it acknowledges it, so
+        // the handover is empty here. Should an extra acknowledgement ever
+        // let the reader run ahead, the records still waiting are extended,
+        // not overwritten, and the message already sent for them announces
+        // both (the dispatcher takes chunks until none is left).
         let waiting = {
             let mut batch = self.handover.batch.lock().expect("no panic holds it");
             let waiting = !batch.records.is_empty();
             if waiting {
                 batch.records.extend(records);
-                batch.heavy = heavy(&batch.records);
             } else {
-                let heavy = heavy(&records);
-                *batch = Batch { records, heavy };
+                batch.records = records.into();
             }
             waiting
         };
@@ -233,11 +216,26 @@ fn encode_children<'a>(env: Env<'a>, children: &[ChildShard]) -> Term<'a> {
     children.encode(env)
 }
 
-/// The batch handed over, as `{records, unparseable}`: a list of
-/// `%Convoy.Record{}` built on the calling process's heap, aggregated
-/// records expanded, and `[{sequence_number, reason}]` for the Kinesis
-/// records that could not be unpacked. Empty lists when nothing waits.
-fn take<'a>(env: Env<'a>, records: Vec<Record>, handover: &Handover) -> Term<'a> {
+/// The next chunk of the batch handed over (`convoy_core::chunk`) as
+/// `{records, unparseable}`: a list of `%Convoy.Record{}` built on the
+/// calling process's heap, aggregated records expanded, and
+/// `[{sequence_number, reason}]` for the Kinesis records that could not be
+/// unpacked. `:done` when all of the batch was taken; `:dirty`, taking
+/// nothing, when the chunk holds aggregated records and the caller runs on
+/// a normal scheduler.
+fn take_chunk<'a>(env: Env<'a>, reader: &Reader, on_dirty_scheduler: bool) -> Term<'a> {
+    let handover = &reader.handover;
+    let mut batch = handover.batch.lock().expect("no panic holds it");
+    let chunk = chunk::next(batch.records.iter().map(|record| record.data().as_ref()));
+    if chunk.records == 0 {
+        return atoms::done().encode(env);
+    }
+    if chunk.aggregated && !on_dirty_scheduler {
+        return atoms::dirty().encode(env);
+    }
+    let records: Vec<Record> = batch.records.drain(..chunk.records).collect();
+    drop(batch);
+
     let origin = Origin {
         shard_id: handover.shard_id.encode(env),
         stream_id: handover.stream_id.load(env),
@@ -247,24 +245,17 @@ fn take<'a>(env: Env<'a>, records: Vec<Record>, handover: &Handover) -> Term<'a>
     (records, encode_unparseable(env, &unparseable)).encode(env)
 }
 
-/// `take` on a normal scheduler; `:dirty`, leaving the batch in place, when
-/// it is too heavy for one (the caller then uses `reader_take_dirty`).
+/// `take_chunk` on the caller's scheduler; `:dirty` sends the caller to
+/// `reader_take_dirty`.
 #[rustler::nif]
 fn reader_take<'a>(env: Env<'a>, reader: ResourceArc<Reader>) -> Term<'a> {
-    let mut batch = reader.handover.batch.lock().expect("no panic holds it");
-    if batch.heavy {
-        return atoms::dirty().encode(env);
-    }
-    let records = std::mem::take(&mut batch.records);
-    drop(batch);
-    take(env, records, &reader.handover)
+    take_chunk(env, &reader, false)
 }
 
-/// `take` on a dirty CPU scheduler, for a batch of any weight.
+/// `take_chunk` on a dirty CPU scheduler, for a chunk of any kind.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn reader_take_dirty<'a>(env: Env<'a>, reader: ResourceArc<Reader>) -> Term<'a> {
-    let records = std::mem::take(&mut *reader.handover.batch.lock().expect("no panic holds it"));
-    take(env, records.records, &reader.handover)
+    take_chunk(env, &reader, true)
 }
 
 /// The dispatcher finished the batch it was sent: the reader may go on.
