@@ -4,8 +4,9 @@ defmodule Convoy.Batch do
 
       {:convoy_batch, %Convoy.Batch{}}
 
-  Answer with `Convoy.Queue.ack/1` once the batch is processed; the shard
-  reads its next batch only then.
+  Answer with `Convoy.Queue.ack/1` once the batch is processed; the shard's
+  next batch comes only then (the next chunk of the same read, or a new
+  read once the last chunk is finished).
 
   ## Example
 

@@ -42,7 +42,7 @@ defmodule Convoy.Queue do
   | `[:convoy, :put_records, :start \\| :stop \\| :exception]` | stop: `records`, `entries`, `bytes`, `acknowledged`, `retried`, `failed` | | one PutRecords request (each retry is a request); `:exception` when the request as a whole failed |
   | `[:convoy, :get_records, :start \\| :stop \\| :exception]` | stop: `count`, `millis_behind_latest` | `shard_id`, `next_iterator` | one GetRecords call of a shard's poller (empty ones included) or of `get/2`; with enhanced fan-out, one pushed event (duration: the wait for it; `next_iterator`: its continuation sequence number) |
   | `[:convoy, :handler, :start \\| :stop \\| :exception]` | stop: `count` | `shard_id`, `handler_id`; exception: `detached` | one handler on one batch: a function handler's calls on its records, or a pid handler from the batch sent to its ack |
-  | `[:convoy, :batch, :stop]` | `count`, `duration`, `millis_behind_latest` | `shard_id` | a shard's batch went through every handler and was checkpointed |
+  | `[:convoy, :batch, :stop]` | `count`, `duration`, `millis_behind_latest` | `shard_id` | what a shard's read brought went through every handler and was checkpointed (at a stop, the part finished) |
   | `[:convoy, :put, :failed]` | `count` | `reason` | records finally failed after all retries |
   | `[:convoy, :poller, :error]` | `count` (1) | `shard_id`, `reason` | a shard's reader met an error (it retries transient ones) |
   | `[:convoy, :handler, :failed]` | `count` (1) | `shard_id`, `handler_id`, `kind`, `reason`, `action`, `sequence_number` | a handler failed on a record for the last time its `:on_error` allows; `action` is `:detach`, `:halt` or `:dead_letter` |
@@ -307,9 +307,10 @@ defmodule Convoy.Queue do
 
   and must answer `Convoy.Queue.ack(batch)` when done; the shard reads on only
   after every handler has finished its batch. A Kinesis batch holds at most
-  500 Kinesis records (more user records when they are aggregated): what one
-  GetRecords call read comes in chunks of that size, and the shard's
-  checkpoint is stored once the last of them is finished.
+  500 Kinesis records and 1 MiB of data (more user records when they are
+  aggregated): what one GetRecords call (or fan-out event) read comes in
+  chunks of that size, and the shard's checkpoint is stored once the last
+  of them is finished.
 
   A shard's batch goes through the handlers one after another, in attach
   order: a handler gets it once the handler attached before it has finished

@@ -345,6 +345,53 @@ defmodule Convoy.ConsumerTest do
     refute_receive {:got, _}, 1_000
   end
 
+  test "a reader run ahead while a pid handler holds the batch does not replace it" do
+    stream = create_stream!(unique_stream("ahead-pid"), 1)
+    Convoy.TestTelemetry.subscribe()
+    id = start_queue!(stream, poll_interval: 50)
+    me = self()
+
+    # A pid handler that holds each batch until told, then a function
+    # handler after it.
+    holder =
+      spawn_link(fn ->
+        for _ <- 1..2 do
+          receive do
+            {:convoy_batch, batch} ->
+              send(me, {:holding, Enum.map(batch.records, & &1.data)})
+
+              receive do
+                :go -> Convoy.Queue.ack(batch)
+              end
+          end
+        end
+      end)
+
+    :ok = Convoy.Queue.attach_handler(id, :holder, holder, nil)
+    :ok = Convoy.Queue.attach_handler(id, :after, forward(:after), nil)
+    reader = :sys.get_state(only_dispatcher(id)).reader
+
+    raw_put!(stream, 1, keys: 1)
+    assert_receive {:holding, ["record-0"]}, 10_000
+
+    # An extra acknowledgement: the reader reads and announces the next
+    # batch while the first is still held.
+    raw_put!(stream, 2, keys: 1, start: 1)
+    :ok = Convoy.Native.reader_ack(reader)
+
+    assert_receive {:telemetry_event, [:convoy, :get_records, :stop], %{count: 2},
+                    %{stream_id: ^id}},
+                   10_000
+
+    send(holder, :go)
+    assert_receive {:holding, ["record-1", "record-2"]}, 10_000
+    send(holder, :go)
+
+    got = for record <- collect(:after, 3), do: record.data
+    assert got == ["record-0", "record-1", "record-2"]
+    refute_receive {:after, _, _}, 1_000
+  end
+
   # The record counts of the GetRecords calls reported to a blocked
   # dispatcher (telemetry is on in the tests), from its mailbox.
   defp reads(dispatcher) do

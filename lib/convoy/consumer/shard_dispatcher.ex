@@ -33,7 +33,9 @@ defmodule Convoy.Consumer.ShardDispatcher do
   # neither checkpointed nor acked: it goes to handlers attached later, or,
   # once the last handler is gone and the consumer stops this process, it is
   # read again from the checkpoint (at least once, never skipped). A handler
-  # whose partition keys select none of the batch finished it.
+  # whose partition keys select none of the batch finished it. A batch taken
+  # from the reader in chunks is a batch here per chunk; its checkpoint is
+  # stored, and the reader acked, once its last chunk is finished.
   #
   # Handlers are known by the `ref` of their attachment, not their id: a
   # handler detached and attached again under the same id is a new handler.
@@ -76,6 +78,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
        reader_module: module,
        failed: MapSet.new(),
        batch: nil,
+       # From the first take of a batch the reader handed over to `:done`.
+       taking: false,
        # The batch read, as far as its chunks are finished, until its
        # checkpoint is stored: `%{position, count, started, millis_behind}`.
        unstored: nil
@@ -89,7 +93,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
   # Self-fencing: with leases, a batch waits while the shard's lease is not
   # known to be renewed (the consumer stops this dispatcher if it is lost).
   def handle_info({tag, _, _, _} = message, %{leased: true} = state)
-      when tag in [:convoy_records, :convoy_records_ready] do
+      when tag in [:convoy_records, :convoy_records_ready, :convoy_next_chunk] do
     if Convoy.Leases.may_dispatch?(state.stream_id, state.shard_id) do
       handle_records(message, state)
     else
@@ -99,7 +103,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
   end
 
   def handle_info({tag, _, _, _} = message, state)
-      when tag in [:convoy_records, :convoy_records_ready],
+      when tag in [:convoy_records, :convoy_records_ready, :convoy_next_chunk],
       do: handle_records(message, state)
 
   def handle_info(:advance, state), do: {:noreply, advance(state)}
@@ -226,7 +230,8 @@ defmodule Convoy.Consumer.ShardDispatcher do
     {module, checkpoint} = state.checkpoint
     :ok = module.store(checkpoint, state.stream_id, state.shard_id, :shard_end)
     send(state.consumer, {:shard_ended, state.shard_id, children})
-    {:stop, :normal, state}
+    # Nothing finished may be stored over SHARD_END at the stop.
+    {:stop, :normal, %{state | unstored: nil}}
   end
 
   def handle_info({:convoy_unparseable, shard_id, records}, state) do
@@ -254,8 +259,9 @@ defmodule Convoy.Consumer.ShardDispatcher do
     {:stop, {:poller_panic, message}, state}
   end
 
-  # A batch still in hand is neither checkpointed nor acked: it is read
-  # again from the checkpoint by the shard's next dispatcher.
+  # `terminate/2` finishes what it can of the batch in hand and stores the
+  # checkpoint of what was finished; the rest is read again from it by the
+  # shard's next dispatcher.
   def handle_info(:stop, state), do: {:stop, :normal, state}
 
   # Stale acks, timeouts and retries of waits that already ended.
@@ -264,17 +270,25 @@ defmodule Convoy.Consumer.ShardDispatcher do
   # A reader that hands batches over: taken here in chunks, so that the
   # records are built on this process's heap and it holds one chunk at a
   # time. Each chunk goes through the handlers as a batch of its own; when
-  # one is finished this process announces the rest to itself with the same
-  # message (so a stop, a detach or a lost lease is seen between chunks),
-  # and once none is left it stores the checkpoint and acks the reader.
-  defp handle_records({:convoy_records_ready, shard_id, _count, millis_behind}, state) do
+  # one is finished this process asks itself for the next one (so a stop, a
+  # detach or a lost lease is seen between chunks), and once none is left it
+  # stores the checkpoint and acks the reader.
+  #
+  # While a batch is being taken, an announcement from the reader means an
+  # extra acknowledgement let it read ahead: the records it read wait in the
+  # handover behind the batch's, and the next take finds them.
+  defp handle_records({:convoy_records_ready, _, _, _}, %{taking: true} = state),
+    do: {:noreply, state}
+
+  defp handle_records({tag, shard_id, _count, millis_behind}, state)
+       when tag in [:convoy_records_ready, :convoy_next_chunk] do
     case state.reader_module.take(state.reader) do
       :done ->
-        {:noreply, store_checkpoint(state)}
+        {:noreply, store_checkpoint(%{state | taking: false})}
 
       {records, unparseable} ->
         Convoy.Consumer.Source.report_unparseable(state.stream_id, shard_id, unparseable)
-        start_batch(records, {shard_id, millis_behind}, millis_behind, state)
+        start_batch(records, {shard_id, millis_behind}, millis_behind, %{state | taking: true})
     end
   end
 
@@ -314,7 +328,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
   defp batch_done(nil, state), do: store_checkpoint(state)
 
   defp batch_done({shard_id, millis_behind}, state) do
-    send(self(), {:convoy_records_ready, shard_id, 0, millis_behind})
+    send(self(), {:convoy_next_chunk, shard_id, 0, millis_behind})
     state
   end
 
@@ -358,16 +372,20 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
   @impl true
   def terminate(reason, state) do
-    if reason == :normal or reason == :shutdown or match?({:shutdown, _}, reason) do
-      state |> finish_in_flight(length(state.handlers) + 1) |> store_finished()
-    end
+    state =
+      if reason == :normal or reason == :shutdown or match?({:shutdown, _}, reason),
+        do: finish_in_flight(state, length(state.handlers) + 1),
+        else: state
+
+    # Chunks every handler finished are not handled again, whatever the stop.
+    store_finished(state)
 
     state.reader_module.stop_reader(state.reader)
   end
 
   # A stop that arrives while a batch is in hand (before the message that
-  # would finish it): finish it now and store its checkpoint (with the
-  # chunks of the batch finished before it), so the shard's next reader
+  # would finish it): finish it now, so that its checkpoint is stored (with
+  # the chunks of the batch finished before it) and the shard's next reader
   # (another node, with leases) does not handle it again. Only function
   # handlers run here; a batch waiting on a process's ack or a retry is
   # left, and read again from the checkpoint.

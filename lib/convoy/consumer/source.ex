@@ -92,12 +92,13 @@ defmodule Convoy.Consumer.Source do
   (aggregated records expanded, so a batch may give more or fewer than the
   message's `count`) and the records of it that could not be unpacked, as
   in the `:convoy_unparseable` message; `:done` once all of it was taken.
-  The dispatcher hands each chunk to the handlers as a batch, and stores
-  the checkpoint and calls `c:ack/1` after `:done`. Only readers that send
-  `:convoy_records_ready` implement it; the reader decides how large a chunk
-  is and where the work runs (the Kinesis reader gives chunks of at most 500
-  Kinesis records, and builds one with aggregated records on a dirty
-  scheduler).
+  The dispatcher hands each chunk to the handlers as a batch and takes the
+  next one until `:done`, which it must get (a chunk that leaves nothing
+  does not end the batch); then it stores the checkpoint and calls `c:ack/1`.
+  Only readers that send `:convoy_records_ready` implement it; the reader
+  decides how large a chunk is and where the work runs (the Kinesis reader
+  gives chunks of at most 500 Kinesis records and 1 MiB, and builds one with
+  aggregated records on a dirty scheduler).
   """
   @callback take(reader :: term) ::
               {[Convoy.Record.t()], [{String.t(), atom}]} | :done

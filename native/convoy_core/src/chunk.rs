@@ -1,6 +1,6 @@
 //! How a consumer's dispatcher takes a batch read: in chunks, so that its
-//! heap holds one chunk's records at a time and a chunk of plain records is
-//! built within a normal scheduler's time slice.
+//! heap holds one chunk's records at a time and most chunks are built within
+//! a normal scheduler's time slice (about 0.3 µs a record of 100 bytes).
 
 use crate::aggregation;
 
@@ -15,17 +15,17 @@ pub const MAX_BYTES: usize = 1024 * 1024;
 pub struct Chunk {
     /// How many of the batch's first records it holds.
     pub records: usize,
-    /// Whether any of them is an aggregated record, which is checked by its
-    /// digest and may unpack into thousands: too much for a normal
-    /// scheduler.
-    pub aggregated: bool,
+    /// Too much work for a normal scheduler: an aggregated record, which
+    /// is checked by its digest and may unpack into thousands, or a record
+    /// of more than `MAX_BYTES` (Kinesis takes records of up to 10 MiB).
+    pub dirty: bool,
 }
 
 /// The chunk at the front of a batch whose records' data is `datas`.
 pub fn next<'a>(datas: impl IntoIterator<Item = &'a [u8]>) -> Chunk {
     let mut chunk = Chunk {
         records: 0,
-        aggregated: false,
+        dirty: false,
     };
     let mut bytes = 0;
     for data in datas.into_iter().take(MAX_RECORDS) {
@@ -33,9 +33,10 @@ pub fn next<'a>(datas: impl IntoIterator<Item = &'a [u8]>) -> Chunk {
             break;
         }
         bytes += data.len();
-        chunk.aggregated |= aggregation::looks_aggregated(data);
+        chunk.dirty |= aggregation::looks_aggregated(data);
         chunk.records += 1;
     }
+    chunk.dirty |= bytes > MAX_BYTES;
     chunk
 }
 
@@ -43,11 +44,8 @@ pub fn next<'a>(datas: impl IntoIterator<Item = &'a [u8]>) -> Chunk {
 mod tests {
     use super::*;
 
-    fn chunk(records: usize, aggregated: bool) -> Chunk {
-        Chunk {
-            records,
-            aggregated,
-        }
+    fn chunk(records: usize, dirty: bool) -> Chunk {
+        Chunk { records, dirty }
     }
 
     #[test]
@@ -66,13 +64,15 @@ mod tests {
     fn at_most_max_bytes_unless_one_record_is_larger() {
         let quarter = vec![0u8; MAX_BYTES / 4];
         assert_eq!(next(vec![&quarter[..]; 6]), chunk(4, false));
+        assert_eq!(next(vec![&quarter[..]; 4]), chunk(4, false));
+        // A record larger than that is a chunk of its own, built dirty.
         let big = vec![0u8; MAX_BYTES + 1];
-        assert_eq!(next([&big[..], &quarter[..]]), chunk(1, false));
+        assert_eq!(next([&big[..], &quarter[..]]), chunk(1, true));
         assert_eq!(next([&quarter[..], &big[..]]), chunk(1, false));
     }
 
     #[test]
-    fn an_aggregated_record_marks_its_chunk_only() {
+    fn an_aggregated_record_makes_its_chunk_dirty() {
         let plain = [7u8; 40];
         let mut aggregator = aggregation::Aggregator::new();
         aggregator.add("k", None, b"v");

@@ -33,9 +33,9 @@ defmodule Convoy.Services.Kinesis.Source do
     Native.poller_start(client, stream_id, options, position, dispatcher)
   end
 
-  # The reader weighs the next chunk of its batch: one without aggregated
-  # records is built here on this scheduler, one with them (each may unpack
-  # into thousands) on a dirty CPU scheduler.
+  # The reader weighs the next chunk of its batch: most are built here on
+  # this scheduler; one with aggregated records (each may unpack into
+  # thousands) or a record over 1 MiB is built on a dirty CPU scheduler.
   @impl true
   def take(reader) do
     case Native.reader_take(reader) do

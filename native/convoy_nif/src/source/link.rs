@@ -164,8 +164,8 @@ impl Link {
         // The dispatcher takes all of a batch before it acknowledges it, so
         // the handover is empty here. Should an extra acknowledgement ever
         // let the reader run ahead, the records still waiting are extended,
-        // not overwritten, and the message already sent for them announces
-        // both (the dispatcher takes chunks until none is left).
+        // not overwritten; the dispatcher, which takes chunks until none is
+        // left, ignores announcements while it does.
         let waiting = {
             let mut batch = self.handover.batch.lock().expect("no panic holds it");
             let waiting = !batch.records.is_empty();
@@ -221,8 +221,8 @@ fn encode_children<'a>(env: Env<'a>, children: &[ChildShard]) -> Term<'a> {
 /// calling process's heap, aggregated records expanded, and
 /// `[{sequence_number, reason}]` for the Kinesis records that could not be
 /// unpacked. `:done` when all of the batch was taken; `:dirty`, taking
-/// nothing, when the chunk holds aggregated records and the caller runs on
-/// a normal scheduler.
+/// nothing, when the chunk is too much work for the normal scheduler the
+/// caller runs on (aggregated records, or one record over 1 MiB).
 fn take_chunk<'a>(env: Env<'a>, reader: &Reader, on_dirty_scheduler: bool) -> Term<'a> {
     let handover = &reader.handover;
     let mut batch = handover.batch.lock().expect("no panic holds it");
@@ -230,7 +230,7 @@ fn take_chunk<'a>(env: Env<'a>, reader: &Reader, on_dirty_scheduler: bool) -> Te
     if chunk.records == 0 {
         return atoms::done().encode(env);
     }
-    if chunk.aggregated && !on_dirty_scheduler {
+    if chunk.dirty && !on_dirty_scheduler {
         return atoms::dirty().encode(env);
     }
     let records: Vec<Record> = batch.records.drain(..chunk.records).collect();
