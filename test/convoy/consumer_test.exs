@@ -260,12 +260,14 @@ defmodule Convoy.ConsumerTest do
     assert 1 + length(flush_stored()) == length(reads)
   end
 
-  test "a stop between two chunks stores the checkpoint of the chunks finished" do
-    stream = create_stream!(unique_stream("chunk-stop"), 1)
+  # A queue whose pid handler acked the first chunk of a batch of 1,200
+  # records and holds the second. Answers the queue and the first chunk's
+  # last sequence number.
+  defp hold_second_chunk!(prefix) do
+    stream = create_stream!(unique_stream(prefix), 1)
     raw_put!(stream, 1_200, keys: 1)
     me = self()
 
-    # Acks its first batch (a chunk of 500) and holds the second.
     handler =
       spawn_link(fn ->
         receive do
@@ -287,11 +289,27 @@ defmodule Convoy.ConsumerTest do
     assert_receive {:second, [%{data: "record-500"} | _]}, 10_000
     assert Enum.map(first, & &1.data) == for(i <- 0..499, do: "record-#{i}")
     refute_received {:stored, _, _}
+    {id, List.last(first).sequence_number}
+  end
 
+  test "a stop while a chunk is held stores the checkpoint of the chunks finished before it" do
+    {id, last} = hold_second_chunk!("chunk-stop")
     :ok = stop_supervised(id)
-    last = List.last(first).sequence_number
     assert_receive {:stored, _, ^last}, 1_000
     refute_receive {:stored, _, _}, 500
+  end
+
+  test "a reader stopped by an error: the chunks finished are stored all the same" do
+    {id, last} = hold_second_chunk!("chunk-fail")
+
+    log =
+      capture_log(fn ->
+        send(only_dispatcher(id), {:convoy_poller_stopped, "shardId-000000000000", :boom})
+        assert_receive {:stored, _, ^last}, 1_000
+        refute_receive {:stored, _, _}, 500
+      end)
+
+    assert log =~ "stopped"
   end
 
   defp flush_stored do
