@@ -288,28 +288,25 @@ defmodule Convoy.Consumer.ShardDispatcher do
 
       {records, unparseable} ->
         Convoy.Consumer.Source.report_unparseable(state.stream_id, shard_id, unparseable)
-        start_batch(records, {shard_id, millis_behind}, millis_behind, %{state | taking: true})
+        start_batch(records, millis_behind, %{state | taking: true})
     end
   end
 
   defp handle_records({:convoy_records, _shard_id, records, millis_behind}, state),
-    do: start_batch(records, nil, millis_behind, state)
+    do: start_batch(records, millis_behind, state)
 
-  # `rest` is `{shard_id, millis_behind}` for a chunk of a batch the reader
-  # still holds the rest of, nil for a whole batch.
-  defp start_batch(records, rest, millis_behind, state) do
+  defp start_batch(records, millis_behind, state) do
     started = System.monotonic_time()
     {records, state} = drop_done(records, state)
 
     case records do
       [] ->
         # Nothing to hand out and no sequence number to store.
-        {:noreply, batch_done(rest, state)}
+        {:noreply, batch_done(millis_behind, state)}
 
       records ->
         batch = %{
           records: records,
-          rest: rest,
           millis_behind: millis_behind,
           started: started,
           # Attachment refs through with this batch (finished it, failed on
@@ -323,14 +320,15 @@ defmodule Convoy.Consumer.ShardDispatcher do
     end
   end
 
-  # A batch (or chunk) is through: store its checkpoint and ack the reader,
-  # or, while the reader holds more of the batch, take the next chunk.
-  defp batch_done(nil, state), do: store_checkpoint(state)
-
-  defp batch_done({shard_id, millis_behind}, state) do
-    send(self(), {:convoy_next_chunk, shard_id, 0, millis_behind})
+  # A batch (or chunk) is through: while the batch is being taken, take the
+  # next chunk (`:done` ends it); else store its checkpoint and ack the
+  # reader.
+  defp batch_done(millis_behind, %{taking: true} = state) do
+    send(self(), {:convoy_next_chunk, state.shard_id, 0, millis_behind})
     state
   end
+
+  defp batch_done(_millis_behind, state), do: store_checkpoint(state)
 
   # Stores the checkpoint of what was finished, if anything, and acks the
   # reader.
@@ -444,7 +442,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
         millis_behind: batch.millis_behind
       })
 
-    batch_done(batch.rest, %{state | batch: nil, unstored: unstored})
+    batch_done(batch.millis_behind, %{state | batch: nil, unstored: unstored})
   end
 
   defp run(handler, state) do

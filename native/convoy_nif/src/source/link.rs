@@ -41,14 +41,8 @@ pub struct Reader {
 struct Handover {
     shard_id: String,
     stream_id: KeptTerm,
-    batch: Mutex<Batch>,
-}
-
-/// The Kinesis records of the batch announced that the dispatcher has not
-/// taken yet.
-#[derive(Default)]
-struct Batch {
-    records: VecDeque<Record>,
+    /// The Kinesis records announced that the dispatcher has not taken yet.
+    batch: Mutex<VecDeque<Record>>,
 }
 
 #[rustler::resource_impl]
@@ -79,7 +73,7 @@ impl Link {
         let handover = Arc::new(Handover {
             shard_id,
             stream_id: KeptTerm::new(stream_id),
-            batch: Mutex::new(Batch::default()),
+            batch: Mutex::new(VecDeque::new()),
         });
         let link = Link {
             dispatcher,
@@ -168,13 +162,13 @@ impl Link {
         // left, ignores announcements while it does.
         let waiting = {
             let mut batch = self.handover.batch.lock().expect("no panic holds it");
-            let waiting = !batch.records.is_empty();
-            if waiting {
-                batch.records.extend(records);
+            if batch.is_empty() {
+                *batch = records.into();
+                false
             } else {
-                batch.records = records.into();
+                batch.extend(records);
+                true
             }
-            waiting
         };
         let shard_id = self.shard_id();
         let sent = waiting
@@ -226,14 +220,14 @@ fn encode_children<'a>(env: Env<'a>, children: &[ChildShard]) -> Term<'a> {
 fn take_chunk<'a>(env: Env<'a>, reader: &Reader, on_dirty_scheduler: bool) -> Term<'a> {
     let handover = &reader.handover;
     let mut batch = handover.batch.lock().expect("no panic holds it");
-    let chunk = chunk::next(batch.records.iter().map(|record| record.data().as_ref()));
+    let chunk = chunk::next(batch.iter().map(|record| record.data().as_ref()));
     if chunk.records == 0 {
         return atoms::done().encode(env);
     }
     if chunk.dirty && !on_dirty_scheduler {
         return atoms::dirty().encode(env);
     }
-    let records: Vec<Record> = batch.records.drain(..chunk.records).collect();
+    let records: Vec<Record> = batch.drain(..chunk.records).collect();
     drop(batch);
 
     let origin = Origin {
