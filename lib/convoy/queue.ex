@@ -29,9 +29,8 @@ defmodule Convoy.Queue do
   system_time}`; `:stop` and `:exception` have `%{duration, monotonic_time}`
   (native time units) plus what the table says; all three carry the same
   `telemetry_span_context` in their metadata, and `:exception` adds `kind`,
-  `reason` and `stacktrace`. Every event's metadata has `stream_id`, and all
-  but `[:convoy, :put, :failed]`, `[:convoy, :record, :unparseable]` and the
-  `:lease` events also have `stream` (the stream name, a string).
+  `reason` and `stacktrace`. Every event's metadata has `stream` (the
+  stream name, a string) and `stream_id`.
 
   | event | measurements | metadata | when |
   |---|---|---|---|

@@ -272,11 +272,13 @@ defmodule Convoy.ProducerTest do
   test "records that finally fail are logged, counted and handed to on_failure" do
     me = self()
     stream = unique_stream("missing")
+    Convoy.TestTelemetry.subscribe()
     # The stream never exists: every attempt fails until the retries run out.
     log =
       capture_log(fn ->
         id =
           start_queue!(stream,
+            stream_id: {:missing, stream},
             batch_timeout: 0,
             max_retries: 2,
             retry_backoff: 10,
@@ -295,6 +297,12 @@ defmodule Convoy.ProducerTest do
                        5_000
 
         assert %{failed: 1, retried: 2, sent: 0} = Convoy.Queue.stats(id)
+
+        assert_receive {:telemetry_event, [:convoy, :put, :failed], %{count: 1},
+                        %{stream_id: ^id} = metadata}
+
+        assert %{stream: ^stream, reason: {:aws, "ResourceNotFoundException", _}} = metadata
+        refute_receive {:telemetry_event, [:convoy, :put, :failed], _, %{stream_id: ^id}}, 200
       end)
 
     assert log =~ "1 record(s) failed after retries"

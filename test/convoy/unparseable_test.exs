@@ -58,6 +58,7 @@ defmodule Convoy.UnparseableTest do
     assert events |> Enum.map(&elem(&1, 0)) |> Enum.sum() == 2
 
     for {n, m} <- events do
+      assert m.stream == stream
       assert m.shard_id == "shardId-000000000000"
       assert length(m.records) == n
     end

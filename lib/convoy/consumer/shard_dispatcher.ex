@@ -235,7 +235,7 @@ defmodule Convoy.Consumer.ShardDispatcher do
   end
 
   def handle_info({:convoy_unparseable, shard_id, records}, state) do
-    Convoy.Consumer.Source.report_unparseable(state.stream_id, shard_id, records)
+    Convoy.Consumer.Source.report_unparseable(state.stream, state.stream_id, shard_id, records)
     {:noreply, state}
   end
 
@@ -287,7 +287,13 @@ defmodule Convoy.Consumer.ShardDispatcher do
         {:noreply, store_checkpoint(%{state | taking: false})}
 
       {records, unparseable} ->
-        Convoy.Consumer.Source.report_unparseable(state.stream_id, shard_id, unparseable)
+        Convoy.Consumer.Source.report_unparseable(
+          state.stream,
+          state.stream_id,
+          shard_id,
+          unparseable
+        )
+
         start_batch(records, millis_behind, %{state | taking: true})
     end
   end

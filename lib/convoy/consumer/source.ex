@@ -38,7 +38,7 @@ defmodule Convoy.Consumer.Source do
       records of the last batch that could not be unpacked as they looked
       (`reason` is `:empty_aggregate`, `:bad_checksum` or
       `:malformed_aggregate`); they are logged and counted, and the batch
-      goes on (see `report_unparseable/3`).
+      goes on (see `report_unparseable/4`).
 
   Sequence numbers are decimal strings that grow within a shard.
 
@@ -131,18 +131,18 @@ defmodule Convoy.Consumer.Source do
 
   @doc """
   Logs and counts records a reader could not unpack: emits
-  `[:convoy, :record, :unparseable]` with `%{count: n}` and `%{stream_id:,
-  shard_id:, records: [{sequence_number, reason}]}`. Readers' dispatchers
-  and pull reads call it.
+  `[:convoy, :record, :unparseable]` with `%{count: n}` and `%{stream:,
+  stream_id:, shard_id:, records: [{sequence_number, reason}]}`. Readers'
+  dispatchers and pull reads call it.
 
   ## Example
 
-      Convoy.Consumer.Source.report_unparseable("events", "shardId-000000000000", [{"4959...", :bad_checksum}])
+      Convoy.Consumer.Source.report_unparseable("events", "events", "shardId-000000000000", [{"4959...", :bad_checksum}])
   """
-  @spec report_unparseable(term, String.t(), [{String.t(), atom}]) :: :ok
-  def report_unparseable(_stream_id, _shard_id, []), do: :ok
+  @spec report_unparseable(String.t(), term, String.t(), [{String.t(), atom}]) :: :ok
+  def report_unparseable(_stream, _stream_id, _shard_id, []), do: :ok
 
-  def report_unparseable(stream_id, shard_id, records) do
+  def report_unparseable(stream, stream_id, shard_id, records) do
     Logger.warning(
       "Convoy #{inspect(stream_id)}: #{length(records)} record(s) of #{shard_id} could not be " <>
         "unpacked: #{inspect(records)}; an empty aggregated record delivers nothing, a corrupt " <>
@@ -152,7 +152,7 @@ defmodule Convoy.Consumer.Source do
     Convoy.Telemetry.execute(
       [:convoy, :record, :unparseable],
       %{count: length(records)},
-      %{stream_id: stream_id, shard_id: shard_id, records: records}
+      %{stream: stream, stream_id: stream_id, shard_id: shard_id, records: records}
     )
   end
 end

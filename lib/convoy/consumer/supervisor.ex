@@ -30,7 +30,12 @@ defmodule Convoy.Consumer.Supervisor do
 
     options =
       if options[:leases],
-        do: Keyword.put(options, :checkpoint, {Convoy.Leases.Checkpoint, []}),
+        do:
+          Keyword.put(
+            options,
+            :checkpoint,
+            {Convoy.Leases.Checkpoint, Keyword.take(options, [:stream])}
+          ),
         else: options
 
     children = [
@@ -54,6 +59,7 @@ defmodule Convoy.Consumer.Supervisor do
         coordinator =
           {Convoy.Leases.Coordinator,
            Keyword.take(options, [
+             :stream,
              :stream_id,
              :leases,
              :kinesis,

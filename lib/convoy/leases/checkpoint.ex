@@ -39,14 +39,15 @@ defmodule Convoy.Leases.Checkpoint do
 
   @impl true
   @doc """
-  The store's state is the queue's `stream_id`.
+  The store's state is the queue's stream name (`:stream`, or `:stream_id`
+  when none is given), for the metadata of its telemetry events.
 
   ## Example
 
-      {:ok, "orders"} = Convoy.Leases.Checkpoint.init(stream_id: "orders")
+      {:ok, "orders"} = Convoy.Leases.Checkpoint.init(stream: "orders", stream_id: "orders")
   """
   @spec init(keyword) :: {:ok, term}
-  def init(options), do: {:ok, Keyword.fetch!(options, :stream_id)}
+  def init(options), do: {:ok, Keyword.get_lazy(options, :stream, fn -> options[:stream_id] end)}
 
   @impl true
   @doc """
@@ -93,15 +94,15 @@ defmodule Convoy.Leases.Checkpoint do
     :ok
   end
 
-  def store(_state, stream_id, shard_id, position) do
+  def store(stream, stream_id, shard_id, position) do
     case position do
-      :shard_end -> write(stream_id, shard_id, {"SHARD_END", 0}, 1)
-      {sequence, sub} -> write(stream_id, shard_id, {sequence, sub}, 1)
-      sequence -> write(stream_id, shard_id, {sequence, 0}, 1)
+      :shard_end -> write(stream, stream_id, shard_id, {"SHARD_END", 0}, 1)
+      {sequence, sub} -> write(stream, stream_id, shard_id, {sequence, sub}, 1)
+      sequence -> write(stream, stream_id, shard_id, {sequence, 0}, 1)
     end
   end
 
-  defp write(stream_id, shard_id, {value, sub} = checkpoint, attempt) do
+  defp write(stream, stream_id, shard_id, {value, sub} = checkpoint, attempt) do
     with {:ok, client, coordinator} <- Leases.client(stream_id),
          true <- Leases.holding?(stream_id, shard_id) do
       case Native.call(&Native.lease_checkpoint(client, shard_id, value, sub, &1)) do
@@ -123,6 +124,7 @@ defmodule Convoy.Leases.Checkpoint do
           )
 
           Telemetry.execute([:convoy, :lease, :error], %{count: 1}, %{
+            stream: stream,
             stream_id: stream_id,
             shard_id: shard_id,
             operation: :checkpoint,
@@ -130,7 +132,7 @@ defmodule Convoy.Leases.Checkpoint do
           })
 
           Process.sleep(min(100 * Integer.pow(2, min(attempt, 5)), 2_000))
-          write(stream_id, shard_id, checkpoint, attempt + 1)
+          write(stream, stream_id, shard_id, checkpoint, attempt + 1)
       end
     else
       _ -> abandoned(stream_id, shard_id, value, :not_held)

@@ -48,7 +48,7 @@ defmodule Convoy.Leases.Coordinator do
   end
 
   @doc """
-  Starts the coordinator; options: `:stream_id`, `:leases` (validated
+  Starts the coordinator; options: `:stream`, `:stream_id`, `:leases` (validated
   `:leases` queue option), `:kinesis` (`Convoy.KinesisConfig`), `:source`,
   `:iterator_type`, `:shard_refresh_interval`, `:consumer` (the name to
   notify).
@@ -100,6 +100,7 @@ defmodule Convoy.Leases.Coordinator do
   def init(options) do
     Process.flag(:trap_exit, true)
     stream_id = Keyword.fetch!(options, :stream_id)
+    names = %{stream: Keyword.get(options, :stream, stream_id), stream_id: stream_id}
     leases = Keyword.fetch!(options, :leases)
     failover = leases[:failover]
     worker_id = leases[:worker_id] || default_worker_id()
@@ -121,10 +122,11 @@ defmodule Convoy.Leases.Coordinator do
                &1
              )
            ),
-         {:ok, prepared} <- prepare(client, stream_id, leases[:table]) do
+         {:ok, prepared} <- prepare(client, names, leases[:table]) do
       Leases.put_client(stream_id, client, self())
 
       state = %{
+        stream: names.stream,
         stream_id: stream_id,
         client: client,
         table: leases[:table],
@@ -188,7 +190,7 @@ defmodule Convoy.Leases.Coordinator do
 
   # Checks and creates the table. An unreachable DynamoDB does not stop the
   # queue: the take rounds try again. A KCL 3.x table does.
-  defp prepare(client, stream_id, table) do
+  defp prepare(client, names, table) do
     case Native.call(&Native.lease_prepare(client, &1), 60_000) do
       {:ok, _} ->
         {:ok, true}
@@ -197,7 +199,7 @@ defmodule Convoy.Leases.Coordinator do
         error
 
       {:error, reason} ->
-        lease_error(stream_id, :prepare, table, reason)
+        lease_error(names, :prepare, table, reason)
         {:ok, false}
     end
   end
@@ -335,13 +337,13 @@ defmodule Convoy.Leases.Coordinator do
         lose(state, key, :lease_lost)
 
       {key, {:error, reason}}, state ->
-        lease_error(state.stream_id, :renew, key, reason)
+        lease_error(state, :renew, key, reason)
         expire_if_stale(state, key)
     end)
   end
 
   defp renewed(state, {:error, reason}) do
-    lease_error(state.stream_id, :renew, :all, reason)
+    lease_error(state, :renew, :all, reason)
     Enum.reduce(Map.keys(state.held), state, &expire_if_stale(&2, &1))
   end
 
@@ -368,6 +370,7 @@ defmodule Convoy.Leases.Coordinator do
       )
 
       Telemetry.execute([:convoy, :lease, :lost], %{count: 1}, %{
+        stream: state.stream,
         stream_id: state.stream_id,
         shard_id: key,
         reason: why
@@ -578,7 +581,7 @@ defmodule Convoy.Leases.Coordinator do
   end
 
   defp taken_round(state, {:error, reason}) do
-    lease_error(state.stream_id, :take, :all, reason)
+    lease_error(state, :take, :all, reason)
     errors = state.errors + 1
     state = %{state | errors: errors}
 
@@ -634,6 +637,7 @@ defmodule Convoy.Leases.Coordinator do
         )
 
         Telemetry.execute([:convoy, :lease, :taken], %{count: 1}, %{
+          stream: state.stream,
           stream_id: state.stream_id,
           shard_id: lease.key,
           previous_owner: lease.owner
@@ -656,7 +660,7 @@ defmodule Convoy.Leases.Coordinator do
         state
 
       {:error, reason} ->
-        lease_error(state.stream_id, :take, lease.key, reason)
+        lease_error(state, :take, lease.key, reason)
         state
     end
   end
@@ -760,12 +764,14 @@ defmodule Convoy.Leases.Coordinator do
     :ok
   end
 
-  defp lease_error(stream_id, operation, key, reason) do
+  # `names`: the state, or anything else with its `stream` and `stream_id`.
+  defp lease_error(%{stream: stream, stream_id: stream_id}, operation, key, reason) do
     Logger.warning(
       "Convoy #{inspect(stream_id)}: lease #{operation} (#{inspect(key)}) failed: #{inspect(reason)}"
     )
 
     Telemetry.execute([:convoy, :lease, :error], %{count: 1}, %{
+      stream: stream,
       stream_id: stream_id,
       shard_id: key,
       operation: operation,

@@ -54,7 +54,7 @@ defmodule Convoy.Queue.Reporter do
 
   @impl true
   def handle_info({:convoy_put_failed, failures}, state) do
-    report(failures, state.stream_id, state.on_failure)
+    report(failures, state.stream, state.stream_id, state.on_failure)
     {:noreply, state}
   end
 
@@ -104,10 +104,11 @@ defmodule Convoy.Queue.Reporter do
   Logs records that finally failed, emits `[:convoy, :put, :failed]` and
   calls `on_failure`. Every service reports through here.
   """
-  @spec report([{String.t(), binary, term}], term, (map -> any) | pid | atom | nil) :: :ok
-  def report([], _stream_id, _on_failure), do: :ok
+  @spec report([{String.t(), binary, term}], String.t(), term, (map -> any) | pid | atom | nil) ::
+          :ok
+  def report([], _stream, _stream_id, _on_failure), do: :ok
 
-  def report(failures, stream_id, on_failure) do
+  def report(failures, stream, stream_id, on_failure) do
     by_reason = Enum.group_by(failures, fn {_key, _data, reason} -> reason end)
 
     for {reason, group} <- by_reason do
@@ -116,6 +117,7 @@ defmodule Convoy.Queue.Reporter do
       )
 
       Telemetry.execute([:convoy, :put, :failed], %{count: length(group)}, %{
+        stream: stream,
         stream_id: stream_id,
         reason: reason
       })

@@ -263,7 +263,7 @@ defmodule Convoy.Services.Legacy do
 
     failures
     |> Enum.map(fn {record, reason} -> {record.partition_key, record.data, reason} end)
-    |> Reporter.report(state.stream_id, state.on_failure)
+    |> Reporter.report(state.stream, state.stream_id, state.on_failure)
 
     reply =
       case failures do

@@ -319,7 +319,12 @@ defmodule Convoy.Services.Memory do
   defp sequence_string(n), do: String.pad_leading(Integer.to_string(n), 21, "0")
 
   defp failed(state, key, data, reason, counter) do
-    Convoy.Queue.Reporter.report([{key, data, reason}], state.stream_id, state.on_failure)
+    Convoy.Queue.Reporter.report(
+      [{key, data, reason}],
+      state.stream,
+      state.stream_id,
+      state.on_failure
+    )
 
     stats = Map.update!(state.stats, :failed, &(&1 + 1))
     stats = if counter, do: Map.update!(stats, counter, &(&1 + 1)), else: stats

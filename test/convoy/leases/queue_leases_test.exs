@@ -191,6 +191,7 @@ defmodule Convoy.Leases.QueueTest do
                     %{stream_id: ^stream} = error},
                    10_000
 
+    assert error.stream == stream
     assert error.operation in [:renew, :take]
     assert error.shard_id in [:all | shards]
 
@@ -251,9 +252,15 @@ defmodule Convoy.Leases.QueueTest do
     Process.sleep(3_000)
     assert Convoy.Leases.held(stream) == []
 
+    Convoy.TestTelemetry.subscribe()
     :ok = Convoy.Queue.attach_handler(stream, :fwd, fn r, _ -> send(test, {:record, r}) end, nil)
     assert length(receive_records(6)) == 6
     assert Convoy.Leases.held(stream) == ["shardId-000000000000", "shardId-000000000001"]
+
+    for shard <- ["shardId-000000000000", "shardId-000000000001"] do
+      assert_receive {:telemetry_event, [:convoy, :lease, :taken], %{count: 1},
+                      %{stream: ^stream, stream_id: ^stream, shard_id: ^shard}}
+    end
 
     # Detached: the leases go back to the table, owner removed.
     :ok = Convoy.Queue.detach_handler(stream, :fwd)

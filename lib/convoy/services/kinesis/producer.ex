@@ -166,5 +166,11 @@ defmodule Convoy.Services.Kinesis.Producer do
   end
 
   defp report(failures, state),
-    do: Reporter.report(failures, state.stream_id, state.options[:on_failure])
+    do:
+      Reporter.report(
+        failures,
+        state.options[:stream],
+        state.stream_id,
+        state.options[:on_failure]
+      )
 end

@@ -82,7 +82,7 @@ defmodule Convoy.Services.Kinesis.Source do
 
     case result do
       {:ok, {records, next, millis_behind, unparseable}} ->
-        Convoy.Consumer.Source.report_unparseable(stream_id, shard_id, unparseable)
+        Convoy.Consumer.Source.report_unparseable(stream, stream_id, shard_id, unparseable)
         {:ok, records, next && {:iterator, next}, millis_behind}
 
       {:error, _} = error ->
