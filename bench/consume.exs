@@ -22,6 +22,11 @@ endpoint = Convoy.Local.endpoint(local)
 filled = Bench.stream!(endpoint, "filled")
 Bench.raw(["put", endpoint, filled, "#{count}", "#{Bench.size()}", "8"])
 
+# The VM's first consume pays one-time costs (the runtime's and the
+# dispatchers' memory growing from nothing): a warm-up, not measured, as
+# the raw loop reads the stream once before its measured read.
+Bench.consume(filled, endpoint, count)
+
 runs =
   for _ <- 1..Bench.runs() do
     {run, threads} = Bench.threads_per(count, fn -> Bench.consume(filled, endpoint, count) end)
@@ -35,7 +40,7 @@ convoy = Bench.median(Enum.map(runs, &elem(&1, 2))) / count * 1.0e6
 
 raw =
   Bench.repeat("raw Rust GetRecords loop, CPU seconds", fn ->
-    Bench.raw_get_cpu(filled, endpoint, count)
+    filled |> Bench.raw_get(endpoint, count) |> elem(1)
   end) / count * 1.0e6
 
 IO.puts(

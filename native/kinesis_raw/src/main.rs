@@ -7,15 +7,22 @@
 //!     retried. Record i has partition key `key-{i % KEYS}` (KEYS defaults
 //!     to 64) and data `record-{i}`, padded with `x` to SIZE bytes.
 //!     With CONCURRENCY 1 records reach each shard in order.
-//! kinesis_raw get ENDPOINT STREAM COUNT
+//! kinesis_raw get ENDPOINT STREAM COUNT [WARM_UPS]
 //!     One GetRecords loop per shard from TRIM_HORIZON until COUNT records
-//!     are read in total.
+//!     are read in total; with WARM_UPS (default 0), that many reads of the
+//!     same go before the measured one, so that one finds the process warm
+//!     (its connections open, its heap grown).
 //! kinesis_raw dump ENDPOINT STREAM
 //!     Every record of every shard as Kinesis stores it (aggregated records
 //!     are not unpacked), one per line:
 //!     shard_id TAB sequence_number TAB hex(partition_key) TAB hex(data)
 //!
-//! `put` and `get` end with one JSON line: {"records": N, "seconds": S}.
+//! `put` and `get` end with one JSON line: {"records": N, "seconds": S,
+//! "cpu_seconds": C} (C: the CPU time of every thread of the process). Both
+//! are measured from after the client's first call (it lists the shards,
+//! which sets up its HTTP connection) to the end of the work, as a Convoy
+//! queue is measured once started: a benchmark compares the work, not the
+//! program's start.
 //!
 //! kinesis_raw create-stream ENDPOINT STREAM SHARDS
 //! kinesis_raw delete-stream ENDPOINT STREAM
@@ -140,10 +147,10 @@ async fn iterator(client: &Client, stream: &str, shard_id: &str) -> Option<Strin
         .map(str::to_owned)
 }
 
-async fn get(client: Client, stream: String, count: usize) -> usize {
+async fn get(client: Client, stream: String, shards: Vec<String>, count: usize) -> usize {
     let total = Arc::new(AtomicUsize::new(0));
     let mut readers = Vec::new();
-    for shard_id in shard_ids(&client, &stream).await {
+    for shard_id in shards {
         let (client, stream, total) = (client.clone(), stream.clone(), total.clone());
         readers.push(tokio::spawn(async move {
             let mut next = iterator(&client, &stream, &shard_id).await;
@@ -221,35 +228,70 @@ async fn main() {
         (None, Some(d)) => d,
         (None, None) => usage(),
     };
-    let started = Instant::now();
-    let records = match arg(0).as_str() {
-        "put" => {
-            let (count, start) = (number(3, None), number(6, Some(0)));
-            let (size, concurrency, keys) = (number(4, None), number(5, None), number(7, Some(64)));
-            put(
-                client(&arg(1)),
-                arg(2),
-                (start, start + count),
-                size,
-                concurrency,
-                keys,
+    let command = arg(0);
+    if !matches!(command.as_str(), "put" | "get") {
+        match command.as_str() {
+            "dump" => dump(client(&arg(1)), arg(2)).await,
+            "create-stream" | "delete-stream" | "split-shard" | "list-shards" => {
+                administer(&args, &arg).await
+            }
+            _ => usage(),
+        }
+        return;
+    }
+    let (client, stream) = (client(&arg(1)), arg(2));
+    let shards = if command == "get" {
+        let shards = shard_ids(&client, &stream).await;
+        for _ in 0..number(4, Some(0)) {
+            get(
+                client.clone(),
+                stream.clone(),
+                shards.clone(),
+                number(3, None),
             )
             .await;
-            count
         }
-        "get" => get(client(&arg(1)), arg(2), number(3, None)).await,
-        "dump" => {
-            dump(client(&arg(1)), arg(2)).await;
-            return;
-        }
-        "create-stream" | "delete-stream" | "split-shard" | "list-shards" => {
-            administer(&args, &arg).await;
-            return;
-        }
-        _ => usage(),
+        shards
+    } else {
+        // Only to open the connection: `put` retries whatever fails.
+        let _ = client.list_shards().stream_name(&stream).send().await;
+        Vec::new()
+    };
+    let started = Instant::now();
+    let cpu_started = process_cpu_seconds();
+    let records = if command == "put" {
+        let (count, start) = (number(3, None), number(6, Some(0)));
+        let (size, concurrency, keys) = (number(4, None), number(5, None), number(7, Some(64)));
+        put(
+            client,
+            stream,
+            (start, start + count),
+            size,
+            concurrency,
+            keys,
+        )
+        .await;
+        count
+    } else {
+        get(client, stream, shards, number(3, None)).await
     };
     let seconds = started.elapsed().as_secs_f64();
-    println!("{{\"records\": {records}, \"seconds\": {seconds:.6}}}");
+    let cpu_seconds = process_cpu_seconds() - cpu_started;
+    println!(
+        "{{\"records\": {records}, \"seconds\": {seconds:.6}, \"cpu_seconds\": {cpu_seconds:.6}}}"
+    );
+}
+
+/// The CPU time (user and system) of every thread of this process so far.
+fn process_cpu_seconds() -> f64 {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `time` is a valid timespec for the call to fill.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut time) };
+    assert_eq!(status, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
+    time.tv_sec as f64 + time.tv_nsec as f64 * 1.0e-9
 }
 
 async fn administer(args: &[String], arg: &dyn Fn(usize) -> String) {
@@ -282,7 +324,7 @@ async fn administer(args: &[String], arg: &dyn Fn(usize) -> String) {
 fn usage() -> ! {
     eprintln!(
         "usage: kinesis_raw put ENDPOINT STREAM COUNT SIZE CONCURRENCY [START] [KEYS]\n       \
-         kinesis_raw get ENDPOINT STREAM COUNT\n       kinesis_raw dump ENDPOINT STREAM\n       \
+         kinesis_raw get ENDPOINT STREAM COUNT [WARM_UPS]\n       kinesis_raw dump ENDPOINT STREAM\n       \
          kinesis_raw create-stream ENDPOINT STREAM SHARDS\n       \
          kinesis_raw delete-stream ENDPOINT STREAM\n       \
          kinesis_raw split-shard ENDPOINT STREAM SHARD_ID HASH_KEY\n       \
