@@ -139,7 +139,7 @@ defmodule Convoy.Consumer.Source do
 
       Convoy.Consumer.Source.report_unparseable("events", "events", "shardId-000000000000", [{"4959...", :bad_checksum}])
   """
-  @spec report_unparseable(String.t(), term, String.t(), [{String.t(), atom}]) :: :ok
+  @spec report_unparseable(term, term, String.t(), [{String.t(), atom}]) :: :ok
   def report_unparseable(_stream, _stream_id, _shard_id, []), do: :ok
 
   def report_unparseable(stream, stream_id, shard_id, records) do

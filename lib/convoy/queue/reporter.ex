@@ -104,8 +104,7 @@ defmodule Convoy.Queue.Reporter do
   Logs records that finally failed, emits `[:convoy, :put, :failed]` and
   calls `on_failure`. Every service reports through here.
   """
-  @spec report([{String.t(), binary, term}], String.t(), term, (map -> any) | pid | atom | nil) ::
-          :ok
+  @spec report([{String.t(), binary, term}], term, term, (map -> any) | pid | atom | nil) :: :ok
   def report([], _stream, _stream_id, _on_failure), do: :ok
 
   def report(failures, stream, stream_id, on_failure) do

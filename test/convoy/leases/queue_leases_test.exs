@@ -237,11 +237,14 @@ defmodule Convoy.Leases.QueueTest do
     stream = create_stream!(unique_stream("idle"), 2)
     table = "convoy-#{System.unique_integer([:positive])}"
     test = self()
+    # An id other than the stream's name: the lease events carry both.
+    id = {:idle, stream}
     :ok = raw_put!(stream, 6)
 
     start_supervised!(
       {Convoy.Queue,
        stream: stream,
+       stream_id: id,
        kinesis: kinesis(),
        poll_interval: 100,
        iterator_type: :trim_horizon,
@@ -250,22 +253,22 @@ defmodule Convoy.Leases.QueueTest do
 
     # No handler: several take rounds go by, and nothing is taken.
     Process.sleep(3_000)
-    assert Convoy.Leases.held(stream) == []
+    assert Convoy.Leases.held(id) == []
 
     Convoy.TestTelemetry.subscribe()
-    :ok = Convoy.Queue.attach_handler(stream, :fwd, fn r, _ -> send(test, {:record, r}) end, nil)
+    :ok = Convoy.Queue.attach_handler(id, :fwd, fn r, _ -> send(test, {:record, r}) end, nil)
     assert length(receive_records(6)) == 6
-    assert Convoy.Leases.held(stream) == ["shardId-000000000000", "shardId-000000000001"]
+    assert Convoy.Leases.held(id) == ["shardId-000000000000", "shardId-000000000001"]
 
     for shard <- ["shardId-000000000000", "shardId-000000000001"] do
       assert_receive {:telemetry_event, [:convoy, :lease, :taken], %{count: 1},
-                      %{stream: ^stream, stream_id: ^stream, shard_id: ^shard}}
+                      %{stream: ^stream, stream_id: ^id, shard_id: ^shard}}
     end
 
     # Detached: the leases go back to the table, owner removed.
-    :ok = Convoy.Queue.detach_handler(stream, :fwd)
+    :ok = Convoy.Queue.detach_handler(id, :fwd)
     eventually(fn -> Enum.all?(scan(table, moto), &(not Map.has_key?(&1, "leaseOwner"))) end)
-    assert Convoy.Leases.held(stream) == []
+    assert Convoy.Leases.held(id) == []
   end
 
   test ":latest with leases: the start is pinned on the node, the table keeps KCL's LATEST",
