@@ -570,7 +570,7 @@ Per-key order costs what the key count allows: a request carries each partition 
 Aggregation keeps a key's records of a request in one aggregated record, so it keeps per-key order
 at no cost. Section 2c measures the cost against the number of keys.
 
-CPU per record (ns, the last run of each; the raw client's is its own measure of its work, every thread, user + system):
+CPU per record (ns, of the round whose relaxed/raw ratio is the median; the raw client's is its own measure of its work, every thread, user + system):
 
 | | callers (records built, `put/3`) | NIF runtime (lanes, SDK, HTTP) | total | vs raw |
 |---|---:|---:|---:|---:|

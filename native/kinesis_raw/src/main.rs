@@ -20,7 +20,7 @@
 //! `put` and `get` end with one JSON line: {"records": N, "seconds": S,
 //! "cpu_seconds": C} (C: the CPU time of every thread of the process). Both
 //! are measured from after the client's first call (it lists the shards,
-//! which sets up its HTTP connection) to the end of the work, as a Convoy
+//! which opens its first connection) to the end of the work, as a Convoy
 //! queue is measured once started: a benchmark compares the work, not the
 //! program's start.
 //!
