@@ -13,7 +13,7 @@ defmodule Convoy.MemoryServiceTest do
       |> Keyword.merge(opts)
 
     start_supervised!({Convoy.Queue, options})
-    stream
+    Keyword.get(options, :stream_id, options[:stream])
   end
 
   # Queue options whose handler sends {:got, data} to the test process.
@@ -63,7 +63,9 @@ defmodule Convoy.MemoryServiceTest do
   end
 
   test "fail_next_puts: the next N puts fail through the failure path, then puts work again" do
-    id = open!()
+    stream = "memory-failing-#{System.unique_integer([:positive])}"
+    id = open!(stream: stream, stream_id: {:failing, stream})
+    Convoy.TestTelemetry.subscribe()
     :ok = Convoy.Services.Memory.fail_next_puts(id, 2)
 
     log =
@@ -81,8 +83,15 @@ defmodule Convoy.MemoryServiceTest do
                      %{partition_key: "k", data: "a", reason: {:aws, "InternalFailure", _}}}
 
     assert_received {:failed, %{data: "b"}}
+
+    for _ <- 1..2 do
+      assert_received {:telemetry_event, [:convoy, :put, :failed], %{count: 1},
+                       %{stream: ^stream, stream_id: ^id, reason: {:aws, "InternalFailure", _}}}
+    end
+
     assert :ok = Convoy.Queue.put(id, "k", "c")
     assert %{failed: 2, sent: 1} = Convoy.Queue.stats(id)
+    refute_received {:telemetry_event, [:convoy, :put, :failed], _, %{stream_id: ^id}}
   end
 
   test "throttle: puts fail as throttled until it is turned off" do

@@ -138,10 +138,14 @@ defmodule Convoy.Compat.LegacyServiceTest do
 
   test "a failed put_records takes the failure path", %{stream: stream} do
     me = self()
+    # An id other than the stream's name: the failure event carries both.
+    id = {:old, stream}
+    Convoy.TestTelemetry.subscribe()
 
     start_supervised!(
       {Convoy.Queue,
        stream: stream,
+       stream_id: id,
        service: OldService,
        batch_timeout: 20,
        on_failure: fn f -> send(me, {:failed, f}) end}
@@ -151,7 +155,7 @@ defmodule Convoy.Compat.LegacyServiceTest do
 
     log =
       capture_log(fn ->
-        assert Convoy.Queue.put(stream, "k", "lost", await: 10_000) ==
+        assert Convoy.Queue.put(id, "k", "lost", await: 10_000) ==
                  {:error, {:http_error, 500, "boom"}}
       end)
 
@@ -160,8 +164,15 @@ defmodule Convoy.Compat.LegacyServiceTest do
     assert_receive {:failed,
                     %{data: "lost", partition_key: "k", reason: {:http_error, 500, "boom"}}}
 
-    assert {:ok, _} = Convoy.Queue.put(stream, "k", "kept", await: 10_000)
-    assert %{sent: 1, failed: 1} = Convoy.Queue.stats(stream)
+    # The stream's name is a string in telemetry, also when given as an atom.
+    name = Atom.to_string(stream)
+
+    assert_receive {:telemetry_event, [:convoy, :put, :failed], %{count: 1},
+                    %{stream: ^name, stream_id: ^id, reason: {:http_error, 500, "boom"}}}
+
+    assert {:ok, _} = Convoy.Queue.put(id, "k", "kept", await: 10_000)
+    assert %{sent: 1, failed: 1} = Convoy.Queue.stats(id)
+    refute_received {:telemetry_event, [:convoy, :put, :failed], _, %{stream_id: ^id}}
   end
 
   test "put checks records with the one check every service uses", %{stream: stream} do
