@@ -164,26 +164,28 @@ defmodule Bench do
     end)
   end
 
-  def external!(command, args) do
+  # The last line a peer or the raw client prints: its JSON result.
+  defp result_line!(command, args) do
     {out, status} = System.cmd(command, args, stderr_to_stdout: true)
     if status != 0, do: raise("#{command} #{Enum.join(args, " ")} failed:\n#{out}")
-    line = out |> String.split("\n", trim: true) |> List.last()
-    [_, seconds] = Regex.run(~r/"seconds":\s*([0-9.]+)/, line)
-    String.to_float(seconds)
+    out |> String.split("\n", trim: true) |> List.last()
   end
+
+  defp reported(line, field) do
+    [_, value] = Regex.run(~r/"#{field}":\s*([0-9.]+)/, line)
+    String.to_float(value)
+  end
+
+  def external!(command, args), do: command |> result_line!(args) |> reported("seconds")
 
   def raw(args), do: external!(@raw, args)
 
   # One run of the raw client: `{seconds, CPU seconds}` as it reports them,
-  # both from after its start to the end of its work (the CPU time of all
-  # its threads), so neither counts the program's start.
+  # both from after its first call to the end of its work (the CPU time of
+  # all its threads), so neither counts the program's start.
   def raw_measured(args) do
-    {out, status} = System.cmd(@raw, args, stderr_to_stdout: true)
-    if status != 0, do: raise("#{@raw} failed:\n#{out}")
-    line = out |> String.split("\n", trim: true) |> Enum.find(&(&1 =~ "\"cpu_seconds\""))
-    [_, seconds] = Regex.run(~r/"seconds":\s*([0-9.]+)/, line)
-    [_, cpu] = Regex.run(~r/"cpu_seconds":\s*([0-9.]+)/, line)
-    {String.to_float(seconds), String.to_float(cpu)}
+    line = result_line!(@raw, args)
+    {reported(line, "seconds"), reported(line, "cpu_seconds")}
   end
 
   def python(script, args),

@@ -228,58 +228,66 @@ async fn main() {
         (None, Some(d)) => d,
         (None, None) => usage(),
     };
-    let command = arg(0);
-    if !matches!(command.as_str(), "put" | "get") {
-        match command.as_str() {
-            "dump" => dump(client(&arg(1)), arg(2)).await,
-            "create-stream" | "delete-stream" | "split-shard" | "list-shards" => {
-                administer(&args, &arg).await
-            }
-            _ => usage(),
-        }
-        return;
-    }
-    let (client, stream) = (client(&arg(1)), arg(2));
-    let shards = if command == "get" {
-        let shards = shard_ids(&client, &stream).await;
-        for _ in 0..number(4, Some(0)) {
-            get(
-                client.clone(),
-                stream.clone(),
-                shards.clone(),
-                number(3, None),
+    match arg(0).as_str() {
+        "put" => {
+            let (client, stream) = (client(&arg(1)), arg(2));
+            let (count, start) = (number(3, None), number(6, Some(0)));
+            let (size, concurrency, keys) = (number(4, None), number(5, None), number(7, Some(64)));
+            // Only to open the connection before the clock: `put` retries
+            // whatever fails.
+            let _ = client.list_shards().stream_name(&stream).send().await;
+            let clock = Clock::start();
+            put(
+                client,
+                stream,
+                (start, start + count),
+                size,
+                concurrency,
+                keys,
             )
             .await;
+            clock.report(count);
         }
-        shards
-    } else {
-        // Only to open the connection: `put` retries whatever fails.
-        let _ = client.list_shards().stream_name(&stream).send().await;
-        Vec::new()
-    };
-    let started = Instant::now();
-    let cpu_started = process_cpu_seconds();
-    let records = if command == "put" {
-        let (count, start) = (number(3, None), number(6, Some(0)));
-        let (size, concurrency, keys) = (number(4, None), number(5, None), number(7, Some(64)));
-        put(
-            client,
-            stream,
-            (start, start + count),
-            size,
-            concurrency,
-            keys,
-        )
-        .await;
-        count
-    } else {
-        get(client, stream, shards, number(3, None)).await
-    };
-    let seconds = started.elapsed().as_secs_f64();
-    let cpu_seconds = process_cpu_seconds() - cpu_started;
-    println!(
-        "{{\"records\": {records}, \"seconds\": {seconds:.6}, \"cpu_seconds\": {cpu_seconds:.6}}}"
-    );
+        "get" => {
+            let (client, stream, count) = (client(&arg(1)), arg(2), number(3, None));
+            let shards = shard_ids(&client, &stream).await;
+            for _ in 0..number(4, Some(0)) {
+                get(client.clone(), stream.clone(), shards.clone(), count).await;
+            }
+            let clock = Clock::start();
+            let records = get(client, stream, shards, count).await;
+            clock.report(records);
+        }
+        "dump" => dump(client(&arg(1)), arg(2)).await,
+        "create-stream" | "delete-stream" | "split-shard" | "list-shards" => {
+            administer(&args, &arg).await
+        }
+        _ => usage(),
+    }
+}
+
+/// Wall clock and CPU time from the start of a measured piece of work.
+struct Clock {
+    wall: Instant,
+    cpu_seconds: f64,
+}
+
+impl Clock {
+    fn start() -> Self {
+        Clock {
+            wall: Instant::now(),
+            cpu_seconds: process_cpu_seconds(),
+        }
+    }
+
+    /// Prints the JSON line `put` and `get` end with.
+    fn report(self, records: usize) {
+        let seconds = self.wall.elapsed().as_secs_f64();
+        let cpu_seconds = process_cpu_seconds() - self.cpu_seconds;
+        println!(
+            "{{\"records\": {records}, \"seconds\": {seconds:.6}, \"cpu_seconds\": {cpu_seconds:.6}}}"
+        );
+    }
 }
 
 /// The CPU time (user and system) of every thread of this process so far.
