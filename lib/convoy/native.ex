@@ -100,7 +100,7 @@ defmodule Convoy.Native do
   def debug_nif_panic, do: test_hook()
   def debug_task_panic(_pid), do: test_hook()
   def debug_echo_from_task(_pid, _payload), do: test_hook()
-  def debug_lane_panic(_producer), do: test_hook()
+  def debug_lane_panic(_producer, _mid_cut), do: test_hook()
 
   defp test_hook do
     if loaded?() do

@@ -79,6 +79,20 @@ defmodule Convoy.ProducerTest do
     GenServer.stop(pid)
   end
 
+  test "a put a closed producer refuses answers :closed, and no outcome message follows" do
+    stream = create_stream!(unique_stream("refused"), 1)
+    id = start_queue!(stream)
+    [{_owner, {service, handle}}] = Registry.lookup(Convoy.Registry, {:handle, id})
+    ref = make_ref()
+    :ok = Convoy.Native.producer_close(handle.producer, 1_000, {self(), ref})
+    assert_receive {^ref, :ok}, 5_000
+
+    assert service.put(handle, "k", "refused", await: 1_000) == {:error, :closed}
+    # Refused before the record is built, or (closed meanwhile) as it is
+    # pushed: either way its reply must not reach the mailbox.
+    refute_receive _, 300
+  end
+
   test "await returns the shard and sequence number Kinesis assigned" do
     stream = create_stream!(unique_stream("await"), 2)
     id = start_queue!(stream)

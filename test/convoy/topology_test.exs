@@ -118,21 +118,7 @@ defmodule Convoy.TopologyTest do
 
   test "a producer lane that panics reports its records as failed, and the queue restarts its producer" do
     stream = create_stream!(unique_stream("lane-panic"), 1)
-    me = self()
-
-    start_supervised!({
-      Convoy.Queue,
-      # One lane, so every record below waits in the lane that panics.
-      stream: stream,
-      kinesis: kinesis(),
-      batch_timeout: 600_000,
-      max_in_flight: 1,
-      on_failure: fn failure -> send(me, {:failed, failure}) end
-    })
-
-    [{old_owner, {_, %{producer: producer}}}] =
-      Registry.lookup(Convoy.Registry, {:handle, stream})
-
+    {old_owner, producer} = start_one_lane_queue!(stream)
     ref = Process.monitor(old_owner)
 
     lost = for i <- 1..20, do: "lost-#{i}"
@@ -140,7 +126,7 @@ defmodule Convoy.TopologyTest do
 
     {probe, _log} =
       ExUnit.CaptureLog.with_log(fn ->
-        :ok = Convoy.Native.debug_lane_panic(producer)
+        :ok = Convoy.Native.debug_lane_panic(producer, false)
 
         failed =
           for _ <- lost do
@@ -166,6 +152,78 @@ defmodule Convoy.TopologyTest do
     put_eventually(stream, "after")
     :ok = Convoy.Queue.flush(stream, await: 10_000)
     assert Enum.sort(["after" | probe]) == Enum.sort(Enum.map(read_all(stream), & &1.data))
+  end
+
+  for aggregation <- [false, true] do
+    test "a lane that panics while it cuts a request still answers every awaiting caller (aggregation: #{aggregation})" do
+      stream = create_stream!(unique_stream("cut-panic"), 1)
+      {owner, producer} = start_one_lane_queue!(stream, aggregation: unquote(aggregation))
+      ref = Process.monitor(owner)
+
+      # One key each: in per-key order a second record of a key would wait
+      # for the next request, and the cut would not take a second record.
+      records = for i <- 1..5, do: {"key-#{i}", "awaited-#{i}"}
+
+      callers =
+        for {key, data} <- records do
+          {data, Task.async(fn -> Convoy.Queue.put(stream, key, data, await: 60_000) end)}
+        end
+
+      eventually(fn -> Convoy.Queue.stats(stream).buffered == length(records) end)
+
+      {outcomes, _log} =
+        ExUnit.CaptureLog.with_log(fn ->
+          # The cut takes one record into the request, then panics.
+          :ok = Convoy.Native.debug_lane_panic(producer, true)
+          :ok = Convoy.Queue.flush(stream)
+
+          outcomes = for {data, task} <- callers, into: %{}, do: {data, Task.await(task, 70_000)}
+          assert_receive {:DOWN, ^ref, :process, ^owner, {:producer_panic, _}}, 10_000
+          outcomes
+        end)
+
+      # Every caller hears of the panic; none waits out its timeout.
+      assert Enum.all?(Map.values(outcomes), &match?({:error, {:panic, _}}, &1)),
+             inspect(outcomes)
+
+      # The record in the request being cut is lost (no on_failure); the
+      # rest, still buffered, are reported, each once.
+      dropped =
+        for {data, {:error, {:panic, "the record was dropped without an outcome"}}} <- outcomes,
+            do: data
+
+      assert length(dropped) == 1
+
+      reported =
+        for _ <- 2..length(records) do
+          assert_receive {:failed, %{data: data, reason: {:panic, _}}}, 10_000
+          data
+        end
+
+      refute_receive {:failed, _}, 200
+      assert Enum.sort(dropped ++ reported) == Enum.sort(Map.keys(outcomes))
+    end
+  end
+
+  # A queue whose records all wait in one lane (sent only when flushed),
+  # its failures sent here as {:failed, failure}; returns the producer's
+  # owner and the producer.
+  defp start_one_lane_queue!(stream, opts \\ []) do
+    me = self()
+
+    start_supervised!({
+      Convoy.Queue,
+      [
+        stream: stream,
+        kinesis: kinesis(),
+        batch_timeout: 600_000,
+        max_in_flight: 1,
+        on_failure: fn failure -> send(me, {:failed, failure}) end
+      ] ++ opts
+    })
+
+    [{owner, {_, %{producer: producer}}}] = Registry.lookup(Convoy.Registry, {:handle, stream})
+    {owner, producer}
   end
 
   defp find(:queue, stream), do: Topology.whereis(Convoy.Queue, stream)

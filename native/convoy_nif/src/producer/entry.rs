@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::atoms;
 use crate::reply::ReplyTo;
 
 /// A partition key and data in one allocation: the key's bytes, then the
@@ -86,9 +87,14 @@ impl Packed {
 /// pays one null pointer.
 pub(super) struct Extras {
     pub explicit_hash_key: Option<Box<str>>,
-    /// The caller awaiting the record's outcome (`put/4` with `await:`).
-    pub reply: Option<ReplyTo>,
+    /// The caller awaiting the record's outcome (`put/4` with `await:`),
+    /// until it is answered (see the `Drop` below).
+    reply: Option<ReplyTo>,
 }
+
+/// What a caller awaiting a record hears when the record is dropped without
+/// an outcome.
+const DROPPED: &str = "the record was dropped without an outcome";
 
 impl Extras {
     /// Boxed when there is something to keep.
@@ -99,6 +105,29 @@ impl Extras {
                 reply,
             })
         })
+    }
+
+    /// The caller awaiting the record's outcome, if it was not answered yet.
+    pub fn reply(&self) -> Option<&ReplyTo> {
+        self.reply.as_ref()
+    }
+
+    /// The awaiting caller, to answer now: it is answered once.
+    pub fn take_reply(&mut self) -> Option<ReplyTo> {
+        self.reply.take()
+    }
+}
+
+impl Drop for Extras {
+    /// Every outcome path answers the awaiting caller first, so a reply still
+    /// here means the record was lost to a bug (a panic while its request was
+    /// being cut). The caller hears `{:error, {:panic, _}}` now rather than
+    /// waiting out its `await:` timeout. Nothing here can panic: this also
+    /// runs while a panic unwinds.
+    fn drop(&mut self) {
+        if let Some(reply) = self.reply.take() {
+            reply.send_anywhere((atoms::error(), (atoms::panic(), DROPPED)));
+        }
     }
 }
 

@@ -37,6 +37,8 @@ pub(super) struct Lane {
     key_hashes: aggregate::KeyHashes,
     /// Which Kinesis record of the request being cut holds each key.
     key_slots: KeySlots,
+    #[cfg(feature = "test-hooks")]
+    panic_mid_cut: bool,
 }
 
 impl Lane {
@@ -53,6 +55,8 @@ impl Lane {
             finished: false,
             key_hashes: aggregate::KeyHashes::default(),
             key_slots: KeySlots::default(),
+            #[cfg(feature = "test-hooks")]
+            panic_mid_cut: false,
         }
     }
 
@@ -125,7 +129,11 @@ impl Lane {
             Command::Flush(waiter) => self.flushes.push((self.buffer.len(), waiter)),
             Command::Close(deadline, waiter) => self.closing = Some((deadline, waiter)),
             #[cfg(feature = "test-hooks")]
-            Command::Panic => panic!("convoy: deliberate panic in a producer lane (test)"),
+            Command::Panic { mid_cut: false } => {
+                panic!("convoy: deliberate panic in a producer lane (test)")
+            }
+            #[cfg(feature = "test-hooks")]
+            Command::Panic { mid_cut: true } => self.panic_mid_cut = true,
         }
     }
 
@@ -181,6 +189,10 @@ impl Lane {
     /// returns it and the buffer positions of the user records it holds.
     fn cut(&mut self) -> (Vec<Outgoing>, Vec<u32>) {
         let mut scan = Scan::new(&mut self.buffer, self.shared.ordering, &mut self.key_slots);
+        #[cfg(feature = "test-hooks")]
+        if self.panic_mid_cut {
+            scan.panic_at_take = Some(1);
+        }
         let request = match &self.shared.aggregation {
             Some(aggregation) => aggregate::cut(&mut scan, aggregation, &mut self.key_hashes),
             None => cut_plain(&mut scan),

@@ -18,7 +18,8 @@
 //! dropped and the lanes send what they hold, then end. Records that finally
 //! fail are reported to the queue's reporter process, which outlives the
 //! owner; a lane that panics reports its records as failed and closes the
-//! producer, so no put is routed to a dead lane.
+//! producer, so no put is routed to a dead lane. A caller awaiting a record
+//! is answered once, whatever becomes of the record (see `entry::Extras`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -152,9 +153,12 @@ enum Command {
     Put(Entry),
     Flush(Option<Arc<Waiter>>),
     Close(Instant, Option<Arc<Waiter>>),
-    /// Makes the lane panic (tests of what a failing lane does).
+    /// Makes the lane panic (tests of what a failing lane does): at once,
+    /// or in its next cut, once it has taken one record into the request.
     #[cfg(feature = "test-hooks")]
-    Panic,
+    Panic {
+        mid_cut: bool,
+    },
 }
 
 /// Counts down the lanes that still have to answer a flush or close; the last
@@ -243,10 +247,11 @@ impl Producer {
             reply,
             self.shared.clock.now(),
         );
-        if self.lanes[lane]
-            .push(Command::Put(entry), &self.shared.closed)
-            .is_err()
-        {
+        if let Err(refused) = self.lanes[lane].push(Command::Put(entry), &self.shared.closed) {
+            // The caller hears `:closed` from this call, not from the reply.
+            if let Command::Put(mut entry) = refused {
+                entry.extras.as_mut().and_then(|x| x.take_reply());
+            }
             self.shared.release(1, size as u64);
             return Err(Error::Closed);
         }
@@ -422,11 +427,12 @@ fn producer_set_reporter(producer: ResourceArc<Producer>, reporter: LocalPid) ->
     atoms::ok()
 }
 
-/// Makes the first lane panic as it takes its next command.
+/// Makes the first lane panic as it takes its next command or, with
+/// `mid_cut`, in the middle of its next cut.
 #[cfg(feature = "test-hooks")]
 #[rustler::nif]
-fn debug_lane_panic(producer: ResourceArc<Producer>) -> rustler::Atom {
-    producer.lanes[0].push_close(Command::Panic);
+fn debug_lane_panic(producer: ResourceArc<Producer>, mid_cut: bool) -> rustler::Atom {
+    producer.lanes[0].push_close(Command::Panic { mid_cut });
     atoms::ok()
 }
 

@@ -66,6 +66,9 @@ pub(super) struct Scan<'a> {
     /// as it was before the cut, of those taken into the request.
     moved: u32,
     taken: Vec<u32>,
+    /// Panics as this many records were taken (tests of a panic mid-cut).
+    #[cfg(feature = "test-hooks")]
+    pub panic_at_take: Option<usize>,
 }
 
 impl<'a> Scan<'a> {
@@ -79,6 +82,8 @@ impl<'a> Scan<'a> {
             current: 0,
             moved: 0,
             taken: Vec::new(),
+            #[cfg(feature = "test-hooks")]
+            panic_at_take: None,
         }
     }
 
@@ -131,6 +136,10 @@ impl<'a> Scan<'a> {
     /// Moves the record `next` returned into the request, in Kinesis record
     /// `slot`.
     pub fn take(&mut self, slot: u32) -> Entry {
+        #[cfg(feature = "test-hooks")]
+        if self.panic_at_take == Some(self.taken.len()) {
+            panic!("convoy: deliberate panic in a cut (test)");
+        }
         let entry = self.buffer.pop_front().expect("next returned it");
         if self.order == KeyOrder::PerKey {
             self.slots.0.insert(self.current, slot);
@@ -159,8 +168,9 @@ impl<'a> Scan<'a> {
 
 impl Drop for Scan<'_> {
     /// Also on a panic mid-cut, so the lane can still account for them.
-    /// (Records already taken into the request being built are the cut's,
-    /// and a panic there loses them, as it did before per-key order.)
+    /// (Records already taken into the request being built are the cut's:
+    /// a panic there loses them, without a failure report, though a caller
+    /// awaiting one is answered; see `entry::Extras`.)
     fn drop(&mut self) {
         for entry in self.set_aside.drain(..).rev() {
             self.buffer.push_front(entry);

@@ -21,16 +21,17 @@ use crate::telemetry;
 
 /// A user record's share of an outgoing Kinesis record.
 pub(super) struct Member {
-    /// The entry's extras, kept for their reply (see [`Member::reply`]).
+    /// The entry's extras, kept for their reply (see [`Member::take_reply`]).
     pub extras: Option<Box<Extras>>,
     /// Bytes charged to the buffer budget.
     pub size: usize,
 }
 
 impl Member {
-    /// The caller awaiting this record's outcome, if any.
-    pub fn reply(&self) -> Option<&ReplyTo> {
-        self.extras.as_ref()?.reply.as_ref()
+    /// The caller awaiting this record's outcome, if any and not answered
+    /// yet, to answer now.
+    pub fn take_reply(&mut self) -> Option<ReplyTo> {
+        self.extras.as_mut()?.take_reply()
     }
 }
 
@@ -45,6 +46,13 @@ impl Members {
     pub fn as_slice(&self) -> &[Member] {
         match self {
             Members::One(member) => std::slice::from_ref(member),
+            Members::Many(members) => members,
+        }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [Member] {
+        match self {
+            Members::One(member) => std::slice::from_mut(member),
             Members::Many(members) => members,
         }
     }
@@ -69,7 +77,7 @@ impl Outgoing {
         // The hash key moves to the outgoing record; the box stays only for
         // a reply.
         let explicit_hash_key = extras.as_mut().and_then(|x| x.explicit_hash_key.take());
-        if extras.as_ref().is_some_and(|x| x.reply.is_none()) {
+        if extras.as_ref().is_some_and(|x| x.reply().is_none()) {
             extras = None;
         }
         Outgoing {
@@ -257,10 +265,10 @@ fn settle(
 ) -> Settled {
     let mut settled = Settled::default();
     let mut env = OwnedEnv::new();
-    for (index, outgoing) in std::mem::take(pending).into_iter().enumerate() {
+    for (index, mut outgoing) in std::mem::take(pending).into_iter().enumerate() {
         match results.get(index) {
             Some(result) if result.error_code().is_none() => {
-                acknowledged(shared, &mut env, &mut settled, &outgoing, result);
+                acknowledged(shared, &mut env, &mut settled, &mut outgoing, result);
             }
             result => {
                 let code = result
@@ -308,7 +316,7 @@ fn acknowledged(
     shared: &Shared,
     env: &mut OwnedEnv,
     settled: &mut Settled,
-    outgoing: &Outgoing,
+    outgoing: &mut Outgoing,
     result: &PutRecordsResultEntry,
 ) {
     settled.acknowledged_records += outgoing.records();
@@ -377,9 +385,10 @@ fn report(
 
 /// Tells every awaiting caller of the record's members where it landed.
 /// Members of an aggregated record also learn their sub-sequence number.
-fn acknowledge(env: &mut OwnedEnv, outgoing: &Outgoing, shard: &str, sequence: &str) {
-    for (index, member) in outgoing.members.as_slice().iter().enumerate() {
-        let Some(reply) = member.reply() else {
+fn acknowledge(env: &mut OwnedEnv, outgoing: &mut Outgoing, shard: &str, sequence: &str) {
+    let aggregated = outgoing.aggregated;
+    for (index, member) in outgoing.members.as_mut_slice().iter_mut().enumerate() {
+        let Some(reply) = member.take_reply() else {
             continue;
         };
         reply.send_with(env, |env| {
@@ -387,7 +396,7 @@ fn acknowledge(env: &mut OwnedEnv, outgoing: &Outgoing, shard: &str, sequence: &
                 .map_put(atoms::shard_id(), shard)
                 .and_then(|m| m.map_put(atoms::sequence_number(), sequence))
                 .expect("map");
-            if outgoing.aggregated {
+            if aggregated {
                 outcome = outcome
                     .map_put(atoms::sub_sequence_number(), index as u64)
                     .expect("map");
@@ -414,7 +423,7 @@ fn failure_report<'a>(env: Env<'a>, failed: &[(String, Vec<u8>)], reason: &Error
 /// The failure path: every user record that will not be sent is handed to
 /// the reporter, which logs it, counts it, emits telemetry and calls
 /// `on_failure`, and answered to its awaiting caller, if any.
-pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
+pub(super) fn fail(shared: &Shared, mut batch: Vec<Outgoing>, reason: &Error) {
     if batch.is_empty() {
         return;
     }
@@ -443,8 +452,9 @@ pub(super) fn fail(shared: &Shared, batch: Vec<Outgoing>, reason: &Error) {
         );
     }
     for reply in batch
-        .iter()
-        .flat_map(|o| o.members.as_slice().iter().filter_map(Member::reply))
+        .iter_mut()
+        .flat_map(|o| o.members.as_mut_slice().iter_mut())
+        .filter_map(Member::take_reply)
     {
         reply.send_with(&mut env, |env| (atoms::error(), Reason(reason)).encode(env));
     }
