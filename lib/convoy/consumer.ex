@@ -328,7 +328,10 @@ defmodule Convoy.Consumer do
   # do not say every parent, the shards are listed: children appear in the
   # shard list once their parent closed.
   def handle_info({:shard_ended, shard_id, children}, state) do
-    state = %{state | ended: MapSet.put(state.ended, shard_id)}
+    state =
+      if end_stored?(state, shard_id),
+        do: %{state | ended: MapSet.put(state.ended, shard_id)},
+        else: state
 
     case learn_children(state, shard_id, children) do
       {:ok, state} -> {:noreply, start_shards(state, readable_shards(state))}
@@ -736,6 +739,12 @@ defmodule Convoy.Consumer do
         %{state | handing_over: handing_over}
     end
   end
+
+  # With leases a shard's end counts once the lease table has it: a SHARD_END
+  # abandoned with its lease leaves the shard to its next holder (this node,
+  # too) to read from its checkpoint and end again; its children wait.
+  defp end_stored?(%{leased: false}, _shard_id), do: true
+  defp end_stored?(state, shard_id), do: fetch_checkpoint(state, shard_id) == {:ok, :shard_end}
 
   defp held?(%{leased: false}, _shard_id), do: true
   defp held?(state, shard_id), do: Convoy.Leases.held?(state.stream_id, shard_id)

@@ -9,6 +9,8 @@ defmodule Convoy.Leases.QueueTest do
   @moduletag :leases
   @moduletag :capture_log
 
+  @middle_hash_key "170141183460469231731687303715884105728"
+
   setup_all do
     %{moto: Moto.endpoint!()}
   end
@@ -202,6 +204,58 @@ defmodule Convoy.Leases.QueueTest do
 
     assert Enum.sort(Enum.map(records, & &1.data)) ==
              Enum.sort(for i <- 10..19, do: "record-#{i}")
+  end
+
+  test "a SHARD_END that could not be stored: the parent is read again once its lease is back, and its children follow",
+       %{moto: moto} do
+    "http://127.0.0.1:" <> moto_port = moto
+    {:ok, proxy} = Convoy.TestSupport.TcpProxy.start_link(String.to_integer(moto_port))
+    via_proxy = Moto.connection("http://127.0.0.1:#{Convoy.TestSupport.TcpProxy.port(proxy)}")
+    stream = create_stream!(unique_stream("lost-end"), 1)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    parent = "shardId-000000000000"
+    start_queue(stream, table, moto, leases: [table: table, failover: 2_000] ++ via_proxy)
+
+    :ok = raw_put!(stream, 5)
+    records = receive_records(5)
+    last = List.last(records).sequence_number
+    eventually(fn -> Convoy.Leases.Checkpoint.fetch(nil, stream, parent) == {:ok, {last, 0}} end)
+
+    [{_, dispatcher, _, _}] =
+      DynamicSupervisor.which_children(
+        Convoy.Queue.Topology.whereis(Convoy.Consumer.ShardDispatcher, stream)
+      )
+
+    dispatcher_ref = Process.monitor(dispatcher)
+
+    # DynamoDB goes away, then the shard splits: the parent's end is read,
+    # and its SHARD_END is retried until the lease expires, then abandoned.
+    Convoy.TestTelemetry.subscribe()
+    :ok = Convoy.TestSupport.TcpProxy.block(proxy)
+    :ok = Convoy.Local.split_shard(endpoint(), stream, parent, @middle_hash_key)
+
+    assert_receive {:telemetry_event, [:convoy, :lease, :error], %{count: 1},
+                    %{operation: :checkpoint, shard_id: ^parent} = error},
+                   30_000
+
+    assert error.stream == stream
+    assert error.stream_id == stream
+    eventually(fn -> Convoy.Leases.held(stream) == [] end)
+    # The parent's dispatcher gives up on its SHARD_END only now, at its next
+    # attempt, and stops.
+    assert_receive {:DOWN, ^dispatcher_ref, :process, _, :normal}, 10_000
+
+    # Back: the parent's lease is taken again, the parent read again from
+    # its checkpoint (nothing left in it), its end stored, and its children
+    # read.
+    :ok = Convoy.TestSupport.TcpProxy.unblock(proxy)
+    :ok = raw_put!(stream, 10, start: 5)
+    children = receive_records(10)
+    refute_more_records()
+    assert Enum.all?(children, &(&1.shard_id != parent))
+
+    assert Enum.sort(Enum.map(children, & &1.data)) ==
+             Enum.sort(for i <- 5..14, do: "record-#{i}")
   end
 
   test "DynamoDB unreachable at start: the queue starts, and leases come once it is back",
