@@ -204,9 +204,16 @@ defmodule Convoy.Leases.Coordinator do
     end
   end
 
+  # The KCL sentinel a new lease starts with. Sequence numbers start the
+  # shards they do not name at their start, as without leases: the closed
+  # shards of a split get leases too, and are read before their children.
   defp initial_checkpoint(:trim_horizon), do: "TRIM_HORIZON"
   defp initial_checkpoint({:at_timestamp, _}), do: "AT_TIMESTAMP"
-  defp initial_checkpoint(_), do: "LATEST"
+
+  defp initial_checkpoint({kind, _}) when kind in [:at_sequence_number, :after_sequence_number],
+    do: "TRIM_HORIZON"
+
+  defp initial_checkpoint(_latest), do: "LATEST"
 
   @impl true
   def handle_call(:info, _from, state) do

@@ -258,6 +258,27 @@ defmodule Convoy.Leases.QueueTest do
              Enum.sort(for i <- 5..14, do: "record-#{i}")
   end
 
+  test "from a map of sequence numbers, on a stream that split: the parent from its position, then its children",
+       %{moto: moto} do
+    stream = create_stream!(unique_stream("leased-from"), 1)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    :ok = raw_put!(stream, 10)
+    [%{shard_id: parent} | _] = before = read_all(stream)
+    :ok = Convoy.Local.split_shard(endpoint(), stream, parent, @middle_hash_key)
+    :ok = raw_put!(stream, 10, start: 10)
+
+    from = Enum.at(before, 4).sequence_number
+    start_queue(stream, table, moto, iterator_type: {:after_sequence_number, %{parent => from}})
+
+    records = receive_records(15)
+    refute_more_records()
+    {from_parent, from_children} = Enum.split_while(records, &(&1.shard_id == parent))
+    assert Enum.map(from_parent, & &1.data) == for(i <- 5..9, do: "record-#{i}")
+
+    assert Enum.sort(Enum.map(from_children, & &1.data)) ==
+             Enum.sort(for i <- 10..19, do: "record-#{i}")
+  end
+
   test "DynamoDB unreachable at start: the queue starts, and leases come once it is back",
        %{moto: moto} do
     "http://127.0.0.1:" <> moto_port = moto
