@@ -831,23 +831,29 @@ defmodule Convoy.Consumer do
   # and the time of its last read (Kinesis allows 5 reads per second per
   # shard). A call reads in rounds, each shard in turn from a rotating
   # first one, each taking its share of what is left of `limit`, until
-  # `limit` records are in hand, every shard is caught up or ended, or
-  # @pull_rounds rounds are done. A shard read to its end is checkpointed
+  # `limit` records are in hand, every shard is caught up or ended,
+  # @pull_rounds rounds are done, or it has read for @pull_budget_ms (a
+  # read started then still finishes). A shard read to its end is checkpointed
   # `:shard_end` and its children become readable in the same call. The
   # checkpoint of a shard is the last record returned, with its
   # sub-sequence number when it came out of an aggregated record.
 
   @pull_rounds 10
   @read_spacing_ms 200
+  # Well within the caller's wait (see get/2), even with a slow read after
+  # it: the records read are checkpointed before the reply, so a caller that
+  # gave up would lose them.
+  @pull_budget_ms 20_000
 
   defp pull(state, limit) do
-    pull_rounds(state, limit, [], 0, MapSet.new())
+    deadline = System.monotonic_time(:millisecond) + @pull_budget_ms
+    pull_rounds(state, limit, [], {0, deadline}, MapSet.new())
   end
 
-  defp pull_rounds(state, remaining, acc, round, idle) do
+  defp pull_rounds(state, remaining, acc, {round, deadline}, idle) do
     shards = Enum.reject(readable_shards(state), &MapSet.member?(idle, &1))
 
-    if remaining == 0 or shards == [] or round == @pull_rounds do
+    if remaining == 0 or shards == [] or round == @pull_rounds or past?(deadline) do
       {Enum.reverse(acc) |> List.flatten(), %{state | pull_turn: state.pull_turn + 1}}
     else
       {first, second} = Enum.split(shards, rem(state.pull_turn, length(shards)))
@@ -855,17 +861,18 @@ defmodule Convoy.Consumer do
 
       result =
         Enum.reduce_while(second ++ first, {state, remaining, acc, idle}, fn
-          _shard_id, {_, 0, _, _} = done ->
-            {:halt, done}
+          shard_id, {state, remaining, acc, idle} = done ->
+            if remaining == 0 or past?(deadline) do
+              {:halt, done}
+            else
+              case pull_shard(state, shard_id, min(share, remaining)) do
+                {:ok, records, caught_up?, state} ->
+                  idle = if caught_up?, do: MapSet.put(idle, shard_id), else: idle
+                  {:cont, {state, remaining - length(records), [records | acc], idle}}
 
-          shard_id, {state, remaining, acc, idle} ->
-            case pull_shard(state, shard_id, min(share, remaining)) do
-              {:ok, records, caught_up?, state} ->
-                idle = if caught_up?, do: MapSet.put(idle, shard_id), else: idle
-                {:cont, {state, remaining - length(records), [records | acc], idle}}
-
-              {:error, reason, state} ->
-                {:halt, {:error, reason, state, acc}}
+                {:error, reason, state} ->
+                  {:halt, {:error, reason, state, acc}}
+              end
             end
         end)
 
@@ -879,10 +886,12 @@ defmodule Convoy.Consumer do
           {Enum.reverse(acc) |> List.flatten(), %{state | pull_turn: state.pull_turn + 1}}
 
         {state, remaining, acc, idle} ->
-          pull_rounds(state, remaining, acc, round + 1, idle)
+          pull_rounds(state, remaining, acc, {round + 1, deadline}, idle)
       end
     end
   end
+
+  defp past?(deadline), do: System.monotonic_time(:millisecond) >= deadline
 
   # Up to `n` user records of a shard: {:ok, records, caught_up?, state}.
   defp pull_shard(state, shard_id, n) do

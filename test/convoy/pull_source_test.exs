@@ -18,8 +18,20 @@ defmodule Convoy.PullSourceTest do
     @impl true
     def list_shards(agent), do: {:ok, Agent.get(agent, & &1.shards)}
 
+    # An answer `{:slow, ms, answer}` comes after `ms`.
     @impl true
     def read(agent, shard_id, cursor, limit) do
+      case next_answer(agent, shard_id, cursor, limit) do
+        {:slow, ms, answer} ->
+          Process.sleep(ms)
+          answer
+
+        answer ->
+          answer
+      end
+    end
+
+    defp next_answer(agent, shard_id, cursor, limit) do
       Agent.get_and_update(agent, fn state ->
         read = %{shard_id: shard_id, cursor: cursor, limit: limit, at: now()}
         state = %{state | reads: [read | state.reads]}
@@ -168,6 +180,29 @@ defmodule Convoy.PullSourceTest do
     # Nothing read, only throttled: the call answers the error.
     {consumer, _id, _agent} = start!([shard("b")], %{"b" => [throttled]})
     assert Convoy.Consumer.get(consumer, 10) == throttled
+  end
+
+  test "slow reads: a call returns what it read within 20 s, and the next one reads on from there" do
+    # Three shards, every read 7 s: 10 rounds would take 210 s.
+    answers =
+      Map.new(~w(a b c), fn shard_id ->
+        {shard_id,
+         for(
+           i <- 1..3,
+           do: {:slow, 7_000, {:ok, [record(shard_id, "#{i}", "#{shard_id}#{i}")], {:it, i}, 500}}
+         )}
+      end)
+
+    {consumer, id, agent} = start!([shard("a"), shard("b"), shard("c")], answers)
+    first = Convoy.Consumer.get(consumer, 100)
+    # The third read started past 14 s, the budget was spent after it.
+    assert Enum.sort(Enum.map(first, & &1.data)) == ["a1", "b1", "c1"]
+    assert length(Scripted.reads(agent)) == 3
+    assert checkpoint(id, "a") == {:ok, "1"}
+
+    second = Convoy.Consumer.get(consumer, 100)
+    assert Enum.sort(Enum.map(second, & &1.data)) == ["a2", "b2", "c2"]
+    assert checkpoint(id, "c") == {:ok, "2"}
   end
 
   test "a shard read to its end is checkpointed :shard_end and its child is read in the same call" do
