@@ -272,6 +272,11 @@ defmodule Convoy.Consumer do
     {:reply, {:error, :polling}, state}
   end
 
+  # Leases are taken only while handlers read, so a pull would hold none.
+  def handle_call({:get, _limit}, _from, %{leased: true} = state) do
+    {:reply, {:error, :leases}, state}
+  end
+
   def handle_call({:get, limit}, _from, state) do
     case list_shards(state) do
       {:ok, state} ->

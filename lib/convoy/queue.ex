@@ -250,7 +250,9 @@ defmodule Convoy.Queue do
   @doc """
   Reads up to `limit` records across the stream's shards and advances the
   queue's positions, so the next call continues where this one stopped.
-  Returns `{:error, :polling}` while handlers are attached and polling.
+  Returns `{:error, :polling}` while handlers are attached and polling, and
+  `{:error, :leases}` for a queue with `:leases`, whose shards are read by
+  handlers only, on the nodes holding their leases.
 
   A call reads the shards in turn, starting each time with the next one, so
   no shard waits for another to be drained; it follows each shard's

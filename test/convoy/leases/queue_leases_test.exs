@@ -329,6 +329,8 @@ defmodule Convoy.Leases.QueueTest do
     # No handler: several take rounds go by, and nothing is taken.
     Process.sleep(3_000)
     assert Convoy.Leases.held(id) == []
+    # So a pull read would hold no shard: it is refused, not answered empty.
+    assert Convoy.Queue.get(id, 10) == {:error, :leases}
 
     Convoy.TestTelemetry.subscribe()
     :ok = Convoy.Queue.attach_handler(id, :fwd, fn r, _ -> send(test, {:record, r}) end, nil)
