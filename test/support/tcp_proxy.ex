@@ -20,6 +20,33 @@ defmodule Convoy.TestSupport.TcpProxy do
   def block(proxy), do: GenServer.call(proxy, :block)
   def unblock(proxy), do: GenServer.call(proxy, :unblock)
 
+  # For a `:from_client` function in front of an HTTP/1.1 server: calls
+  # `fun.(headers, request)` for each complete request in `buffer` (headers
+  # lower-cased; bodies by Content-Length) and returns the rest.
+  def each_http_request(buffer, fun) do
+    with [head, rest] <- :binary.split(buffer, "\r\n\r\n"),
+         headers = http_headers(head),
+         length = String.to_integer(Map.get(headers, "content-length", "0")),
+         <<body::binary-size(length), rest::binary>> <- rest do
+      if Map.has_key?(headers, "transfer-encoding"),
+        do: raise("TcpProxy: chunked request bodies are not supported")
+
+      fun.(headers, head <> "\r\n\r\n" <> body)
+      each_http_request(rest, fun)
+    else
+      _incomplete -> buffer
+    end
+  end
+
+  defp http_headers(head) do
+    [_request_line | lines] = String.split(head, "\r\n")
+
+    Map.new(lines, fn line ->
+      [name, value] = String.split(line, ":", parts: 2)
+      {String.downcase(name), String.trim(value)}
+    end)
+  end
+
   @impl true
   def init({upstream, options}) do
     {:ok, listen} = listen(0)

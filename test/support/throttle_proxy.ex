@@ -6,12 +6,11 @@ defmodule Convoy.TestSupport.ThrottleProxy do
   # and ProvisionedThroughputExceededException, as Kinesis answers a shard
   # read past its limits; every other request goes through unchanged.
   #
-  # A `Convoy.TestSupport.TcpProxy` whose clients' bytes go through
-  # `requests/4`: requests are parsed (headers and a Content-Length body);
-  # responses are relayed as they come, unparsed. That suffices because the
-  # SDK's HTTP/1.1 client sends a connection's next request only after the
-  # last response ended, so a throttling answer never overtakes a response
-  # in flight.
+  # A `Convoy.TestSupport.TcpProxy` whose clients' requests go through
+  # `requests/4` (`TcpProxy.each_http_request/2`); responses are relayed as
+  # they come, unparsed. That suffices because the SDK's HTTP/1.1 client
+  # sends a connection's next request only after the last response ended,
+  # so a throttling answer never overtakes a response in flight.
 
   alias Convoy.TestSupport.TcpProxy
 
@@ -46,27 +45,12 @@ defmodule Convoy.TestSupport.ThrottleProxy do
     :atomics.put(TcpProxy.data(proxy), 3, every)
   end
 
-  # Handles every complete request in `buffer`; returns what is left.
   defp requests(client, server, rule, buffer) do
-    with [head, rest] <- :binary.split(buffer, "\r\n\r\n"),
-         headers = headers(head),
-         length = String.to_integer(Map.get(headers, "content-length", "0")),
-         <<body::binary-size(length), rest::binary>> <- rest do
-      if Map.has_key?(headers, "transfer-encoding"),
-        do: raise("ThrottleProxy: chunked request bodies are not supported")
-
-      request = head <> "\r\n\r\n" <> body
-
-      if Map.get(headers, "x-amz-target") == rule.target and throttle?(rule) do
-        :gen_tcp.send(client, throttled_response())
-      else
-        :gen_tcp.send(server, request)
-      end
-
-      requests(client, server, rule, rest)
-    else
-      _incomplete -> buffer
-    end
+    TcpProxy.each_http_request(buffer, fn headers, request ->
+      if Map.get(headers, "x-amz-target") == rule.target and throttle?(rule),
+        do: :gen_tcp.send(client, throttled_response()),
+        else: :gen_tcp.send(server, request)
+    end)
   end
 
   defp throttle?(%{counters: counters}) do
@@ -76,15 +60,6 @@ defmodule Convoy.TestSupport.ThrottleProxy do
     else
       false
     end
-  end
-
-  defp headers(head) do
-    [_request_line | lines] = String.split(head, "\r\n")
-
-    Map.new(lines, fn line ->
-      [name, value] = String.split(line, ":", parts: 2)
-      {String.downcase(name), String.trim(value)}
-    end)
   end
 
   defp throttled_response do

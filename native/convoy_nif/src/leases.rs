@@ -107,6 +107,19 @@ impl LeaseClientResource {
         }
     }
 
+    /// Drops `hold` if it is still the key's: a lease taken again since has
+    /// a hold of its own.
+    fn forget_hold(&self, key: &str, hold: &Arc<tokio::sync::Mutex<Held>>) {
+        if let Ok(mut held) = self.held.lock() {
+            if held
+                .get(key)
+                .is_some_and(|current| Arc::ptr_eq(current, hold))
+            {
+                held.remove(key);
+            }
+        }
+    }
+
     fn held_keys(&self) -> Vec<(String, Arc<tokio::sync::Mutex<Held>>)> {
         match self.held.lock() {
             Ok(held) => held.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -475,16 +488,10 @@ fn lease_renew_all(client: Client, reply: ReplyTo) -> rustler::Atom {
         for (key, held) in client.held_keys() {
             let client = client.clone();
             tasks.spawn(async move {
-                let mut held = held.lock().await;
-                let result = conditional_write(&client, &key, held.counter, |r| {
+                let result = write_held(&client, &key, &held, |r| {
                     r.update_expression("SET #c = :next")
                 })
                 .await;
-                match &result {
-                    Ok(()) => held.counter += 1,
-                    Err(Error::LeaseLost) => client.forget(&key),
-                    Err(_) => {}
-                }
                 (key, result)
             });
         }
@@ -501,16 +508,68 @@ fn lease_renew_all(client: Client, reply: ReplyTo) -> rustler::Atom {
 
 type Update = aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 
+/// A conditional write on a lease this worker holds, counting its counter
+/// on. A lease found lost is no longer held (unless it was taken again
+/// meanwhile: only the hold this write was made under is dropped).
+///
+/// The condition can fail on a write of this worker's own: an earlier one
+/// that DynamoDB applied but whose answer never came (a timeout, a dropped
+/// connection), so the counter moved without this worker knowing. As the
+/// KCL does, the item is then read: owned by this worker at the next
+/// counter, the lease is still held, and the write is made again at that
+/// counter, once.
+async fn write_held<F>(
+    client: &LeaseClientResource,
+    key: &str,
+    hold: &Arc<tokio::sync::Mutex<Held>>,
+    build: F,
+) -> Result<(), Error>
+where
+    F: Fn(Update) -> Update,
+{
+    let mut held = hold.lock().await;
+    let mut result = conditional_write(client, key, held.counter, &build).await;
+    if matches!(result, Err(Error::LeaseLost)) && own_write_landed(client, key, held.counter).await
+    {
+        held.counter += 1;
+        result = conditional_write(client, key, held.counter, &build).await;
+    }
+    match &result {
+        Ok(()) => held.counter += 1,
+        Err(Error::LeaseLost) => client.forget_hold(key, hold),
+        Err(_) => {}
+    }
+    result
+}
+
+/// Whether the lease item is this worker's at `counter + 1`: a write of its
+/// own at `counter` was applied. Any error reads as "no".
+async fn own_write_landed(client: &LeaseClientResource, key: &str, counter: u64) -> bool {
+    client.count();
+    let read = client
+        .client
+        .get_item()
+        .table_name(&client.table)
+        .set_key(Some(key_of(key)))
+        .consistent_read(true)
+        .send()
+        .await;
+    let lease = read.ok().and_then(|out| out.item().and_then(from_item));
+    lease.is_some_and(|l| {
+        l.owner.as_deref() == Some(client.worker_id.as_str()) && l.counter == counter + 1
+    })
+}
+
 /// An UpdateItem on a held lease: `build` adds its update expression (with
 /// `#c = :next` among it), conditional on the counter and this owner.
 async fn conditional_write<F>(
     client: &LeaseClientResource,
     key: &str,
     counter: u64,
-    build: F,
+    build: &F,
 ) -> Result<(), Error>
 where
-    F: FnOnce(Update) -> Update,
+    F: Fn(Update) -> Update,
 {
     let request = client
         .client
@@ -544,9 +603,8 @@ fn lease_checkpoint(
     reply: ReplyTo,
 ) -> rustler::Atom {
     runtime::spawn_reply(reply, async move {
-        let held = client.held(&key).ok_or(Error::LeaseLost)?;
-        let mut held = held.lock().await;
-        let result = conditional_write(&client, &key, held.counter, |r| {
+        let hold = client.held(&key).ok_or(Error::LeaseLost)?;
+        let result = write_held(&client, &key, &hold, |r| {
             r.update_expression(
                 "SET #c = :next, #cp = :cp, #sub = :sub, #sw = :zero REMOVE #pc, #psub",
             )
@@ -560,11 +618,6 @@ fn lease_checkpoint(
             .expression_attribute_values(":zero", n(0))
         })
         .await;
-        match &result {
-            Ok(()) => held.counter += 1,
-            Err(Error::LeaseLost) => client.forget(&key),
-            Err(_) => {}
-        }
         result.map(|()| atoms::ok())
     });
     atoms::ok()
@@ -576,13 +629,12 @@ fn lease_checkpoint(
 #[rustler::nif]
 fn lease_release(client: Client, key: String, reply: ReplyTo) -> rustler::Atom {
     runtime::spawn_reply(reply, async move {
-        let held = client.held(&key).ok_or(Error::LeaseLost)?;
-        let held = held.lock().await;
-        let result = conditional_write(&client, &key, held.counter, |r| {
+        let hold = client.held(&key).ok_or(Error::LeaseLost)?;
+        let result = write_held(&client, &key, &hold, |r| {
             r.update_expression("SET #c = :next REMOVE #o")
         })
         .await;
-        client.forget(&key);
+        client.forget_hold(&key, &hold);
         result.map(|()| atoms::ok())
     });
     atoms::ok()

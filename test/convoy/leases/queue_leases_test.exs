@@ -279,6 +279,54 @@ defmodule Convoy.Leases.QueueTest do
              Enum.sort(for i <- 10..19, do: "record-#{i}")
   end
 
+  test "a checkpoint DynamoDB stored but whose answer was lost: the lease is still held, nothing handed twice",
+       %{moto: moto} do
+    alias Convoy.TestSupport.TcpProxy
+    "http://127.0.0.1:" <> moto_port = moto
+    dropped = :atomics.new(1, signed: false)
+
+    # The first checkpoint write reaches DynamoDB, and its connection closes
+    # before the answer comes back.
+    from_client = fn client, server, buffer ->
+      TcpProxy.each_http_request(buffer, fn headers, request ->
+        :gen_tcp.send(server, request)
+
+        if headers["x-amz-target"] == "DynamoDB_20120810.UpdateItem" and
+             request =~ ~s("checkpoint") and :atomics.compare_exchange(dropped, 1, 0, 1) == :ok,
+           do: :gen_tcp.close(client)
+      end)
+    end
+
+    {:ok, proxy} = TcpProxy.start_link(String.to_integer(moto_port), from_client: from_client)
+    via_proxy = Moto.connection("http://127.0.0.1:#{TcpProxy.port(proxy)}")
+    stream = create_stream!(unique_stream("lost-answer"), 1)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    shard = "shardId-000000000000"
+    Convoy.TestTelemetry.subscribe()
+    start_queue(stream, table, moto, leases: [table: table, failover: 3_000] ++ via_proxy)
+    eventually(fn -> Convoy.Leases.held(stream) == [shard] end)
+
+    :ok = raw_put!(stream, 5)
+    first = receive_records(5)
+
+    # The write failed for the writer (and was retried), though stored.
+    assert_receive {:telemetry_event, [:convoy, :lease, :error], _, %{operation: :checkpoint}},
+                   10_000
+
+    assert :atomics.get(dropped, 1) == 1
+    last = List.last(first).sequence_number
+    eventually(fn -> Convoy.Leases.Checkpoint.fetch(nil, stream, shard) == {:ok, {last, 0}} end)
+
+    # The shard goes on: later records come once, and the lease never left.
+    :ok = raw_put!(stream, 5, start: 5)
+    second = receive_records(5)
+    refute_more_records()
+
+    assert Enum.map(first ++ second, & &1.data) == for(i <- 0..9, do: "record-#{i}")
+    refute_received {:telemetry_event, [:convoy, :lease, :lost], _, _}
+    assert Convoy.Leases.held(stream) == [shard]
+  end
+
   test "DynamoDB unreachable at start: the queue starts, and leases come once it is back",
        %{moto: moto} do
     "http://127.0.0.1:" <> moto_port = moto
