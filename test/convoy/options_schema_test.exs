@@ -64,7 +64,7 @@ defmodule Convoy.OptionsSchemaTest do
       docs = Options.docs()
 
       assert docs =~
-               "* `:stream` (a stream name of 1..128 characters, as a string or an atom) -\n    Required."
+               "* `:stream` (a stream name of 1..128 bytes, as a string or an atom (for\n    Kinesis, of [a-zA-Z0-9_.-])) - Required."
 
       assert docs =~ "* `:batch_timeout` (a non-negative integer, in ms) - "
       assert docs =~ "Defaults to `5000`."

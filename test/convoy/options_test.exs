@@ -21,6 +21,8 @@ defmodule Convoy.OptionsTest do
       {[], ~r/option :stream is required/},
       {[stream: ""], ~r/option :stream: expected a stream name/},
       {[stream: 42], ~r/:stream.*got: 42/},
+      {[stream: "my stream"], ~r/:stream: a Kinesis stream name is 1..128 of.*got: "my stream"/},
+      {[stream: :"orders/v1"], ~r/:stream: a Kinesis stream name.*got: "orders\/v1"/},
       {[stream: "s", batch_timeout: -1],
        ~r/:batch_timeout: expected a non-negative integer.*got: -1/},
       {[stream: "s", poll_interval: 0],
@@ -45,6 +47,11 @@ defmodule Convoy.OptionsTest do
     for {opts, message} <- cases do
       assert_raise ArgumentError, message, fn -> start(opts) end
     end
+
+    # Other services take any name.
+    assert Convoy.Queue.Options.validate!(stream: "my stream", service: Convoy.Services.Memory)[
+             :stream
+           ] == "my stream"
   end
 
   test "a bad secret is reported without its value" do
@@ -83,7 +90,11 @@ defmodule Convoy.OptionsTest do
           )
 
         # The stream does not exist: the failure is logged with its reason.
+        Convoy.TestTelemetry.subscribe()
         assert {:error, _} = Convoy.Queue.put(stream, "k", "v", await: 10_000)
+        # The reporter logs the failure, then emits this: it has logged
+        # before the queue is killed below.
+        assert_receive {:telemetry_event, [:convoy, :put, :failed], _, %{stream: ^stream}}, 10_000
         refute inspect(:sys.get_state(pid)) =~ secret
         Process.unlink(pid)
         Process.exit(pid, :kill)

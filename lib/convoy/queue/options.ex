@@ -44,7 +44,9 @@ defmodule Convoy.Queue.Options do
   def schema do
     [
       stream: [
-        type: {:custom, &stream/1, "a stream name of 1..128 characters, as a string or an atom"},
+        type:
+          {:custom, &stream/1,
+           "a stream name of 1..128 bytes, as a string or an atom (for Kinesis, of [a-zA-Z0-9_.-])"},
         required: true,
         doc: "The name of the stream."
       ],
@@ -402,6 +404,21 @@ defmodule Convoy.Queue.Options do
     |> legacy_service()
     |> check_aggregation_size!()
     |> check_fan_out_service!()
+    |> check_kinesis_stream_name!()
+  end
+
+  # Kinesis takes stream names of [a-zA-Z0-9_.-] only: with another name
+  # every call would fail at run time. Other services take any name.
+  defp check_kinesis_stream_name!(options) do
+    stream = options[:stream]
+
+    if options[:service] == Convoy.Services.Kinesis and not (stream =~ ~r/\A[a-zA-Z0-9_.-]+\z/) do
+      raise ArgumentError,
+            "invalid Convoy.Queue option :stream: a Kinesis stream name is 1..128 of " <>
+              "[a-zA-Z0-9_.-], got: #{inspect(stream)}"
+    end
+
+    options
   end
 
   defp check_fan_out_service!(options) do
