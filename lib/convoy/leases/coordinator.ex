@@ -439,16 +439,18 @@ defmodule Convoy.Leases.Coordinator do
   defp prepare_table(client), do: Native.call(&Native.lease_prepare(client, &1), 60_000)
 
   # Creates the leases of shards that have none, parents before children. A
-  # shard with a descendant's lease gets none: it was finished and cleaned up.
+  # shard with a descendant's lease, at any depth, gets none: it was finished
+  # and cleaned up (a parent's lease goes once its children have
+  # checkpoints, so after two splits only the grandchildren's are left).
   defp sync(client, module, source, leases, initial) do
     with {:ok, shards} <- module.list_shards(source) do
       known = MapSet.new(leases, & &1.key)
-      parents = leases |> Enum.flat_map(& &1.parent_shard_ids) |> MapSet.new()
+      finished = ancestors(shards, leases)
 
       shards
       |> order_parents_first()
       |> Enum.reject(
-        &(MapSet.member?(known, &1.shard_id) or MapSet.member?(parents, &1.shard_id))
+        &(MapSet.member?(known, &1.shard_id) or MapSet.member?(finished, &1.shard_id))
       )
       # As the KCL does: from LATEST, a closed shard holds nothing to read
       # and gets no lease; a child continues from its start only when a
@@ -478,6 +480,31 @@ defmodule Convoy.Leases.Coordinator do
         error -> error
       end
     end
+  end
+
+  # The shards the leased ones descend from: their leases' parents, and
+  # those parents' own, as far as the listing goes.
+  defp ancestors(shards, leases) do
+    by_id = Map.new(shards, &{&1.shard_id, &1})
+
+    parents_of = fn id ->
+      case by_id do
+        %{^id => shard} -> [shard.parent_shard_id, shard.adjacent_parent_shard_id]
+        _ -> []
+      end
+    end
+
+    leases
+    |> Enum.flat_map(& &1.parent_shard_ids)
+    |> collect_ancestors(parents_of, MapSet.new())
+  end
+
+  defp collect_ancestors([], _parents_of, found), do: found
+
+  defp collect_ancestors([id | rest], parents_of, found) do
+    if is_nil(id) or MapSet.member?(found, id),
+      do: collect_ancestors(rest, parents_of, found),
+      else: collect_ancestors(parents_of.(id) ++ rest, parents_of, MapSet.put(found, id))
   end
 
   defp order_parents_first(shards) do

@@ -327,6 +327,40 @@ defmodule Convoy.Leases.QueueTest do
     assert Convoy.Leases.held(stream) == [shard]
   end
 
+  test "after two splits, the cleaned-up ancestors get no lease again: nothing is read twice",
+       %{moto: moto} do
+    stream = create_stream!(unique_stream("two-splits"), 1)
+    table = "convoy-#{System.unique_integer([:positive])}"
+    quarter = Integer.pow(2, 126)
+    split = &(:ok = Convoy.Local.split_shard(endpoint(), stream, &1, Integer.to_string(&2)))
+
+    # A splits into B and C, then B and C each into two: records at every level.
+    :ok = raw_put!(stream, 10, keys: 64)
+    {:ok, [%{shard_id: a}]} = Convoy.Local.list_shards(endpoint(), stream)
+    split.(a, 2 * quarter)
+    :ok = raw_put!(stream, 20, start: 10, keys: 64)
+    {:ok, shards} = Convoy.Local.list_shards(endpoint(), stream)
+    [b, c] = for %{parent_shard_id: ^a, shard_id: id} <- shards, do: id
+    split.(b, quarter)
+    split.(c, 3 * quarter)
+    :ok = raw_put!(stream, 60, start: 30, keys: 64)
+    {:ok, shards} = Convoy.Local.list_shards(endpoint(), stream)
+    grandchildren = for %{shard_id: id} <- shards, id not in [a, b, c], do: id
+
+    start_queue(stream, table, moto, shard_refresh_interval: 500)
+    records = receive_records(90)
+    assert Enum.sort(Enum.map(records, & &1.data)) == Enum.sort(for i <- 0..89, do: "record-#{i}")
+
+    # The finished leases are deleted, A's first (its children have
+    # checkpoints), then B's and C's.
+    leases = fn -> scan(table, moto) |> Enum.map(& &1["leaseKey"]["S"]) |> Enum.sort() end
+    eventually(fn -> leases.() == Enum.sort(grandchildren) end)
+
+    # Later syncs (every take round, 3 s here) create no lease for A again.
+    refute_receive {:record, _}, 7_000
+    assert leases.() == Enum.sort(grandchildren)
+  end
+
   test "DynamoDB unreachable at start: the queue starts, and leases come once it is back",
        %{moto: moto} do
     "http://127.0.0.1:" <> moto_port = moto
