@@ -150,7 +150,9 @@ defmodule Convoy.Consumer do
       records = Convoy.Consumer.get(consumer, 100)
   """
   @spec get(GenServer.server(), pos_integer) :: [Convoy.Record.t()] | {:error, term}
-  def get(consumer, limit), do: call(consumer, {:get, limit}, 60_000)
+  # No timeout of its own: the pull ends itself (see @pull_budget_ms), and
+  # a caller that gave up waiting would lose records already checkpointed.
+  def get(consumer, limit), do: call(consumer, {:get, limit}, :infinity)
 
   @reader_options [:poll_interval, :poll_limit, :retry_backoff, :max_backoff]
 
@@ -845,9 +847,7 @@ defmodule Convoy.Consumer do
 
   @pull_rounds 10
   @read_spacing_ms 200
-  # Well within the caller's wait (see get/2), even with a slow read after
-  # it: the records read are checkpointed before the reply, so a caller that
-  # gave up would lose them.
+  # How long a call goes on starting reads; its caller waits for it to end.
   @pull_budget_ms 20_000
 
   defp pull(state, limit) do

@@ -259,8 +259,9 @@ defmodule Convoy.Queue do
   iterator across empty answers, spaces the reads of a shard by 200 ms (the
   5 reads per second Kinesis allows), and stops once it has `limit`
   records, every shard is caught up, after 10 rounds, or once it has read
-  for 20 seconds (a read started by then still finishes), well before the
-  call's own 60-second limit. A closed shard read
+  for 20 seconds (a read started by then still finishes; the call waits for
+  it, since the records it returns are already checkpointed). A closed
+  shard read
   to its end is checkpointed as ended and its children are read next, as
   when polling.
 
