@@ -22,10 +22,13 @@ defmodule Convoy.Services.Legacy do
 
   Producing: `put/4` encodes and validates the record as every service does
   and buffers it; every `batch_timeout` ms (at once with `0`, or at 500
-  records) the buffer goes out in one `put_records/2` call. With `await:`,
-  `put/4` answers once that call returned, `{:ok, %{}}` (an old service
-  gives no shard or sequence number). Failed records take the usual failure
-  path (log, telemetry, `on_failure`); they are not retried.
+  records or 5 MiB of keys and data) the buffer goes out in one
+  `put_records/2` call. With `await:`, `put/4` answers once that call
+  returned, with its own record's outcome: `{:ok, %{shard_id: id,
+  sequence_number: seq}}` when the service's answer names them (ExAws'
+  `"Records"`), `{:ok, %{}}` when it does not, or `{:error, reason}`.
+  Failed records take the usual failure path (log, telemetry,
+  `on_failure`); they are not retried.
 
   Consuming goes through `Convoy.Consumer`, as for every service: a reader
   process per shard calls `get_records/2` and waits for each batch to be
@@ -67,7 +70,9 @@ defmodule Convoy.Services.Legacy do
   alias Convoy.Queue.Reporter
 
   @callbacks [describe_stream: 1, get_iterator: 3, get_records: 2, put_records: 2]
+  # PutRecords' limits: 500 records and 5 MiB (keys and data) a request.
   @max_batch 500
+  @max_batch_bytes 5 * 1024 * 1024
 
   @doc """
   Whether `module` has Convoy 0.1's service callbacks.
@@ -95,7 +100,12 @@ defmodule Convoy.Services.Legacy do
        %{module: module, stream: options[:stream], stream_id: options[:stream_id]}}
 
     children = [
-      %{id: __MODULE__, start: {__MODULE__, :start_link, [options]}},
+      # Its terminate sends what is buffered, within :shutdown.
+      %{
+        id: __MODULE__,
+        start: {__MODULE__, :start_link, [options]},
+        shutdown: options[:shutdown] + 1_000
+      },
       {Convoy.Consumer, Convoy.Consumer.queue_options(options) ++ [source: source]}
     ]
 
@@ -176,7 +186,11 @@ defmodule Convoy.Services.Legacy do
       stream_id: stream_id,
       on_failure: options[:on_failure],
       batch_timeout: options[:batch_timeout],
+      # Newest first; `bytes` of keys and data, `count` records.
       buffer: [],
+      bytes: 0,
+      count: 0,
+      # {from, the index of its record in the batch}.
       waiting: [],
       timer: nil,
       stats: %{buffered: 0, sent: 0, failed: 0}
@@ -194,12 +208,24 @@ defmodule Convoy.Services.Legacy do
 
   @impl GenServer
   def handle_call({:put, record, await?}, from, state) do
-    state = %{state | buffer: [record | state.buffer]}
-    state = if await?, do: %{state | waiting: [from | state.waiting]}, else: state
+    size = byte_size(record.partition_key) + byte_size(record.data)
+    # A record that would take the batch past 5 MiB starts the next one.
+    state = if state.bytes + size > @max_batch_bytes, do: transmit(state), else: state
+
+    state = %{
+      state
+      | buffer: [record | state.buffer],
+        bytes: state.bytes + size,
+        count: state.count + 1
+    }
+
+    state =
+      if await?, do: %{state | waiting: [{from, state.count - 1} | state.waiting]}, else: state
+
     if not await?, do: GenServer.reply(from, :ok)
 
     cond do
-      state.batch_timeout == 0 or length(state.buffer) >= @max_batch ->
+      state.batch_timeout == 0 or state.count >= @max_batch ->
         {:noreply, transmit(state)}
 
       state.timer == nil ->
@@ -213,7 +239,7 @@ defmodule Convoy.Services.Legacy do
   def handle_call(:flush, _from, state), do: {:reply, :ok, transmit(state)}
 
   def handle_call(:stats, _from, state),
-    do: {:reply, %{state.stats | buffered: length(state.buffer)}, state}
+    do: {:reply, %{state.stats | buffered: state.count}, state}
 
   @impl GenServer
   def handle_info({:transmit, ref}, %{timer: ref} = state),
@@ -247,7 +273,9 @@ defmodule Convoy.Services.Legacy do
         kind, reason -> {:error, {kind, reason}}
       end
 
-    {sent, failures} = outcome(outcome, records)
+    results = results(outcome, records)
+    sent = for {record, {:ok, _}} <- Enum.zip(records, results), do: record
+    failures = for {record, {:error, reason}} <- Enum.zip(records, results), do: {record, reason}
     count = length(records)
     stop_measurements = %{records: count, acknowledged: length(sent), failed: length(failures)}
 
@@ -265,13 +293,9 @@ defmodule Convoy.Services.Legacy do
     |> Enum.map(fn {record, reason} -> {record.partition_key, record.data, reason} end)
     |> Reporter.report(state.stream, state.stream_id, state.on_failure)
 
-    reply =
-      case failures do
-        [] -> {:ok, %{}}
-        [{_, reason} | _] -> {:error, reason}
-      end
-
-    Enum.each(state.waiting, &GenServer.reply(&1, reply))
+    # Each awaiting caller hears its own record's outcome.
+    by_index = List.to_tuple(results)
+    Enum.each(state.waiting, fn {from, index} -> GenServer.reply(from, elem(by_index, index)) end)
     if state.timer, do: Process.cancel_timer(state.timer)
 
     stats = %{
@@ -280,29 +304,34 @@ defmodule Convoy.Services.Legacy do
         failed: state.stats.failed + length(failures)
     }
 
-    %{state | buffer: [], waiting: [], timer: nil, stats: stats}
+    %{state | buffer: [], bytes: 0, count: 0, waiting: [], timer: nil, stats: stats}
   end
 
   defp metadata(state), do: %{stream: state.stream, stream_id: state.stream_id}
 
-  # Which records went through: all of them unless the call failed, or
-  # Kinesis' answer names failed entries.
-  defp outcome({:error, reason}, records), do: {[], Enum.map(records, &{&1, reason})}
+  # Each record's outcome, in order: all went through unless the call
+  # failed, or Kinesis' answer names failed entries. A result that names its
+  # shard and sequence number gives them to the awaiting caller.
+  defp results({:error, reason}, records), do: Enum.map(records, fn _ -> {:error, reason} end)
 
-  defp outcome({:ok, %{"Records" => results}}, records) when is_list(results) do
-    records
-    |> Enum.zip(results ++ List.duplicate(%{}, max(length(records) - length(results), 0)))
-    |> Enum.reduce({[], []}, fn
-      {record, %{"ErrorCode" => code} = result}, {sent, failed} when is_binary(code) ->
-        {sent, [{record, {:aws, code, result["ErrorMessage"] || ""}} | failed]}
+  defp results({:ok, %{"Records" => results}}, records) when is_list(results) do
+    missing = List.duplicate(%{}, max(length(records) - length(results), 0))
 
-      {record, _}, {sent, failed} ->
-        {[record | sent], failed}
-    end)
-    |> then(fn {sent, failed} -> {Enum.reverse(sent), Enum.reverse(failed)} end)
+    for {_record, result} <- Enum.zip(records, results ++ missing) do
+      case result do
+        %{"ErrorCode" => code} when is_binary(code) ->
+          {:error, {:aws, code, result["ErrorMessage"] || ""}}
+
+        %{"ShardId" => shard, "SequenceNumber" => sequence} ->
+          {:ok, %{shard_id: shard, sequence_number: sequence}}
+
+        _ ->
+          {:ok, %{}}
+      end
+    end
   end
 
-  defp outcome(_ok, records), do: {records, []}
+  defp results(_ok, records), do: Enum.map(records, fn _ -> {:ok, %{}} end)
 end
 
 defmodule Convoy.Services.Legacy.Source do

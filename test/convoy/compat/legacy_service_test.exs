@@ -5,17 +5,27 @@ defmodule Convoy.Compat.LegacyServiceTest do
   use ExUnit.Case, async: true
 
   import ExUnit.CaptureLog
+  import Convoy.TestSupport, only: [eventually: 1]
 
   defmodule OldService do
     @behaviour Convoy.Service
 
     def start(stream, shards \\ 1) do
-      Agent.start(fn -> %{shards: Map.new(1..shards, &{shard(&1), []}), fail: 0} end,
+      Agent.start(
+        fn ->
+          %{shards: Map.new(1..shards, &{shard(&1), []}), fail: 0, fail_first: 0, sizes: []}
+        end,
         name: name(stream)
       )
     end
 
     def fail_next(stream, n), do: Agent.update(name(stream), &%{&1 | fail: n})
+
+    # The next call stores all but its first record, which Kinesis refuses.
+    def fail_first_of_next(stream), do: Agent.update(name(stream), &%{&1 | fail_first: 1})
+
+    # Bytes (keys and data) of each put_records call, in order.
+    def sizes(stream), do: Agent.get(name(stream), &Enum.reverse(&1.sizes))
 
     defp shard(i), do: "shardId-#{String.pad_leading("#{i}", 12, "0")}"
     defp name(stream), do: :"old_service_#{stream}"
@@ -64,12 +74,29 @@ defmodule Convoy.Compat.LegacyServiceTest do
 
     @impl true
     def put_records(stream, records) do
+      size = Enum.sum(for r <- records, do: byte_size(r.partition_key) + byte_size(r.data))
+
       Agent.get_and_update(name(stream), fn
         %{fail: n} = state when n > 0 ->
           {{:error, {:http_error, 500, "boom"}}, %{state | fail: n - 1}}
 
+        %{fail_first: 1} = state ->
+          [{shard, existing}] = Enum.take(state.shards, 1)
+          [_refused | stored] = records
+
+          results =
+            [%{"ErrorCode" => "InternalFailure", "ErrorMessage" => "refused"}] ++
+              for i <- 1..length(stored)//1,
+                  do: %{"ShardId" => shard, "SequenceNumber" => "#{length(existing) + i}"}
+
+          state = %{state | fail_first: 0, sizes: [size | state.sizes]}
+
+          {{:ok, %{"FailedRecordCount" => 1, "Records" => results}},
+           put_in(state.shards[shard], existing ++ stored)}
+
         state ->
           [{shard, existing}] = Enum.take(state.shards, 1)
+          state = %{state | sizes: [size | state.sizes]}
           {{:ok, %{"FailedRecordCount" => 0}}, put_in(state.shards[shard], existing ++ records)}
       end)
     end
@@ -173,6 +200,36 @@ defmodule Convoy.Compat.LegacyServiceTest do
     assert {:ok, _} = Convoy.Queue.put(id, "k", "kept", await: 10_000)
     assert %{sent: 1, failed: 1} = Convoy.Queue.stats(id)
     refute_received {:telemetry_event, [:convoy, :put, :failed], _, %{stream_id: ^id}}
+  end
+
+  test "awaiting callers of one batch each hear their own record's outcome", %{stream: stream} do
+    start_supervised!({Convoy.Queue, stream: stream, service: OldService, batch_timeout: 60_000})
+
+    OldService.fail_first_of_next(stream)
+    first = Task.async(fn -> Convoy.Queue.put(stream, "k", "refused", await: 10_000) end)
+    eventually(fn -> Convoy.Queue.stats(stream).buffered == 1 end)
+    second = Task.async(fn -> Convoy.Queue.put(stream, "k", "stored", await: 10_000) end)
+    eventually(fn -> Convoy.Queue.stats(stream).buffered == 2 end)
+    :ok = Convoy.Queue.flush(stream)
+
+    capture_log(fn ->
+      assert Task.await(first) == {:error, {:aws, "InternalFailure", "refused"}}
+
+      assert Task.await(second) ==
+               {:ok, %{shard_id: "shardId-000000000001", sequence_number: "1"}}
+    end)
+  end
+
+  test "a batch is cut at 5 MiB of keys and data, as PutRecords allows", %{stream: stream} do
+    start_supervised!({Convoy.Queue, stream: stream, service: OldService, batch_timeout: 60_000})
+
+    data = :binary.copy("x", 1_000_000)
+    for i <- 1..7, do: :ok = Convoy.Queue.put(stream, "k#{i}", data)
+    :ok = Convoy.Queue.flush(stream, await: 10_000)
+
+    sizes = OldService.sizes(stream)
+    assert Enum.sum(sizes) == 7 * 1_000_002
+    assert Enum.all?(sizes, &(&1 <= 5 * 1024 * 1024)), inspect(sizes)
   end
 
   test "put checks records with the one check every service uses", %{stream: stream} do
