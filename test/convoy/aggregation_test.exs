@@ -261,4 +261,33 @@ defmodule Convoy.AggregationTest do
     Process.unlink(pid)
     GenServer.stop(pid)
   end
+
+  test "a stopped queue's shard map is no longer refreshed, though a caller keeps its handle" do
+    alias Convoy.TestSupport.ThrottleProxy
+    "http://127.0.0.1:" <> port = endpoint()
+    # Counts ListShards calls, throttles none.
+    {:ok, proxy} =
+      ThrottleProxy.start_link(String.to_integer(port), operation: "ListShards", every: 1_000_000)
+
+    stream = create_stream!(unique_stream("agg-stop"), 1)
+
+    id =
+      start_queue!(stream,
+        kinesis: kinesis(ThrottleProxy.endpoint(proxy)),
+        aggregation: true,
+        shard_refresh_interval: 1_000
+      )
+
+    # This process keeps the producer's handle (Convoy.Queue.HandleCache).
+    assert {:ok, _} = Convoy.Queue.put(id, "k", "v", await: 10_000)
+    # Refreshed while the queue runs.
+    calls = ThrottleProxy.counts(proxy).seen
+    eventually(fn -> ThrottleProxy.counts(proxy).seen > calls end)
+
+    stop_supervised!(id)
+    Process.sleep(1_500)
+    calls = ThrottleProxy.counts(proxy).seen
+    Process.sleep(3_000)
+    assert ThrottleProxy.counts(proxy).seen == calls
+  end
 end

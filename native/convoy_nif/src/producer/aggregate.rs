@@ -9,6 +9,7 @@
 //! by partition key, which is always safe.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -313,8 +314,11 @@ pub(super) fn cut(
     cut.finish()
 }
 
-/// Keeps the shard map current while the producer lives: every `interval`,
-/// and at once when a record landed on an unexpected shard.
+/// Keeps the shard map current while the producer takes records: every
+/// `interval`, and at once when a record landed on an unexpected shard.
+/// Once the producer is closed its lanes finish with the map they have:
+/// callers may hold its handle long after (see `Convoy.Queue.HandleCache`),
+/// which must not keep this loop calling ListShards.
 pub(super) async fn refresh_shard_map(
     shared: Weak<Shared>,
     aggregation: Arc<Aggregation>,
@@ -342,6 +346,9 @@ pub(super) async fn refresh_shard_map(
                 *aggregation.shard_map.write().expect("not poisoned") = Arc::new(map);
             }
             aggregation.first_load.send_replace(true);
+            if producer.closed.load(Ordering::Relaxed) {
+                return;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
