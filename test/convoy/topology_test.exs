@@ -118,7 +118,7 @@ defmodule Convoy.TopologyTest do
 
   test "a producer lane that panics reports its records as failed, and the queue restarts its producer" do
     stream = create_stream!(unique_stream("lane-panic"), 1)
-    {old_owner, producer} = start_one_lane_queue!(stream)
+    {old_owner, producer} = start_held_queue!(stream)
     ref = Process.monitor(old_owner)
 
     lost = for i <- 1..20, do: "lost-#{i}"
@@ -157,7 +157,7 @@ defmodule Convoy.TopologyTest do
   for aggregation <- [false, true] do
     test "a lane that panics while it cuts a request still answers every awaiting caller (aggregation: #{aggregation})" do
       stream = create_stream!(unique_stream("cut-panic"), 1)
-      {owner, producer} = start_one_lane_queue!(stream, aggregation: unquote(aggregation))
+      {owner, producer} = start_held_queue!(stream, aggregation: unquote(aggregation))
       ref = Process.monitor(owner)
 
       # One key each: in per-key order a second record of a key would wait
@@ -205,25 +205,69 @@ defmodule Convoy.TopologyTest do
     end
   end
 
-  # A queue whose records all wait in one lane (sent only when flushed),
-  # its failures sent here as {:failed, failure}; returns the producer's
-  # owner and the producer.
-  defp start_one_lane_queue!(stream, opts \\ []) do
+  # A queue whose records wait in their lane (one unless `opts` say) until
+  # flushed, its failures sent here as {:failed, failure}; returns the
+  # producer's owner and the producer.
+  defp start_held_queue!(stream, opts \\ []) do
     me = self()
 
-    start_supervised!({
-      Convoy.Queue,
-      [
-        stream: stream,
-        kinesis: kinesis(),
-        batch_timeout: 600_000,
-        max_in_flight: 1,
-        on_failure: fn failure -> send(me, {:failed, failure}) end
-      ] ++ opts
-    })
+    defaults = [
+      stream: stream,
+      kinesis: kinesis(),
+      batch_timeout: 600_000,
+      max_in_flight: 1,
+      on_failure: fn failure -> send(me, {:failed, failure}) end
+    ]
+
+    start_supervised!({Convoy.Queue, Keyword.merge(defaults, opts)})
 
     [{owner, {_, %{producer: producer}}}] = Registry.lookup(Convoy.Registry, {:handle, stream})
     {owner, producer}
+  end
+
+  test "a lane that panics: the other lanes send what they hold before the producer is replaced" do
+    alias Convoy.TestSupport.TcpProxy
+    "http://127.0.0.1:" <> port = endpoint()
+
+    # Every PutRecords reaches Kinesis a second late.
+    slow = fn _client, server, buffer ->
+      TcpProxy.each_http_request(buffer, fn headers, request ->
+        if headers["x-amz-target"] == "Kinesis_20131202.PutRecords", do: Process.sleep(1_000)
+        :gen_tcp.send(server, request)
+      end)
+    end
+
+    {:ok, proxy} = TcpProxy.start_link(String.to_integer(port), from_client: slow)
+    stream = create_stream!(unique_stream("lane-panic-others"), 1)
+    via_proxy = kinesis("http://127.0.0.1:#{TcpProxy.port(proxy)}")
+    {owner, producer} = start_held_queue!(stream, max_in_flight: 2, kinesis: via_proxy)
+    ref = Process.monitor(owner)
+
+    held = for i <- 1..40, do: "held-#{i}"
+    Enum.each(held, &(:ok = Convoy.Queue.put(stream, "key-#{&1}", &1)))
+
+    {_, _log} =
+      ExUnit.CaptureLog.with_log(fn ->
+        :ok = Convoy.Native.debug_lane_panic(producer, false)
+        assert_receive {:DOWN, ^ref, :process, ^owner, {:producer_panic, _}}, 20_000
+      end)
+
+    # The owner ended (and its successor started) only once the lane that
+    # lived had sent all it held.
+    assert %{buffered: 0, in_flight: 0} = Convoy.Native.producer_stats(producer)
+
+    failed = for {:failed, %{data: data}} <- drain_mailbox(), do: data
+    stored = Enum.map(read_all(stream), & &1.data)
+    assert failed != [] and stored != []
+    assert Enum.sort(failed ++ stored) == Enum.sort(held)
+  end
+
+  defp drain_mailbox(acc \\ []) do
+    receive do
+      message -> drain_mailbox([message | acc])
+    after
+      0 -> Enum.reverse(acc)
+    end
   end
 
   defp find(:queue, stream), do: Topology.whereis(Convoy.Queue, stream)

@@ -56,6 +56,8 @@ pub(super) struct Inbox {
     active: AtomicUsize,
     /// Set when the producer resource is gone: no put can come any more.
     dropped: AtomicBool,
+    /// Set when the lane ended abnormally: nothing drains this inbox any more.
+    lane_gone: AtomicBool,
     pub wake: Notify,
 }
 
@@ -82,12 +84,26 @@ impl Inbox {
         Ok(())
     }
 
-    /// A control command that goes in even when the producer is closed: the
-    /// close itself, sent once `closed` is set.
-    pub fn push_close(&self, command: Command) {
+    /// A control command that goes in even when the producer is closed (the
+    /// close itself, sent once `closed` is set), unless the lane is gone.
+    /// Like `push`, inside the `active` window: the dying lane settles
+    /// before its last drain, so an accepted command is always seen.
+    pub fn push_close(&self, command: Command) -> Result<(), Command> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if self.lane_gone.load(Ordering::SeqCst) {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            return Err(command);
+        }
         self.queue.push(command.into());
         self.pending.fetch_add(1, Ordering::AcqRel);
+        self.active.fetch_sub(1, Ordering::SeqCst);
         self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The lane ended abnormally; it settles and drains once more after this.
+    pub fn lane_gone(&self) {
+        self.lane_gone.store(true, Ordering::SeqCst);
     }
 
     pub fn pop(&self) -> Option<Command> {

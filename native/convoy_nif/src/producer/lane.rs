@@ -265,6 +265,7 @@ impl Drop for Lane {
             return;
         }
         self.shared.closed.store(true, Ordering::SeqCst);
+        self.inbox.lane_gone();
         self.inbox.settle_blocking();
         self.drain_commands();
         let reason = Error::Panic("the producer lane ended abnormally".into());

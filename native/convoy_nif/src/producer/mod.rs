@@ -205,16 +205,27 @@ impl Shared {
 impl Producer {
     /// Stops taking records and has every lane send what it holds within
     /// `timeout`; the waiter hears when all are done (at once if closed before).
+    ///
+    /// A lane's panic closes the producer too (no put may reach the dead
+    /// lane) but tells no other lane: the first close with a deadline is
+    /// still this one, and the live lanes finish within it, so the owner's
+    /// successor starts after them and keeps each key's order.
     fn close(&self, timeout: Duration, waiter: Option<Arc<Waiter>>) {
-        let already_closed = self.shared.closed.swap(true, Ordering::SeqCst);
+        self.shared.closed.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + timeout;
-        if !already_closed {
-            self.shared.close_deadline.send_replace(Some(deadline));
-        }
+        let first = self.shared.close_deadline.send_if_modified(|at| {
+            let unset = at.is_none();
+            if unset {
+                *at = Some(deadline);
+            }
+            unset
+        });
         for inbox in &self.lanes {
-            if !already_closed {
-                inbox.push_close(Command::Close(deadline, waiter.clone()));
-            } else if let Some(waiter) = &waiter {
+            let told = first
+                && inbox
+                    .push_close(Command::Close(deadline, waiter.clone()))
+                    .is_ok();
+            if let (false, Some(waiter)) = (told, &waiter) {
                 waiter.done();
             }
         }
@@ -432,7 +443,7 @@ fn producer_set_reporter(producer: ResourceArc<Producer>, reporter: LocalPid) ->
 #[cfg(feature = "test-hooks")]
 #[rustler::nif]
 fn debug_lane_panic(producer: ResourceArc<Producer>, mid_cut: bool) -> rustler::Atom {
-    producer.lanes[0].push_close(Command::Panic { mid_cut });
+    let _ = producer.lanes[0].push_close(Command::Panic { mid_cut });
     atoms::ok()
 }
 
