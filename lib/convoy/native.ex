@@ -46,6 +46,7 @@ defmodule Convoy.Native do
   def producer_close(_producer, _timeout_ms, _reply_to), do: not_loaded()
   def producer_stats(_producer), do: not_loaded()
   def producer_set_reporter(_producer, _reporter), do: not_loaded()
+  def producer_await_lanes(_producer, _timeout_ms, _reply_to), do: not_loaded()
 
   # consumer: shard readers (a poller, or a fan-out subscription) answer to
   # the same acknowledgement and stop

@@ -226,21 +226,8 @@ defmodule Convoy.TopologyTest do
   end
 
   test "a lane that panics: the other lanes send what they hold before the producer is replaced" do
-    alias Convoy.TestSupport.TcpProxy
-    "http://127.0.0.1:" <> port = endpoint()
-
-    # Every PutRecords reaches Kinesis a second late.
-    slow = fn _client, server, buffer ->
-      TcpProxy.each_http_request(buffer, fn headers, request ->
-        if headers["x-amz-target"] == "Kinesis_20131202.PutRecords", do: Process.sleep(1_000)
-        :gen_tcp.send(server, request)
-      end)
-    end
-
-    {:ok, proxy} = TcpProxy.start_link(String.to_integer(port), from_client: slow)
     stream = create_stream!(unique_stream("lane-panic-others"), 1)
-    via_proxy = kinesis("http://127.0.0.1:#{TcpProxy.port(proxy)}")
-    {owner, producer} = start_held_queue!(stream, max_in_flight: 2, kinesis: via_proxy)
+    {owner, producer} = start_held_queue!(stream, max_in_flight: 2, kinesis: slow_puts())
     ref = Process.monitor(owner)
 
     held = for i <- 1..40, do: "held-#{i}"
@@ -260,6 +247,37 @@ defmodule Convoy.TopologyTest do
     stored = Enum.map(read_all(stream), & &1.data)
     assert failed != [] and stored != []
     assert Enum.sort(failed ++ stored) == Enum.sort(held)
+  end
+
+  test "a killed producer's lanes finish before its successor takes puts: a key keeps its order" do
+    stream = create_stream!(unique_stream("kill-order"), 1)
+    # In per-key order one key's records go one request (a second) each.
+    {owner, _producer} = start_held_queue!(stream, batch_timeout: 0, kinesis: slow_puts())
+
+    before = for i <- 1..4, do: "before-#{i}"
+    Enum.each(before, &(:ok = Convoy.Queue.put(stream, "k", &1)))
+    Process.exit(owner, :kill)
+
+    # The first put the successor takes comes after all of them.
+    put_eventually(stream, "after", "k")
+    :ok = Convoy.Queue.flush(stream, await: 30_000)
+    assert Enum.map(read_all(stream), & &1.data) == before ++ ["after"]
+  end
+
+  # Kinesis settings through a proxy that holds every PutRecords a second.
+  defp slow_puts do
+    alias Convoy.TestSupport.TcpProxy
+    "http://127.0.0.1:" <> port = endpoint()
+
+    slow = fn _client, server, buffer ->
+      TcpProxy.each_http_request(buffer, fn headers, request ->
+        if headers["x-amz-target"] == "Kinesis_20131202.PutRecords", do: Process.sleep(1_000)
+        :gen_tcp.send(server, request)
+      end)
+    end
+
+    {:ok, proxy} = TcpProxy.start_link(String.to_integer(port), from_client: slow)
+    kinesis("http://127.0.0.1:#{TcpProxy.port(proxy)}")
   end
 
   defp drain_mailbox(acc \\ []) do
@@ -297,8 +315,9 @@ defmodule Convoy.TopologyTest do
   end
 
   # While the tree restarts, a put may answer :closed or :unknown_stream.
-  defp put_eventually(stream, data) do
-    eventually(fn -> Convoy.Queue.put(stream, "k#{rem(byte_size(data), 7)}", data) == :ok end)
+  defp put_eventually(stream, data, key \\ nil) do
+    key = key || "k#{rem(byte_size(data), 7)}"
+    eventually(fn -> Convoy.Queue.put(stream, key, data) == :ok end)
   end
 
   # The records handled (data => when first), until every wanted one was.

@@ -5,6 +5,10 @@ defmodule Convoy.Queue.Reporter do
   # queue's `on_failure`. It is the first process of a queue's tree, so a
   # producer whose owner was killed still reports to a live process.
   #
+  # It also keeps the queue's latest native producer (`swap_producer/2`): a
+  # producer whose owner was killed goes on sending what it held, and the
+  # owner's successor waits for it.
+  #
   # Reports arrive as `{:convoy_put_failed, [{partition_key, data, reason}]}`.
   # When telemetry is on, the native producer also sends it one
   # `{:convoy_put_records, report}` per PutRecords request, which becomes a
@@ -33,8 +37,20 @@ defmodule Convoy.Queue.Reporter do
      %{
        stream_id: options[:stream_id],
        stream: options[:stream],
-       on_failure: options[:on_failure]
+       on_failure: options[:on_failure],
+       producer: nil
      }}
+  end
+
+  @doc """
+  Keeps `producer` as the queue's latest and returns the one kept before
+  (nil for the first, or when the reporter is unreachable).
+  """
+  @spec swap_producer(pid, reference) :: reference | nil
+  def swap_producer(reporter, producer) do
+    GenServer.call(reporter, {:swap_producer, producer}, 5_000)
+  catch
+    :exit, _ -> nil
   end
 
   @doc """
@@ -51,6 +67,9 @@ defmodule Convoy.Queue.Reporter do
 
   @impl true
   def handle_call(:sync, _from, state), do: {:reply, :ok, state}
+
+  def handle_call({:swap_producer, producer}, _from, state),
+    do: {:reply, state.producer, %{state | producer: producer}}
 
   @impl true
   def handle_info({:convoy_put_failed, failures}, state) do

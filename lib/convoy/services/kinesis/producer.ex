@@ -6,10 +6,11 @@ defmodule Convoy.Services.Kinesis.Producer do
   # The producer lives as long as this process holds it. On a normal stop,
   # `terminate/2` closes it and waits, within the `shutdown` time, for every
   # buffered record to be sent or to fail. If this process is killed, the
-  # handle's Registry entry goes with it, nobody holds the producer any more,
-  # and dropping it makes the lanes send what they hold and end; records that
-  # finally fail are reported to the queue's `Convoy.Queue.Reporter`, which
-  # outlives this process.
+  # handle's Registry entry goes with it, and the producer (which monitors
+  # this process) closes: its lanes send what they hold and end, and records
+  # that finally fail are reported to the queue's `Convoy.Queue.Reporter`,
+  # which outlives this process. The reporter also keeps the latest producer,
+  # so this process's successor takes puts only once those lanes are done.
 
   use GenServer
 
@@ -65,11 +66,32 @@ defmodule Convoy.Services.Kinesis.Producer do
       |> Map.put(:telemetry, Convoy.Telemetry.enabled?())
 
     producer = Native.producer_start(client, native_options, reporter)
+    await_predecessor(Reporter.swap_producer(reporter, producer), options)
 
     handle = %{producer: producer, consumer: Convoy.Consumer.name(stream_id)}
     :ok = Convoy.Queue.register(stream_id, Convoy.Services.Kinesis, handle)
 
     {:ok, %{stream_id: stream_id, producer: producer, options: options, reporter: reporter}}
+  end
+
+  # The producer this one replaces (its owner was killed, or stopped) still
+  # sends what it held: puts are taken only once it is done, within the
+  # shutdown time, so a key's records keep their order.
+  defp await_predecessor(nil, _options), do: :ok
+
+  defp await_predecessor(previous, options) do
+    timeout = options[:shutdown]
+
+    case Native.call(&Native.producer_await_lanes(previous, timeout, &1), timeout + 1_000) do
+      {:ok, true} ->
+        :ok
+
+      other ->
+        Logger.warning(
+          "Convoy #{inspect(options[:stream_id])}: the previous producer still sends " <>
+            "after #{timeout} ms (#{inspect(other)}); taking puts anyway"
+        )
+    end
   end
 
   @impl true

@@ -256,14 +256,23 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 impl Drop for Lane {
+    /// Counts the lane out, once whatever it held has its outcome.
+    fn drop(&mut self) {
+        if !self.finished {
+            self.end_abnormally();
+        }
+        if self.shared.lanes_running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.shared.lane_ended.notify_waiters();
+        }
+    }
+}
+
+impl Lane {
     /// A lane dropped before `run` finished ended abnormally: close the
     /// producer so puts answer `{:error, :closed}` instead of reaching this
     /// lane, and report every record it held, or that reached its inbox
     /// before the close, as failed. Waiting callers are answered.
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
+    fn end_abnormally(&mut self) {
         self.shared.closed.store(true, Ordering::SeqCst);
         self.inbox.lane_gone();
         self.inbox.settle_blocking();

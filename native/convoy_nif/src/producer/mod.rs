@@ -130,6 +130,10 @@ struct Shared {
     /// Set by `close`: when the lanes give up sending. A request in flight
     /// or a retry waiting then ends at once (see `send::deliver`).
     close_deadline: tokio::sync::watch::Sender<Option<Instant>>,
+    /// Lanes not ended yet, and the signal of each end (see
+    /// `producer_await_lanes`).
+    lanes_running: AtomicUsize,
+    lane_ended: tokio::sync::Notify,
     stats: Stats,
     aggregation: Option<Arc<Aggregation>>,
     /// Stamps records as they are put.
@@ -325,6 +329,8 @@ fn producer_start(
         owner,
         closed: AtomicBool::new(false),
         close_deadline: tokio::sync::watch::Sender::new(None),
+        lanes_running: AtomicUsize::new(lane_count),
+        lane_ended: tokio::sync::Notify::new(),
         stats: Stats::default(),
         aggregation: options
             .aggregation
@@ -423,6 +429,36 @@ fn producer_close(
 ) -> rustler::Atom {
     let waiter = Waiter::new(producer.lanes.len(), reply);
     producer.close(Duration::from_millis(timeout_ms), Some(waiter));
+    atoms::ok()
+}
+
+/// Replies `{ref, {:ok, true}}` once every lane of the producer has ended
+/// (sent or failed all it held), or `{ref, {:ok, false}}` after
+/// `timeout_ms`. A producer whose owner was killed goes on sending what it
+/// held; its successor waits for it, so a key's records keep their order.
+#[rustler::nif]
+fn producer_await_lanes(
+    producer: ResourceArc<Producer>,
+    timeout_ms: u64,
+    reply: ReplyTo,
+) -> rustler::Atom {
+    let shared = producer.shared.clone();
+    runtime::spawn_reply(reply, async move {
+        let all_ended = async {
+            loop {
+                // Registered before the count is read, so no end is missed.
+                let ended = shared.lane_ended.notified();
+                tokio::pin!(ended);
+                ended.as_mut().enable();
+                if shared.lanes_running.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                ended.await;
+            }
+        };
+        let timeout = Duration::from_millis(timeout_ms);
+        Ok(tokio::time::timeout(timeout, all_ended).await.is_ok())
+    });
     atoms::ok()
 }
 
