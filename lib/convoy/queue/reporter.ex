@@ -43,14 +43,15 @@ defmodule Convoy.Queue.Reporter do
   end
 
   @doc """
-  Keeps `producer` as the queue's latest and returns the one kept before
-  (nil for the first, or when the reporter is unreachable).
+  Keeps `producer` as the queue's latest: `{:ok, previous}` with the one
+  kept before (nil for the first), or `:error` when the reporter did not
+  answer.
   """
-  @spec swap_producer(pid, reference) :: reference | nil
+  @spec swap_producer(pid, reference) :: {:ok, reference | nil} | :error
   def swap_producer(reporter, producer) do
     GenServer.call(reporter, {:swap_producer, producer}, 5_000)
   catch
-    :exit, _ -> nil
+    :exit, _ -> :error
   end
 
   @doc """
@@ -69,7 +70,7 @@ defmodule Convoy.Queue.Reporter do
   def handle_call(:sync, _from, state), do: {:reply, :ok, state}
 
   def handle_call({:swap_producer, producer}, _from, state),
-    do: {:reply, state.producer, %{state | producer: producer}}
+    do: {:reply, {:ok, state.producer}, %{state | producer: producer}}
 
   @impl true
   def handle_info({:convoy_put_failed, failures}, state) do

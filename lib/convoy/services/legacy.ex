@@ -208,6 +208,8 @@ defmodule Convoy.Services.Legacy do
 
   @impl GenServer
   def handle_call({:put, record, await?}, from, state) do
+    # Taken now, whatever the sending below costs.
+    if not await?, do: GenServer.reply(from, :ok)
     size = byte_size(record.partition_key) + byte_size(record.data)
     # A record that would take the batch past 5 MiB starts the next one.
     state = if state.bytes + size > @max_batch_bytes, do: transmit(state), else: state
@@ -221,8 +223,6 @@ defmodule Convoy.Services.Legacy do
 
     state =
       if await?, do: %{state | waiting: [{from, state.count - 1} | state.waiting]}, else: state
-
-    if not await?, do: GenServer.reply(from, :ok)
 
     cond do
       state.batch_timeout == 0 or state.count >= @max_batch ->

@@ -34,7 +34,8 @@ defmodule Convoy.Services.Kinesis.Producer do
     :max_backoff,
     :aggregation,
     :aggregation_max_bytes,
-    :shard_refresh_interval
+    :shard_refresh_interval,
+    :shutdown
   ]
 
   def child_spec({options, _client} = args) do
@@ -66,21 +67,38 @@ defmodule Convoy.Services.Kinesis.Producer do
       |> Map.put(:telemetry, Convoy.Telemetry.enabled?())
 
     producer = Native.producer_start(client, native_options, reporter)
-    await_predecessor(Reporter.swap_producer(reporter, producer), options)
+    state = %{stream_id: stream_id, producer: producer, options: options, reporter: reporter}
 
-    handle = %{producer: producer, consumer: Convoy.Consumer.name(stream_id)}
-    :ok = Convoy.Queue.register(stream_id, Convoy.Services.Kinesis, handle)
+    case Reporter.swap_producer(reporter, producer) do
+      # The queue's first producer: it takes puts once start_link returns.
+      {:ok, nil} ->
+        {:ok, register(state)}
 
-    {:ok, %{stream_id: stream_id, producer: producer, options: options, reporter: reporter}}
+      # A successor: it waits for its predecessor without holding up the
+      # rest of the tree; puts answer :unknown_stream meanwhile.
+      previous ->
+        {:ok, state, {:continue, {:await_predecessor, previous}}}
+    end
+  end
+
+  @impl true
+  def handle_continue({:await_predecessor, previous}, state) do
+    await_predecessor(previous, state.options)
+    {:noreply, register(state)}
+  end
+
+  defp register(state) do
+    handle = %{producer: state.producer, consumer: Convoy.Consumer.name(state.stream_id)}
+    :ok = Convoy.Queue.register(state.stream_id, Convoy.Services.Kinesis, handle)
+    state
   end
 
   # The producer this one replaces (its owner was killed, or stopped) still
-  # sends what it held: puts are taken only once it is done, within the
-  # shutdown time, so a key's records keep their order.
-  defp await_predecessor(nil, _options), do: :ok
-
-  defp await_predecessor(previous, options) do
-    timeout = options[:shutdown]
+  # sends what it held, within the shutdown time: puts are taken only once
+  # it is done, so a key's records keep their order.
+  defp await_predecessor({:ok, previous}, options) do
+    # A little more than the predecessor's own deadline.
+    timeout = options[:shutdown] + 1_000
 
     case Native.call(&Native.producer_await_lanes(previous, timeout, &1), timeout + 1_000) do
       {:ok, true} ->
@@ -92,6 +110,13 @@ defmodule Convoy.Services.Kinesis.Producer do
             "after #{timeout} ms (#{inspect(other)}); taking puts anyway"
         )
     end
+  end
+
+  defp await_predecessor(:error, options) do
+    Logger.warning(
+      "Convoy #{inspect(options[:stream_id])}: the reporter did not say which producer " <>
+        "this one replaces; taking puts without waiting for it"
+    )
   end
 
   @impl true
@@ -123,8 +148,8 @@ defmodule Convoy.Services.Kinesis.Producer do
 
   @impl true
   # Killed along with the service's supervisor: nothing waits for a graceful
-  # close, and dropping the producer (as this process exits) sends what it
-  # holds anyway, reporting to the reporter.
+  # close; the producer, which monitors this process, closes and sends what
+  # it holds within the shutdown time, reporting to the reporter.
   def terminate(:killed, _state), do: :ok
 
   def terminate(_reason, state) do
@@ -179,6 +204,8 @@ defmodule Convoy.Services.Kinesis.Producer do
       pid when is_pid(pid) and pid != state.reporter ->
         Process.monitor(pid)
         :ok = Native.producer_set_reporter(state.producer, pid)
+        # The new reporter keeps this producer for this process's successor.
+        _ = Reporter.swap_producer(pid, state.producer)
         %{state | reporter: pid}
 
       _ ->

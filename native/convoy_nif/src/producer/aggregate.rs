@@ -354,5 +354,11 @@ pub(super) async fn refresh_shard_map(
             _ = tokio::time::sleep(interval) => {}
             _ = aggregation.refresh.notified() => {}
         }
+        if shared
+            .upgrade()
+            .is_none_or(|p| p.closed.load(Ordering::Relaxed))
+        {
+            return;
+        }
     }
 }

@@ -129,9 +129,13 @@ impl Lane {
             Command::Flush(waiter) => self.flushes.push((self.buffer.len(), waiter)),
             Command::Close(deadline, waiter) => self.closing = Some((deadline, waiter)),
             #[cfg(feature = "test-hooks")]
-            Command::Panic { mid_cut: false } => {
+            // Not while the lane is being dropped after a panic: a second
+            // panic then would abort the VM.
+            Command::Panic { mid_cut: false } if !std::thread::panicking() => {
                 panic!("convoy: deliberate panic in a producer lane (test)")
             }
+            #[cfg(feature = "test-hooks")]
+            Command::Panic { mid_cut: false } => {}
             #[cfg(feature = "test-hooks")]
             Command::Panic { mid_cut: true } => self.panic_mid_cut = true,
         }
@@ -256,9 +260,25 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 impl Drop for Lane {
-    /// Counts the lane out, once whatever it held has its outcome.
+    /// Nothing reads the inbox from here on: it refuses control commands
+    /// (see `Inbox::push_close`), and those already in are answered. Then
+    /// the lane counts itself out, whatever it held having its outcome.
     fn drop(&mut self) {
         if !self.finished {
+            // Puts are refused before the last drain (a lane that finished
+            // did so closed already, or with no producer left to put).
+            self.shared.closed.store(true, Ordering::SeqCst);
+        }
+        self.inbox.lane_gone();
+        self.inbox.settle_blocking();
+        if self.finished {
+            // A close or flush that came after the lane's last look.
+            self.drain_commands();
+            self.fail_buffered(&Error::Closed);
+            if let Some((_, Some(waiter))) = self.closing.take() {
+                waiter.done();
+            }
+        } else {
             self.end_abnormally();
         }
         if self.shared.lanes_running.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -268,14 +288,12 @@ impl Drop for Lane {
 }
 
 impl Lane {
-    /// A lane dropped before `run` finished ended abnormally: close the
-    /// producer so puts answer `{:error, :closed}` instead of reaching this
-    /// lane, and report every record it held, or that reached its inbox
-    /// before the close, as failed. Waiting callers are answered.
+    /// A lane dropped before `run` finished ended abnormally. The producer
+    /// is closed by now (see `Drop`), so puts answer `{:error, :closed}`
+    /// instead of reaching this lane: every record it held, or that reached
+    /// its inbox before the close, is reported as failed, and waiting
+    /// callers are answered.
     fn end_abnormally(&mut self) {
-        self.shared.closed.store(true, Ordering::SeqCst);
-        self.inbox.lane_gone();
-        self.inbox.settle_blocking();
         self.drain_commands();
         let reason = Error::Panic("the producer lane ended abnormally".into());
         // The request being sent is counted in flight already.

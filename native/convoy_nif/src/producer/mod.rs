@@ -13,12 +13,14 @@
 //! charged on `put`; it is paid back only when a record's outcome is final, so
 //! the bound holds while Kinesis is unreachable.
 //!
-//! The producer lives as long as its resource: when the process that owns it
-//! stops holding it (the owner stopped or was killed), the resource is
-//! dropped and the lanes send what they hold, then end. Records that finally
-//! fail are reported to the queue's reporter process, which outlives the
-//! owner; a lane that panics reports its records as failed and closes the
-//! producer, so no put is routed to a dead lane. A caller awaiting a record
+//! The producer watches the process that owns it: when the owner stops
+//! (closing it first) or is killed (`down`, with the `shutdown` deadline),
+//! or when the resource is dropped, the lanes send what they hold, then end,
+//! each counting itself out (`producer_await_lanes`, which the owner's
+//! successor waits on). Records that finally fail are reported to the
+//! queue's reporter process, which outlives the owner; a lane that panics
+//! reports its records as failed and closes the producer, so no put is
+//! routed to a dead lane. A caller awaiting a record
 //! is answered once, whatever becomes of the record (see `entry::Extras`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -78,6 +80,8 @@ pub struct ProducerOptions {
     pub shard_refresh_interval: u64,
     /// Report each PutRecords request to the reporter (see `crate::telemetry`).
     pub telemetry: bool,
+    /// How long the lanes may go on sending once the owner is gone (ms).
+    pub shutdown: u64,
 }
 
 pub struct Producer {
@@ -103,6 +107,10 @@ impl rustler::Resource for Producer {
     /// as when the resource is dropped.
     fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: rustler::Monitor) {
         self.shared.closed.store(true, Ordering::SeqCst);
+        // Within `shutdown`, as a close would: the owner's successor waits
+        // for these lanes before it takes puts.
+        self.shared
+            .set_close_deadline(Instant::now() + self.shared.shutdown);
         for inbox in &self.lanes {
             inbox.drop_producer();
         }
@@ -134,6 +142,8 @@ struct Shared {
     /// `producer_await_lanes`).
     lanes_running: AtomicUsize,
     lane_ended: tokio::sync::Notify,
+    /// See `ProducerOptions::shutdown`.
+    shutdown: Duration,
     stats: Stats,
     aggregation: Option<Arc<Aggregation>>,
     /// Stamps records as they are put.
@@ -198,6 +208,18 @@ impl Shared {
     }
 
     /// Pays back the budget of records whose outcome is final.
+    /// Sets when the lanes give up sending, unless it is set already;
+    /// whether it was set now.
+    fn set_close_deadline(&self, deadline: Instant) -> bool {
+        self.close_deadline.send_if_modified(|at| {
+            let unset = at.is_none();
+            if unset {
+                *at = Some(deadline);
+            }
+            unset
+        })
+    }
+
     fn release(&self, records: u64, bytes: u64) {
         self.stats.buffered.fetch_sub(records, Ordering::Relaxed);
         self.stats
@@ -217,13 +239,7 @@ impl Producer {
     fn close(&self, timeout: Duration, waiter: Option<Arc<Waiter>>) {
         self.shared.closed.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + timeout;
-        let first = self.shared.close_deadline.send_if_modified(|at| {
-            let unset = at.is_none();
-            if unset {
-                *at = Some(deadline);
-            }
-            unset
-        });
+        let first = self.shared.set_close_deadline(deadline);
         for inbox in &self.lanes {
             let told = first
                 && inbox
@@ -331,6 +347,7 @@ fn producer_start(
         close_deadline: tokio::sync::watch::Sender::new(None),
         lanes_running: AtomicUsize::new(lane_count),
         lane_ended: tokio::sync::Notify::new(),
+        shutdown: Duration::from_millis(options.shutdown),
         stats: Stats::default(),
         aggregation: options
             .aggregation
