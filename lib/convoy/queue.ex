@@ -490,7 +490,8 @@ defmodule Convoy.Queue do
 
   @doc """
   Counters of the queue, read cheaply from Rust: `buffered` (records waiting
-  for a request), `buffered_bytes`, `in_flight`, `sent`, `retried`,
+  for a request), `buffered_bytes` (the bytes the buffer budget holds:
+  records waiting and in flight), `in_flight`, `sent`, `retried`,
   `throttled`, `failed`.
 
   ## Example

@@ -224,8 +224,9 @@ defmodule Convoy.Queue.Options do
         unit: :ms,
         default: 100,
         doc: """
-        The wait before the first retry; it doubles each time, with jitter.
-        Shard pollers back off the same way after an error.
+        The wait before the first retry, doubling each time. Each wait is
+        drawn between half of it and all of it (jitter), up to
+        `:max_backoff`. Shard pollers back off the same way after an error.
         """
       ],
       max_backoff: [
