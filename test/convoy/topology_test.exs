@@ -264,6 +264,45 @@ defmodule Convoy.TopologyTest do
     assert Enum.map(read_all(stream), & &1.data) == before ++ ["after"]
   end
 
+  test "a killed producer's lanes fail what they still hold at :shutdown, all at once" do
+    # Nothing listens there: every PutRecords fails to connect and is retried.
+    {:ok, socket} = :gen_tcp.listen(0, ip: {127, 0, 0, 1})
+    {:ok, port} = :inet.port(socket)
+    :ok = :gen_tcp.close(socket)
+    stream = unique_stream("kill-deadline")
+    Convoy.TestTelemetry.subscribe()
+
+    {owner, _producer} =
+      start_held_queue!(stream,
+        batch_timeout: 0,
+        shutdown: 1_000,
+        kinesis: kinesis("http://127.0.0.1:#{port}")
+      )
+
+    # One key, per-key order: one record a request, the rest buffered.
+    held = for i <- 1..30, do: "held-#{i}"
+    Enum.each(held, &(:ok = Convoy.Queue.put(stream, "k", &1)))
+    Process.exit(owner, :kill)
+
+    failed =
+      for _ <- held do
+        assert_receive {:failed, %{data: data}}, 20_000
+        data
+      end
+
+    assert Enum.sort(failed) == Enum.sort(held)
+    refute_receive {:failed, _}, 300
+
+    reports =
+      for {:telemetry_event, [:convoy, :put, :failed], %{count: n}, %{stream_id: ^stream}} <-
+            drain_mailbox(),
+          do: n
+
+    # The request in flight, then the rest together: not a report a record.
+    assert Enum.sum(reports) == 30
+    assert length(reports) <= 3, inspect(reports)
+  end
+
   # Kinesis settings through a proxy that holds every PutRecords a second.
   defp slow_puts do
     alias Convoy.TestSupport.TcpProxy

@@ -5,7 +5,8 @@ defmodule Convoy.Queue.Reporter do
   # queue's `on_failure`. It is the first process of a queue's tree, so a
   # producer whose owner was killed still reports to a live process.
   #
-  # It also keeps the queue's latest native producer (`swap_producer/2`): a
+  # It also keeps the queue's latest registered native producer
+  # (`latest_producer/1`, `keep_producer/2`): a
   # producer whose owner was killed goes on sending what it held, and the
   # owner's successor waits for it.
   #
@@ -43,13 +44,20 @@ defmodule Convoy.Queue.Reporter do
   end
 
   @doc """
-  Keeps `producer` as the queue's latest: `{:ok, previous}` with the one
-  kept before (nil for the first), or `:error` when the reporter did not
-  answer.
+  The queue's latest registered producer: `{:ok, producer}` (nil before the
+  first), or `:error` when the reporter did not answer.
   """
-  @spec swap_producer(pid, reference) :: {:ok, reference | nil} | :error
-  def swap_producer(reporter, producer) do
-    GenServer.call(reporter, {:swap_producer, producer}, 5_000)
+  @spec latest_producer(pid) :: {:ok, reference | nil} | :error
+  def latest_producer(reporter) do
+    GenServer.call(reporter, :latest_producer, 5_000)
+  catch
+    :exit, _ -> :error
+  end
+
+  @doc "Keeps `producer` as the queue's latest registered one."
+  @spec keep_producer(pid, reference) :: :ok | :error
+  def keep_producer(reporter, producer) do
+    GenServer.call(reporter, {:keep_producer, producer}, 5_000)
   catch
     :exit, _ -> :error
   end
@@ -69,8 +77,10 @@ defmodule Convoy.Queue.Reporter do
   @impl true
   def handle_call(:sync, _from, state), do: {:reply, :ok, state}
 
-  def handle_call({:swap_producer, producer}, _from, state),
-    do: {:reply, {:ok, state.producer}, %{state | producer: producer}}
+  def handle_call(:latest_producer, _from, state), do: {:reply, {:ok, state.producer}, state}
+
+  def handle_call({:keep_producer, producer}, _from, state),
+    do: {:reply, :ok, %{state | producer: producer}}
 
   @impl true
   def handle_info({:convoy_put_failed, failures}, state) do

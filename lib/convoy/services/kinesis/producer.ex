@@ -69,15 +69,25 @@ defmodule Convoy.Services.Kinesis.Producer do
     producer = Native.producer_start(client, native_options, reporter)
     state = %{stream_id: stream_id, producer: producer, options: options, reporter: reporter}
 
-    case Reporter.swap_producer(reporter, producer) do
+    case Reporter.latest_producer(reporter) do
+      # A successor: it waits for its predecessor without holding up the
+      # rest of the tree; puts answer {:error, :closed} meanwhile. Until it
+      # registers, the predecessor stays the latest: a successor killed
+      # while it waits leaves the next one waiting for the same lanes.
+      {:ok, previous} when previous != nil ->
+        {:ok, state, {:continue, {:await_predecessor, previous}}}
+
       # The queue's first producer: it takes puts once start_link returns.
       {:ok, nil} ->
         {:ok, register(state)}
 
-      # A successor: it waits for its predecessor without holding up the
-      # rest of the tree; puts answer :unknown_stream meanwhile.
-      previous ->
-        {:ok, state, {:continue, {:await_predecessor, previous}}}
+      :error ->
+        Logger.warning(
+          "Convoy #{inspect(stream_id)}: the reporter did not say which producer this one " <>
+            "replaces; taking puts without waiting for it"
+        )
+
+        {:ok, register(state)}
     end
   end
 
@@ -88,6 +98,7 @@ defmodule Convoy.Services.Kinesis.Producer do
   end
 
   defp register(state) do
+    _ = Reporter.keep_producer(state.reporter, state.producer)
     handle = %{producer: state.producer, consumer: Convoy.Consumer.name(state.stream_id)}
     :ok = Convoy.Queue.register(state.stream_id, Convoy.Services.Kinesis, handle)
     state
@@ -96,7 +107,7 @@ defmodule Convoy.Services.Kinesis.Producer do
   # The producer this one replaces (its owner was killed, or stopped) still
   # sends what it held, within the shutdown time: puts are taken only once
   # it is done, so a key's records keep their order.
-  defp await_predecessor({:ok, previous}, options) do
+  defp await_predecessor(previous, options) do
     # A little more than the predecessor's own deadline.
     timeout = options[:shutdown] + 1_000
 
@@ -110,13 +121,6 @@ defmodule Convoy.Services.Kinesis.Producer do
             "after #{timeout} ms (#{inspect(other)}); taking puts anyway"
         )
     end
-  end
-
-  defp await_predecessor(:error, options) do
-    Logger.warning(
-      "Convoy #{inspect(options[:stream_id])}: the reporter did not say which producer " <>
-        "this one replaces; taking puts without waiting for it"
-    )
   end
 
   @impl true
@@ -205,7 +209,7 @@ defmodule Convoy.Services.Kinesis.Producer do
         Process.monitor(pid)
         :ok = Native.producer_set_reporter(state.producer, pid)
         # The new reporter keeps this producer for this process's successor.
-        _ = Reporter.swap_producer(pid, state.producer)
+        _ = Reporter.keep_producer(pid, state.producer)
         %{state | reporter: pid}
 
       _ ->

@@ -56,7 +56,7 @@ pub(super) struct Inbox {
     active: AtomicUsize,
     /// Set when the producer resource is gone: no put can come any more.
     dropped: AtomicBool,
-    /// Set when the lane ended abnormally: nothing drains this inbox any more.
+    /// Set when the lane is dropped: nothing drains this inbox any more.
     lane_gone: AtomicBool,
     pub wake: Notify,
 }
@@ -101,7 +101,7 @@ impl Inbox {
         Ok(())
     }
 
-    /// The lane ended abnormally; it settles and drains once more after this.
+    /// The lane is being dropped; it settles and drains once more after this.
     pub fn lane_gone(&self) {
         self.lane_gone.store(true, Ordering::SeqCst);
     }

@@ -33,6 +33,9 @@ pub(super) struct Lane {
     sending: Vec<Outgoing>,
     /// Set when `run` returns normally; a lane dropped without it ended abnormally.
     finished: bool,
+    /// Set as the lane is dropped: a test's panic command is ignored then.
+    #[cfg(feature = "test-hooks")]
+    dropping: bool,
     /// With aggregation: the hash keys of the partition keys seen.
     key_hashes: aggregate::KeyHashes,
     /// Which Kinesis record of the request being cut holds each key.
@@ -57,6 +60,8 @@ impl Lane {
             key_slots: KeySlots::default(),
             #[cfg(feature = "test-hooks")]
             panic_mid_cut: false,
+            #[cfg(feature = "test-hooks")]
+            dropping: false,
         }
     }
 
@@ -129,9 +134,10 @@ impl Lane {
             Command::Flush(waiter) => self.flushes.push((self.buffer.len(), waiter)),
             Command::Close(deadline, waiter) => self.closing = Some((deadline, waiter)),
             #[cfg(feature = "test-hooks")]
-            // Not while the lane is being dropped after a panic: a second
-            // panic then would abort the VM.
-            Command::Panic { mid_cut: false } if !std::thread::panicking() => {
+            // Not while the lane is being dropped: after a panic a second
+            // one would abort the VM, and any panic in Drop would leave the
+            // lane uncounted.
+            Command::Panic { mid_cut: false } if !self.dropping => {
                 panic!("convoy: deliberate panic in a producer lane (test)")
             }
             #[cfg(feature = "test-hooks")]
@@ -154,13 +160,15 @@ impl Lane {
 
     /// The close deadline passed with records still buffered: they fail at
     /// once, not a request's worth at a time (in per-key order a busy key
-    /// would otherwise take a cut per record).
+    /// would otherwise take a cut per record). The producer's deadline, set
+    /// by a close and also when the owner is gone (`down`).
     fn closing_overdue(&self) -> bool {
         !self.buffer.is_empty()
             && self
-                .closing
-                .as_ref()
-                .is_some_and(|(deadline, _)| Instant::now() >= *deadline)
+                .shared
+                .close_deadline
+                .borrow()
+                .is_some_and(|deadline| Instant::now() >= deadline)
     }
 
     /// Every buffered record takes the failure path; flushes are answered.
@@ -264,6 +272,10 @@ impl Drop for Lane {
     /// (see `Inbox::push_close`), and those already in are answered. Then
     /// the lane counts itself out, whatever it held having its outcome.
     fn drop(&mut self) {
+        #[cfg(feature = "test-hooks")]
+        {
+            self.dropping = true;
+        }
         if !self.finished {
             // Puts are refused before the last drain (a lane that finished
             // did so closed already, or with no producer left to put).

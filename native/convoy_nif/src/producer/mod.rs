@@ -207,7 +207,6 @@ impl Shared {
         *self.reporter.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Pays back the budget of records whose outcome is final.
     /// Sets when the lanes give up sending, unless it is set already;
     /// whether it was set now.
     fn set_close_deadline(&self, deadline: Instant) -> bool {
@@ -220,6 +219,7 @@ impl Shared {
         })
     }
 
+    /// Pays back the budget of records whose outcome is final.
     fn release(&self, records: u64, bytes: u64) {
         self.stats.buffered.fetch_sub(records, Ordering::Relaxed);
         self.stats
