@@ -208,15 +208,13 @@ defmodule Convoy.Leases.QueueTest do
 
   test "a SHARD_END that could not be stored: the parent is read again once its lease is back, and its children follow",
        %{moto: moto} do
-    alias Convoy.TestSupport.TcpProxy
-    "http://127.0.0.1:" <> moto_port = moto
     # 1: DynamoDB unreachable now; 2: the outage was started.
     outage = :atomics.new(2, signed: false)
 
     # DynamoDB goes away as the first SHARD_END write reaches it (the write
     # with it), and stays away until the test says.
-    from_client = fn client, server, buffer ->
-      TcpProxy.each_http_request(buffer, fn headers, request ->
+    via_proxy =
+      moto_proxy(moto, fn client, server, headers, request ->
         if headers["x-amz-target"] == "DynamoDB_20120810.UpdateItem" and
              request =~ "SHARD_END" and :atomics.compare_exchange(outage, 2, 0, 1) == :ok,
            do: :atomics.put(outage, 1, 1)
@@ -225,10 +223,7 @@ defmodule Convoy.Leases.QueueTest do
           do: :gen_tcp.close(client),
           else: :gen_tcp.send(server, request)
       end)
-    end
 
-    {:ok, proxy} = TcpProxy.start_link(String.to_integer(moto_port), from_client: from_client)
-    via_proxy = Moto.connection("http://127.0.0.1:#{TcpProxy.port(proxy)}")
     stream = create_stream!(unique_stream("lost-end"), 1)
     table = "convoy-#{System.unique_integer([:positive])}"
     parent = "shardId-000000000000"
@@ -298,15 +293,13 @@ defmodule Convoy.Leases.QueueTest do
 
   test "a checkpoint DynamoDB stored but whose answer was lost: the lease is still held, nothing handed twice",
        %{moto: moto} do
-    alias Convoy.TestSupport.TcpProxy
-    "http://127.0.0.1:" <> moto_port = moto
     # 1: the answer was dropped; 2: GetItem requests (the lease read back).
     dropped = :atomics.new(2, signed: false)
 
     # The first checkpoint write reaches DynamoDB, and its connection closes
     # before the answer comes back.
-    from_client = fn client, server, buffer ->
-      TcpProxy.each_http_request(buffer, fn headers, request ->
+    via_proxy =
+      moto_proxy(moto, fn client, server, headers, request ->
         :gen_tcp.send(server, request)
 
         if headers["x-amz-target"] == "DynamoDB_20120810.GetItem",
@@ -316,10 +309,7 @@ defmodule Convoy.Leases.QueueTest do
              request =~ ~s("checkpoint") and :atomics.compare_exchange(dropped, 1, 0, 1) == :ok,
            do: :gen_tcp.close(client)
       end)
-    end
 
-    {:ok, proxy} = TcpProxy.start_link(String.to_integer(moto_port), from_client: from_client)
-    via_proxy = Moto.connection("http://127.0.0.1:#{TcpProxy.port(proxy)}")
     stream = create_stream!(unique_stream("lost-answer"), 1)
     table = "convoy-#{System.unique_integer([:positive])}"
     shard = "shardId-000000000000"
@@ -528,6 +518,20 @@ defmodule Convoy.Leases.QueueTest do
     end
 
     assert %{} = Convoy.Queue.child_spec(stream: "s", leases: [table: "orders", failover: 5_000])
+  end
+
+  # DynamoDB settings through a proxy in front of moto that hands each
+  # request to `on_request.(client, server, headers, request)`.
+  defp moto_proxy(moto, on_request) do
+    alias Convoy.TestSupport.TcpProxy
+    "http://127.0.0.1:" <> port = moto
+
+    from_client = fn client, server, buffer ->
+      TcpProxy.each_http_request(buffer, &on_request.(client, server, &1, &2))
+    end
+
+    {:ok, proxy} = TcpProxy.start_link(String.to_integer(port), from_client: from_client)
+    Moto.connection("http://127.0.0.1:#{TcpProxy.port(proxy)}")
   end
 
   defp scan(table, moto) do

@@ -329,6 +329,10 @@ pub(super) async fn refresh_shard_map(
             let Some(producer) = shared.upgrade() else {
                 return;
             };
+            // Closed after its first load (which the lanes wait for).
+            if producer.closed.load(Ordering::Relaxed) && *aggregation.first_load.borrow() {
+                return;
+            }
             if let Ok(shards) = shards::list_shards(&producer.client, &producer.stream_name).await {
                 let open = shards.iter().filter(|s| {
                     s.sequence_number_range()
@@ -346,19 +350,10 @@ pub(super) async fn refresh_shard_map(
                 *aggregation.shard_map.write().expect("not poisoned") = Arc::new(map);
             }
             aggregation.first_load.send_replace(true);
-            if producer.closed.load(Ordering::Relaxed) {
-                return;
-            }
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = aggregation.refresh.notified() => {}
-        }
-        if shared
-            .upgrade()
-            .is_none_or(|p| p.closed.load(Ordering::Relaxed))
-        {
-            return;
         }
     }
 }

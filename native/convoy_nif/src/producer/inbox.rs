@@ -16,7 +16,7 @@ const WAKE_EVERY: i64 = 128;
 const LARGE_RECORD: usize = 64 * 1024;
 
 /// A command as the inbox keeps it: a record as it is, anything else (rare)
-/// boxed. A `Command` is 40 bytes (a close carries an `Instant`), a `Slot`
+/// boxed. A `Command` is 40 bytes (an entry and its tag), a `Slot`
 /// as small as an entry, 32, and the queue's blocks hold 31 of them: a
 /// record waiting here costs 41 bytes of block rather than 49.
 enum Slot {

@@ -26,7 +26,10 @@ pub(super) struct Lane {
     buffer_bytes: usize,
     /// Flush waiters and how many buffered records stand before each.
     flushes: Vec<(usize, Option<Arc<Waiter>>)>,
-    closing: Option<(Instant, Option<Arc<Waiter>>)>,
+    /// Told to close (its deadline is the producer's, `Shared::close_deadline`),
+    /// and who hears when it is done.
+    closing: bool,
+    close_waiter: Option<Arc<Waiter>>,
     disconnected: bool,
     /// The request being sent, kept here across its awaits so a lane that
     /// dies mid-request still accounts for it.
@@ -52,7 +55,8 @@ impl Lane {
             buffer: VecDeque::new(),
             buffer_bytes: 0,
             flushes: Vec::new(),
-            closing: None,
+            closing: false,
+            close_waiter: None,
             disconnected: false,
             sending: Vec::new(),
             finished: false,
@@ -71,7 +75,7 @@ impl Lane {
         }
         loop {
             self.drain_commands();
-            if self.closing.is_some() || self.disconnected {
+            if self.closing || self.disconnected {
                 // Puts are refused now; take in those that were mid-push.
                 self.inbox.settle().await;
                 self.drain_commands();
@@ -88,7 +92,7 @@ impl Lane {
                 continue;
             }
             self.answer_flushes();
-            if self.buffer.is_empty() && (self.closing.is_some() || self.disconnected) {
+            if self.buffer.is_empty() && (self.closing || self.disconnected) {
                 break;
             }
             let timer = self.buffer.front().map(|e| {
@@ -110,9 +114,7 @@ impl Lane {
                 _ = sleep_until_opt(timer) => {}
             }
         }
-        if let Some((_, Some(waiter))) = self.closing.take() {
-            waiter.done();
-        }
+        self.answer_close();
         self.finished = true;
     }
 
@@ -132,7 +134,10 @@ impl Lane {
                 self.buffer.push_back(entry);
             }
             Command::Flush(waiter) => self.flushes.push((self.buffer.len(), waiter)),
-            Command::Close(deadline, waiter) => self.closing = Some((deadline, waiter)),
+            Command::Close(waiter) => {
+                self.closing = true;
+                self.close_waiter = waiter;
+            }
             #[cfg(feature = "test-hooks")]
             // Not while the lane is being dropped: after a panic a second
             // one would abort the VM, and any panic in Drop would leave the
@@ -151,7 +156,7 @@ impl Lane {
         let Some(oldest) = self.buffer.front() else {
             return false;
         };
-        self.closing.is_some()
+        self.closing
             || self.disconnected
             || self.flushes.iter().any(|(ahead, _)| *ahead > 0)
             || self.full()
@@ -287,9 +292,7 @@ impl Drop for Lane {
             // A close or flush that came after the lane's last look.
             self.drain_commands();
             self.fail_buffered(&Error::Closed);
-            if let Some((_, Some(waiter))) = self.closing.take() {
-                waiter.done();
-            }
+            self.answer_close();
         } else {
             self.end_abnormally();
         }
@@ -311,7 +314,11 @@ impl Lane {
         // The request being sent is counted in flight already.
         fail(&self.shared, std::mem::take(&mut self.sending), &reason);
         self.fail_buffered(&reason);
-        if let Some((_, Some(waiter))) = self.closing.take() {
+        self.answer_close();
+    }
+
+    fn answer_close(&mut self) {
+        if let Some(waiter) = self.close_waiter.take() {
             waiter.done();
         }
     }

@@ -166,7 +166,7 @@ struct Stats {
 enum Command {
     Put(Entry),
     Flush(Option<Arc<Waiter>>),
-    Close(Instant, Option<Arc<Waiter>>),
+    Close(Option<Arc<Waiter>>),
     /// Makes the lane panic (tests of what a failing lane does): at once,
     /// or in its next cut, once it has taken one record into the request.
     #[cfg(feature = "test-hooks")]
@@ -241,10 +241,7 @@ impl Producer {
         let deadline = Instant::now() + timeout;
         let first = self.shared.set_close_deadline(deadline);
         for inbox in &self.lanes {
-            let told = first
-                && inbox
-                    .push_close(Command::Close(deadline, waiter.clone()))
-                    .is_ok();
+            let told = first && inbox.push_close(Command::Close(waiter.clone())).is_ok();
             if let (false, Some(waiter)) = (told, &waiter) {
                 waiter.done();
             }
